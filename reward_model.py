@@ -1,3 +1,507 @@
-"""reward_model.py: not implemented yet (see the open issue for it). This file is a placeholder and trains nothing."""
+# See README.md "reward_model.py" for what this script does, the N+ details it implements and its benchmark numbers.
+"""Reward model training on TL;DR preference pairs, faithful to the N+ reference (Huang et al., 2024) [D10-D15].
 
-raise SystemExit("reward_model.py is not implemented yet")
+Backbone = the SFT model without its LM head + a scalar head (value_head.py); the reward is read at the EOS; loss
+-log sigmoid(r_chosen - r_rejected); after training the mean score of the SFT reference summaries is stored as a
+bias so that they score 0 on average [D15]. Saved with value_head's save_pretrained (read by ppo_tldr.py).
+
+Single GPU (hub defaults: the Pythia-1B SFT checkpoint and the OpenAI comparisons):
+    python reward_model.py --sft-model-path cleanrl/EleutherAI_pythia-1b-deduped__sft__tldr
+Multi-GPU (batch_size is global: 64 = 8 GPUs x 8 pairs, no accumulation):
+    torchrun --nproc-per-node 8 reward_model.py --sft-model-path models/sft_tldr --local-micro-batch-size 8
+Offline tiny world (python benchmark/offline_world.py --out-dir world --size tiny):
+    python reward_model.py --sft-model-path world/base_model --label-dataset world/tldr_preference \\
+        --query-dataset world/tldr_sft --query-length 128 --lr 3e-4 --batch-size 32 --local-micro-batch-size 16
+"""
+
+import contextlib
+import json
+import math
+import os
+import random
+import time
+from collections import defaultdict
+from dataclasses import asdict, dataclass
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+import tyro
+from datasets import load_dataset
+from torch.nn.parallel import DistributedDataParallel as DDP
+from transformers import AutoConfig, AutoTokenizer
+
+from value_head import ScalarModel, get_reward
+
+
+@dataclass
+class Args:
+    # ---- common block: identical names, order, defaults and docstrings in all four scripts ----
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """name of the experiment; the run is named {exp_name}__{seed}__{unix time}"""
+    seed: int = 1
+    """seed of the experiment; each process uses seed + rank * 100003"""
+    track: bool = False
+    """log to Weights & Biases (metrics.jsonl in the output folder is written either way)"""
+    wandb_project_name: str = "tldr_rlhf"
+    """Weights & Biases project"""
+    wandb_entity: Optional[str] = None
+    """Weights & Biases entity (team); None uses your default"""
+    output_dir: Optional[str] = None
+    """folder for the saved model, tokenizer, metrics.jsonl and evaluation tables (default: runs/{run name})"""
+    run_eval: bool = True
+    """evaluate after training and save the evaluation tables"""
+    bf16: bool = True
+    """bf16 autocast on CUDA (weights stay fp32); runs on CPU are always fp32"""
+    # ---- end of the common block; then the script's model/data paths, lengths, batch sizes, optimiser, algorithm ----
+    sft_model_path: str = "cleanrl/EleutherAI_pythia-1b-deduped__sft__tldr"
+    """SFT checkpoint (hub id or local folder): its backbone and tokenizer start the reward model [D10]"""
+    label_dataset: str = "vwxyzjn/summarize_from_feedback_oai_preprocessing_1706381144"
+    """preference pairs: raw OpenAI columns (info, summaries, choice, batch, split, extra) or prompt/chosen/rejected;
+    split "train" trains, every other split is evaluated"""
+    query_dataset: str = "vwxyzjn/summarize_from_feedback_tldr_3_filtered"
+    """SFT data (subreddit, title, post, summary); its train split's reference summaries set the bias [D15]"""
+    query_length: int = 512
+    """maximum query length in tokens; longer TL;DR posts are cut at a newline [D2.2]"""
+    response_length: int = 169
+    """maximum preference response length in tokens, EOS included; pairs with a longer response are dropped"""
+    total_episodes: Optional[int] = None
+    """number of training pairs to use (a random subset of the train split); None: all of them, one epoch"""
+    batch_size: int = 64
+    """pairs per optimizer update, summed over all devices"""
+    local_micro_batch_size: int = 8
+    """pairs per device per forward/backward (2x sequences: chosen and rejected in one pass)"""
+    local_eval_batch_size: int = 16
+    """pairs per device per forward in evaluation; reference summaries per forward in the normalisation"""
+    num_eval_samples: Optional[int] = None
+    """pairs evaluated per validation split (the first ones); None: all"""
+    num_normalization_samples: Optional[int] = None
+    """reference summaries of the query_dataset train split scored for the bias (the first ones); None: all"""
+    lr: float = 3e-6
+    """learning rate of AdamW, decayed to 0 by a cosine over the updates, no warm-up"""
+    eps: float = 1e-5
+    """epsilon of AdamW"""
+
+
+# -------------------------------------------------------- helpers (copied verbatim from the common code) -------
+def exact_div(a, b, what):
+    """a / b as an int; fails loudly, naming the quantities, when b does not divide a."""
+    if b <= 0 or a % b != 0:
+        raise ValueError(f"{what}: {a} is not divisible by {b}")
+    return a // b
+
+
+def init_distributed():
+    """(rank, world_size, device). A process group only under torchrun (WORLD_SIZE > 1): nccl on CUDA, gloo on CPU."""
+    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    if world_size > 1:
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world_size, device
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+
+
+def load_tokenizer(path):
+    """Tokenizer with a dedicated [PAD] token: EOS as pad would teach the policy never to stop."""
+    tokenizer = AutoTokenizer.from_pretrained(path, padding_side="right")
+    if tokenizer.eos_token_id is None:
+        raise ValueError(f"the tokenizer of {path} has no EOS token; responses must end with one [D3]")
+    tokenizer.add_special_tokens({"pad_token": "[PAD]"})  # Pythia: new id 50277, inside the 50304 embedding rows
+    return tokenizer
+
+
+def check_model_path(path, arg):
+    """Fail fast on a local model path that does not exist (a hub id `org/name` is left to transformers)."""
+    looks_like_hub_id = path.count("/") == 1 and not path.startswith((".", "~")) and os.environ.get("HF_HUB_OFFLINE") != "1"
+    if not os.path.isdir(path) and not looks_like_hub_id:
+        raise ValueError(f"{arg}: {path!r} is not a folder (expected a saved model folder or a hub id org/name)")
+
+
+def config_without_dropout(path):
+    """The model config with every dropout probability set to 0 [D7]."""
+    config = AutoConfig.from_pretrained(path)
+    for key in [k for k in config.to_dict() if "dropout" in k and isinstance(getattr(config, k), float)]:
+        setattr(config, key, 0.0)
+    return config
+
+
+def format_query(info):
+    """The TL;DR query format; no space after "TL;DR:" [D2]."""
+    return f"SUBREDDIT: r/{info['subreddit']}\n\nTITLE: {info['title']}\n\nPOST: {info['post']}\n\nTL;DR:"
+
+
+def tokenize_query(tokenizer, info, query_length):
+    """Token ids of the formatted query; while too long, cut the post at its last newline (or drop its last
+    character if it has none) and re-tokenise [D2.2]. Not padded."""
+    info = dict(info)
+    tokens = tokenizer.encode(format_query(info))
+    while len(tokens) > query_length:
+        if not info["post"]:
+            raise ValueError(f"--query-length {query_length} is too short to hold the query format even with an "
+                             f"empty post (title {info['title']!r} needs {len(tokens)} tokens)")
+        cut = info["post"].rfind("\n")
+        info["post"] = info["post"][:cut] if cut != -1 else info["post"][:-1]
+        tokens = tokenizer.encode(format_query(info))
+    return tokens
+
+
+def left_pad(tokens, length, pad_token_id):
+    return [pad_token_id] * (length - len(tokens)) + tokens
+
+
+def right_pad(tokens, length, pad_token_id):
+    return tokens + [pad_token_id] * (length - len(tokens))
+
+
+def check_columns(dataset, columns, arg):
+    """Fail before any training when a dataset lacks the columns this script needs."""
+    missing = [c for c in columns if c not in dataset.column_names]
+    if missing:
+        raise ValueError(f"{arg}: the dataset lacks the column(s) {missing}; it has {dataset.column_names}")
+
+
+class Logger:
+    """metrics.jsonl in the output folder always; Weights & Biases under --track. Only rank 0 writes."""
+
+    def __init__(self, args, run_name, output_dir, rank):
+        self.rank, self.wandb = rank, None
+        if rank != 0:
+            return
+        os.makedirs(output_dir, exist_ok=True)
+        self.file = open(os.path.join(output_dir, "metrics.jsonl"), "a")
+        if args.track:
+            import wandb  # imported lazily: only --track needs it
+
+            self.wandb = wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, name=run_name,
+                                    config=asdict(args), save_code=True)
+
+    def log(self, metrics, step):
+        if self.rank != 0:
+            return
+        self.file.write(json.dumps({"step": step, **metrics}) + "\n")
+        self.file.flush()
+        if self.wandb is not None:
+            self.wandb.log(metrics, step=step)
+
+    def table(self, name, rows, output_dir):
+        """Save rows (a list of dicts) as {output_dir}/{name}.jsonl and, under --track, as a wandb table."""
+        if self.rank != 0 or not rows:
+            return
+        with open(os.path.join(output_dir, f"{name}.jsonl"), "w") as f:
+            for row in rows:
+                f.write(json.dumps(row) + "\n")
+        if self.wandb is not None:
+            import wandb
+
+            self.wandb.log({name: wandb.Table(columns=list(rows[0]), data=[list(r.values()) for r in rows])})
+
+
+def progress(prefix, step, total, start_time, **values):
+    """One progress line: step, values, steps/s and ETA."""
+    elapsed = time.time() - start_time
+    eta = elapsed / max(step, 1) * (total - step)
+    shown = " | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in values.items())
+    print(f"[{prefix}] {step}/{total} | {shown} | {step / max(elapsed, 1e-9):.2f} it/s | "
+          f"ETA {time.strftime('%H:%M:%S', time.gmtime(eta))}", flush=True)
+
+
+# -------------------------------------------------------- reward-model helpers ---------------------------------
+RAW_COLUMNS = ["info", "summaries", "choice", "batch", "split", "extra"]  # OpenAI's comparisons, as on the hub
+STANDARD_COLUMNS = ["prompt", "chosen", "rejected"]  # the standard preference format
+QUERY_COLUMNS = ["subreddit", "title", "post", "summary"]
+
+
+def preference_format(dataset, arg):
+    """"raw" (OpenAI comparisons) or "standard" (prompt/chosen/rejected); fails naming the missing columns."""
+    if "prompt" in dataset.column_names:
+        check_columns(dataset, STANDARD_COLUMNS, arg)
+        return "standard"
+    check_columns(dataset, RAW_COLUMNS, arg)
+    return "raw"
+
+
+def tokenize_article(tokenizer, article, query_length):
+    """Query of a CNN/DM row (validation_cnndm: `info` has an article and no post), "Article:\\n{article}\\n\\nTL;DR:",
+    the article's tokens cut to fit `query_length` (the reference allowed such queries up to 2047 tokens)."""
+    head, tail = tokenizer.encode("Article:\n"), tokenizer.encode("\n\nTL;DR:")
+    return head + tokenizer.encode(article)[: query_length - len(head) - len(tail)] + tail
+
+
+def tokenize_pairs(tokenizer, dataset, fmt, query_length, response_length):
+    """(pairs, dropped): one dict per preference pair with the token ids of query + chosen and query + rejected.
+    Responses get an EOS appended [D12]; pairs with a response over `response_length` tokens are dropped, as the
+    reference filters them, and counted."""
+    pairs, dropped = [], 0
+    for index, row in enumerate(dataset):
+        if fmt == "raw":
+            info = row["info"]
+            if info.get("post") is None and info.get("article") is not None:
+                query_tokens = tokenize_article(tokenizer, info["article"], query_length)
+            else:
+                query_tokens = tokenize_query(tokenizer, info, query_length)  # [D2.2]
+            chosen = row["summaries"][row["choice"]]["text"]  # OpenAI texts already begin with a space
+            rejected = row["summaries"][1 - row["choice"]]["text"]
+            meta = dict(id=row["info"]["id"], split=row["split"], batch=row["batch"],
+                        confidence=(row["extra"] or {}).get("confidence"))
+        else:
+            query_tokens = tokenizer.encode(row["prompt"])
+            if len(query_tokens) > query_length:
+                raise ValueError(f"--query-length {query_length}: prompt {index} of the label dataset has "
+                                 f"{len(query_tokens)} tokens (prompts of the prompt/chosen/rejected format are not cut)")
+            chosen, rejected = row["chosen"], row["rejected"]
+            meta = dict(id=row.get("id", index), split=None, batch=None, confidence=None)
+        chosen_tokens = tokenizer.encode(chosen) + [tokenizer.eos_token_id]
+        rejected_tokens = tokenizer.encode(rejected) + [tokenizer.eos_token_id]
+        if max(len(chosen_tokens), len(rejected_tokens)) > response_length:
+            dropped += 1
+            continue
+        pairs.append(dict(index=index, query=tokenizer.decode(query_tokens), chosen=chosen, rejected=rejected,
+                          query_chosen=query_tokens + chosen_tokens, query_rejected=query_tokens + rejected_tokens,
+                          **meta))
+    return pairs, dropped
+
+
+def pair_batch(pairs, length, pad_token_id):
+    """(2B, length) token ids: the B chosen sequences then the B rejected ones, right-padded, for one forward."""
+    chosen = [right_pad(p["query_chosen"], length, pad_token_id) for p in pairs]
+    rejected = [right_pad(p["query_rejected"], length, pad_token_id) for p in pairs]
+    return torch.cat([torch.tensor(chosen), torch.tensor(rejected)])
+
+
+def pairwise_loss_and_accuracy(chosen_rewards, rejected_rewards):
+    """Bradley-Terry loss -log sigmoid(r_chosen - r_rejected) and the share of pairs with r_chosen > r_rejected,
+    both averaged over the pairs [D10]."""
+    loss = -F.logsigmoid(chosen_rewards - rejected_rewards).mean()
+    accuracy = (chosen_rewards > rejected_rewards).float().mean()
+    return loss, accuracy
+
+
+def rank_shard(batch_indices, rank, world_size):
+    """The rank's contiguous slice of one global batch: the slices of the ranks are disjoint and cover it."""
+    size = exact_div(len(batch_indices), world_size, "batch_size / world_size")
+    return batch_indices[rank * size : (rank + 1) * size]
+
+
+def train_shards(num_pairs, num_updates, batch_size, seed, rank, world_size):
+    """Per update, the pair indices this rank trains on. One shuffle shared by all ranks (the same seed
+    everywhere); the reference shuffled with each rank's own seed, so the ranks' shards overlapped."""
+    perm = torch.randperm(num_pairs, generator=torch.Generator().manual_seed(seed)).tolist()
+    return [rank_shard(perm[u * batch_size : (u + 1) * batch_size], rank, world_size) for u in range(num_updates)]
+
+
+def cosine_to_zero(num_updates):
+    """Multiplier of the lr before update u (0-based): a cosine from 1 down to 0, no warm-up."""
+    return lambda u: 0.5 * (1.0 + math.cos(math.pi * u / num_updates))
+
+
+def gather_lists(items, world_size):
+    """The concatenation of every rank's list (all ranks get it); the list itself without a process group."""
+    if world_size == 1:
+        return items
+    gathered = [None] * world_size
+    dist.all_gather_object(gathered, items)
+    return [item for part in gathered for item in part]
+
+
+def eval_metrics(rows, split):
+    """Accuracy overall and broken down by the pairs' split, batch and labeller confidence; reward means."""
+    correct = [float(r["reward_chosen"] > r["reward_rejected"]) for r in rows]
+    metrics = {
+        f"eval/{split}/accuracy": sum(correct) / len(rows),
+        f"eval/{split}/reward_chosen": sum(r["reward_chosen"] for r in rows) / len(rows),
+        f"eval/{split}/reward_rejected": sum(r["reward_rejected"] for r in rows) / len(rows),
+    }
+    for key in ["split", "batch", "confidence"]:
+        groups = defaultdict(list)
+        for row, c in zip(rows, correct):
+            if row[key] is not None:  # the prompt/chosen/rejected format has no breakdown
+                groups[row[key]].append(c)
+        for value in sorted(groups, key=str):
+            metrics[f"eval/{split}/accuracy/{key}/{value}"] = sum(groups[value]) / len(groups[value])
+    return metrics
+
+
+def normalization_stats(scores):
+    """(bias, stats): the mean score becomes the bias [D15]; stats of the scores minus the bias."""
+    scores = torch.tensor(scores, dtype=torch.float64)
+    bias = scores.mean().item()
+    normalized = scores - bias
+    std = normalized.std().item() if len(normalized) > 1 else 0.0
+    stats = dict(mean=normalized.mean().item(), std=std, min=normalized.min().item(), max=normalized.max().item())
+    return bias, stats
+
+
+# ------------------------------------------------------------------ main ----------------------------------------
+if __name__ == "__main__":
+    args = tyro.cli(Args)
+    rank, world_size, device = init_distributed()
+
+    # ---- 0. check every argument and dataset before any model is loaded ----
+    for name in ["query_length", "response_length", "batch_size", "local_micro_batch_size", "local_eval_batch_size"]:
+        if getattr(args, name) <= 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    for name in ["total_episodes", "num_eval_samples", "num_normalization_samples"]:
+        if getattr(args, name) is not None and getattr(args, name) <= 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be positive or None, got {getattr(args, name)}")
+    gradient_accumulation_steps = exact_div(args.batch_size, args.local_micro_batch_size * world_size,
+                                            "--batch-size / (--local-micro-batch-size * number of processes)")
+    check_model_path(args.sft_model_path, "--sft-model-path")
+    tokenizer = load_tokenizer(args.sft_model_path)
+    pad_token_id = tokenizer.pad_token_id
+    label_splits = load_dataset(args.label_dataset)
+    if "train" not in label_splits:
+        raise ValueError(f"--label-dataset {args.label_dataset}: no train split (it has {list(label_splits)})")
+    eval_splits = [split for split in label_splits if split != "train"] if args.run_eval else []
+    query_rows = load_dataset(args.query_dataset, split="train")
+    check_columns(query_rows, QUERY_COLUMNS, f"--query-dataset {args.query_dataset}")
+
+    # ---- 1. tokenize: query + chosen and query + rejected, right-padded to seq_length at batching [D12] ----
+    seq_length = args.query_length + args.response_length
+    pairs = {}
+    for split in ["train"] + eval_splits:
+        fmt = preference_format(label_splits[split], f"--label-dataset {args.label_dataset} (split {split})")
+        pairs[split], dropped = tokenize_pairs(tokenizer, label_splits[split], fmt, args.query_length, args.response_length)
+        if rank == 0:
+            print(f"{args.label_dataset} {split}: {len(pairs[split])} pairs ({fmt} format), {dropped} dropped "
+                  f"for a response over --response-length {args.response_length} tokens")
+    num_train_pairs = len(pairs["train"]) if args.total_episodes is None else args.total_episodes
+    if num_train_pairs > len(pairs["train"]):
+        raise ValueError(f"--total-episodes {args.total_episodes} exceeds the {len(pairs['train'])} usable train pairs")
+    num_updates = num_train_pairs // args.batch_size
+    if num_updates == 0:
+        raise ValueError(f"--batch-size {args.batch_size} exceeds the {num_train_pairs} training pairs")
+    if num_train_pairs % args.batch_size and rank == 0:
+        print(f"{num_train_pairs % args.batch_size} training pairs left out: not a full batch of {args.batch_size}")
+    # the reference summaries of the SFT train split, scored after training for the bias [D15]
+    norm_queries, norm_responses, norm_dropped = [], [], 0
+    for row in query_rows.select(range(min(args.num_normalization_samples or len(query_rows), len(query_rows)))):
+        response = tokenizer.encode(" " + row["summary"]) + [tokenizer.eos_token_id]  # leading space, EOS [D3]
+        if len(response) > args.response_length:
+            norm_dropped += 1
+            continue
+        norm_queries.append(tokenize_query(tokenizer, row, args.query_length))  # [D2.2]
+        norm_responses.append(response)
+    if not norm_queries:
+        raise ValueError(f"--query-dataset {args.query_dataset}: no reference summary fits --response-length")
+    if rank == 0:
+        print(f"{args.query_dataset} train: {len(norm_queries)} reference summaries for the normalisation, "
+              f"{norm_dropped} dropped for being over --response-length {args.response_length} tokens")
+
+    # ---- 2. model: the SFT backbone without its LM head + a fresh scalar head [D10, D11], dropout off [D7] ----
+    run_name = f"{args.exp_name}__{args.seed}__{int(time.time())}"
+    output_dir = args.output_dir or os.path.join("runs", run_name)
+    seed_everything(args.seed + rank * 100003)
+    logger = Logger(args, run_name, output_dir, rank)
+    model = ScalarModel.from_backbone(args.sft_model_path, config=config_without_dropout(args.sft_model_path))
+    model = model.to(device)  # fp32 weights; [PAD] ids are replaced by 0 before the embedding, so no resize
+    ddp_model = DDP(model) if world_size > 1 else model  # DDP broadcasts rank 0's head to the other ranks
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, eps=args.eps)  # weight decay 0.01, no clipping
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_to_zero(num_updates))
+    autocast = dict(device_type=device.type, dtype=torch.bfloat16, enabled=args.bf16 and device.type == "cuda")
+
+    # ---- 3. one shared shuffle, each global batch split into disjoint per-rank slices (fixes the reference) ----
+    shards = train_shards(len(pairs["train"]), num_updates, args.batch_size, args.seed, rank, world_size)
+    my_indices = [i for shard in shards for i in shard]
+    all_indices = gather_lists(my_indices, world_size)
+    assert len(set(all_indices)) == len(all_indices) == num_updates * args.batch_size, "rank shards overlap"
+    print(f"[rank {rank}/{world_size}] trains on {len(my_indices)} pairs (first indices {my_indices[:4]}); "
+          f"the {world_size} shards are disjoint and cover {len(all_indices)} pairs", flush=True)
+
+    # ---- 4. train: one epoch of Bradley-Terry updates, chosen and rejected in one forward pass ----
+    print_every = max(1, num_updates // 50)
+    start_time = time.time()
+    ddp_model.train()
+    for update, shard in enumerate(shards, start=1):
+        sums = torch.zeros(4, device=device)  # loss, accuracy, reward_chosen, reward_rejected (sums of micro means)
+        micro_batches = [shard[i : i + args.local_micro_batch_size] for i in range(0, len(shard), args.local_micro_batch_size)]
+        assert len(micro_batches) == gradient_accumulation_steps
+        for m, micro in enumerate(micro_batches):
+            query_responses = pair_batch([pairs["train"][i] for i in micro], seq_length, pad_token_id).to(device)  # (2b, T)
+            last = m == len(micro_batches) - 1
+            with contextlib.nullcontext() if last or world_size == 1 else ddp_model.no_sync():  # all-reduce once
+                with torch.autocast(**autocast):
+                    _, scores, _ = get_reward(ddp_model, query_responses, pad_token_id, context_length=0)  # at EOS [D12]
+                chosen_rewards, rejected_rewards = scores.float().chunk(2)  # (b,), (b,)
+                loss, accuracy = pairwise_loss_and_accuracy(chosen_rewards, rejected_rewards)  # [D10]
+                assert loss.dim() == 0
+                (loss / gradient_accumulation_steps).backward()
+            sums += torch.stack([loss.detach(), accuracy, chosen_rewards.mean().detach(), rejected_rewards.mean().detach()])
+        lr = scheduler.get_last_lr()[0]
+        optimizer.step()
+        optimizer.zero_grad()
+        scheduler.step()
+        means = sums / gradient_accumulation_steps
+        if world_size > 1:
+            dist.all_reduce(means)
+            means /= world_size
+        loss, accuracy, reward_chosen, reward_rejected = means.tolist()
+        logger.log({"train/loss": loss, "train/accuracy": accuracy, "train/reward_chosen": reward_chosen,
+                    "train/reward_rejected": reward_rejected, "train/lr": lr,
+                    "train/episode": update * args.batch_size}, step=update)
+        if rank == 0 and (update % print_every == 0 or update == num_updates):
+            progress("reward_model", update, num_updates, start_time, loss=loss, accuracy=accuracy, lr=lr)
+
+    # ---- 5. normalise [D15]: the reference summaries' mean score becomes the bias; padding check [D14] ----
+    model.eval()
+    my_norm = list(range(rank, len(norm_queries), world_size))
+    norm_scores, padding_diffs = [], []
+    with torch.no_grad():
+        for start in range(0, len(my_norm), args.local_eval_batch_size):
+            idxs = my_norm[start : start + args.local_eval_batch_size]
+            right_padded = torch.tensor([right_pad(norm_queries[i] + norm_responses[i], seq_length, pad_token_id)
+                                         for i in idxs], device=device)  # (B, T), as in training
+            left_padded = torch.tensor([left_pad(norm_queries[i], args.query_length, pad_token_id)
+                                        + right_pad(norm_responses[i], args.response_length, pad_token_id)
+                                        for i in idxs], device=device)  # (B, T), as ppo_tldr.py scores
+            with torch.autocast(**autocast):
+                _, scores, _ = get_reward(model, right_padded, pad_token_id, context_length=0)
+                _, left_scores, _ = get_reward(model, left_padded, pad_token_id, context_length=args.query_length)
+            norm_scores += scores.float().tolist()
+            padding_diffs.append((scores.float() - left_scores.float()).abs().max().item())
+    bias, stats = normalization_stats(gather_lists(norm_scores, world_size))
+    model.bias = bias  # every output now has the bias subtracted: reference summaries score 0 on average [D15]
+    padding_diff = max(gather_lists(padding_diffs, world_size))
+    logger.log({"normalization/bias": bias, **{f"normalization/{k}": v for k, v in stats.items()},
+                "eval/left_right_padding_diff": padding_diff}, step=num_updates)
+    if rank == 0:
+        print(f"normalisation: bias {bias:.4g}, normalised mean {stats['mean']:.3g} std {stats['std']:.4g} "
+              f"min {stats['min']:.4g} max {stats['max']:.4g}; left- vs right-padding max |diff| {padding_diff:.3g}")
+        model.save_pretrained(output_dir)  # value_head format: backbone + head + bias, read by ppo_tldr.py
+        tokenizer.save_pretrained(output_dir)
+
+    # ---- 6. evaluate every validation split (normalised rewards), one table row per pair ----
+    for split in eval_splits:
+        split_pairs = pairs[split][: args.num_eval_samples]
+        if not split_pairs:
+            if rank == 0:
+                print(f"eval {split}: no pair to evaluate (every pair was dropped)")
+            continue
+        mine, rows = split_pairs[rank::world_size], []
+        with torch.no_grad():
+            for start in range(0, len(mine), args.local_eval_batch_size):
+                batch = mine[start : start + args.local_eval_batch_size]
+                with torch.autocast(**autocast):
+                    _, scores, _ = get_reward(model, pair_batch(batch, seq_length, pad_token_id).to(device),
+                                              pad_token_id, context_length=0)
+                chosen_rewards, rejected_rewards = scores.float().chunk(2)
+                for p, r_chosen, r_rejected in zip(batch, chosen_rewards.tolist(), rejected_rewards.tolist()):
+                    rows.append(dict(index=p["index"], id=p["id"], query=p["query"], chosen=p["chosen"],
+                                     rejected=p["rejected"], reward_chosen=r_chosen, reward_rejected=r_rejected,
+                                     split=p["split"], batch=p["batch"], confidence=p["confidence"]))
+        rows = sorted(gather_lists(rows, world_size), key=lambda r: r["index"])
+        metrics = eval_metrics(rows, split)
+        logger.log(metrics, step=num_updates)
+        logger.table(f"eval_{split}", [{k: v for k, v in r.items() if k != "index"} for r in rows], output_dir)
+        if rank == 0:
+            print(f"eval {split}: accuracy {metrics[f'eval/{split}/accuracy']:.4f} over {len(rows)} pairs")
+
+    if world_size > 1:
+        dist.destroy_process_group()
