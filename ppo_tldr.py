@@ -1,3 +1,690 @@
-"""ppo_tldr.py: not implemented yet (see the open issue for it). This file is a placeholder and trains nothing."""
+# See README.md "ppo_tldr.py" for the list of N+ details, the deviations from the reference and the benchmarks.
+"""PPO for TL;DR summarisation, faithful to the N+ reference (Huang et al. 2024, arXiv 2403.17031).
 
-raise SystemExit("ppo_tldr.py is not implemented yet")
+One GPU (1B, the paper's global batch of 512 episodes through gradient accumulation):
+    python ppo_tldr.py --total-episodes 1000000
+Eight GPUs (the paper's set-up):
+    torchrun --nproc-per-node 8 ppo_tldr.py --total-episodes 1000000 --local-micro-batch-size 16
+The tiny offline world (CPU, seconds; see README.md "The tiny offline TL;DR world"):
+    python benchmark/offline_world.py --out-dir world --size tiny
+    python ppo_tldr.py --sft-model-path world/base_model --reward-model-path world/reward_model \
+        --query-dataset world/tldr_sft --query-length 128 --total-episodes 256 --batch-size 32 \
+        --local-micro-batch-size 16 --local-rollout-forward-batch-size 32 --lr 1e-4
+"""
+
+import contextlib
+import json
+import os
+import random
+import time
+from dataclasses import asdict, dataclass
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+import tyro
+from datasets import load_dataset
+from torch.nn.parallel import DistributedDataParallel as DDP
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+from value_head import ScalarModel, get_reward
+
+INVALID_LOGPROB = 1.0  # log-prob written at positions after the EOS, so that the per-token KL there is 0
+
+
+@dataclass
+class Args:
+    # ---- common block: identical names, order, defaults and docstrings in all four scripts ----
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """name of the experiment; the run is named {exp_name}__{seed}__{unix time}"""
+    seed: int = 1
+    """seed of the experiment; each process uses seed + rank * 100003"""
+    track: bool = False
+    """log to Weights & Biases (metrics.jsonl in the output folder is written either way)"""
+    wandb_project_name: str = "tldr_rlhf"
+    """Weights & Biases project"""
+    wandb_entity: Optional[str] = None
+    """Weights & Biases entity (team); None uses your default"""
+    output_dir: Optional[str] = None
+    """folder for the saved model, tokenizer, metrics.jsonl and evaluation tables (default: runs/{run name})"""
+    run_eval: bool = True
+    """evaluate after training and save the evaluation tables"""
+    bf16: bool = True
+    """bf16 autocast on CUDA (weights stay fp32); runs on CPU are always fp32"""
+    # ---- models and data ----
+    sft_model_path: str = "cleanrl/EleutherAI_pythia-1b-deduped__sft__tldr"
+    """the SFT policy: initialises the policy and the frozen reference policy [D16]"""
+    reward_model_path: str = "cleanrl/EleutherAI_pythia-1b-deduped__reward__tldr"
+    """the reward model (value_head folder or AutoModelForSequenceClassification); also initialises the value model"""
+    query_dataset: str = "vwxyzjn/summarize_from_feedback_tldr_3_filtered"
+    """TL;DR posts: train split for rollouts, validation for the per-update score, validation + test for evaluation"""
+    query_length: int = 512
+    """query length in tokens; longer posts are cut at their last newline [D2.2], shorter ones left-padded"""
+    response_length: int = 53
+    """tokens sampled per response; sampling never stops early [D23.1]"""
+    # ---- batch sizes ----
+    total_episodes: int = 1_000_000
+    """episodes (sampled responses) to train on; updates = total_episodes // batch_size"""
+    batch_size: int = 512
+    """episodes per PPO update over all devices (the algorithm's knob; independent of the number of devices)"""
+    num_mini_batches: int = 1
+    """mini-batches per PPO epoch (one optimizer step each)"""
+    local_micro_batch_size: int = 64
+    """episodes per device per forward/backward; gradient accumulation = batch_size / num_mini_batches /
+    (local_micro_batch_size * devices)"""
+    local_rollout_forward_batch_size: int = 64
+    """queries per device per generation/scoring chunk (bounds the memory of rollouts and evaluation)"""
+    # ---- optimisation ----
+    lr: float = 3e-6
+    """learning rate, decayed linearly to 0 over the updates [D19]"""
+    eps: float = 1e-5
+    """AdamW epsilon"""
+    gradient_checkpointing: bool = False
+    """recompute activations in the backward pass of policy and value model (for large models)"""
+    # ---- PPO ----
+    num_ppo_epochs: int = 4
+    """passes over each batch of episodes"""
+    temperature: float = 0.7
+    """sampling temperature; every forward's logits are divided by it too [D23.1]"""
+    kl_coef: float = 0.05
+    """coefficient of the per-token KL penalty (k1 estimator, fixed)"""
+    gamma: float = 1.0
+    """discount factor"""
+    lam: float = 0.95
+    """GAE lambda"""
+    cliprange: float = 0.2
+    """policy ratio clip range"""
+    cliprange_value: float = 0.2
+    """value clip range (around the rollout's values)"""
+    vf_coef: float = 0.1
+    """value loss coefficient"""
+    missing_eos_score: Optional[float] = -1.0
+    """score that replaces the reward of a response without EOS [D23.3]; None keeps the reward model's score"""
+    whiten_rewards: bool = False
+    """whiten the per-token rewards before GAE (off in the reference)"""
+    score_at_eos: bool = False
+    """add the score at the EOS token instead of one position after it, as the reference does"""
+    sample_table_every: int = 220
+    """log a table of sampled queries, responses and scores every this many updates"""
+    num_eval_samples: Optional[int] = None
+    """posts of each of validation and test evaluated after training (None: all)"""
+
+
+# ------------------------------------------------------------ helpers ------------------------------------------
+def exact_div(a, b, what):
+    """a / b as an int; fails loudly, naming the quantities, when b does not divide a."""
+    if b <= 0 or a % b != 0:
+        raise ValueError(f"{what}: {a} is not divisible by {b}")
+    return a // b
+
+
+def init_distributed():
+    """(rank, world_size, device). A process group only under torchrun (WORLD_SIZE > 1): nccl on CUDA, gloo on CPU."""
+    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    if world_size > 1:
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world_size, device
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+
+
+def check_model_path(path, arg):
+    """Fail fast on a local model path that does not exist (a hub id `org/name` is left to transformers)."""
+    looks_like_hub_id = path.count("/") == 1 and not path.startswith((".", "~")) and os.environ.get("HF_HUB_OFFLINE") != "1"
+    if not os.path.isdir(path) and not looks_like_hub_id:
+        raise ValueError(f"{arg}: {path!r} is not a folder (expected a saved model folder or a hub id org/name)")
+
+
+def check_columns(dataset, columns, arg):
+    """Fail before any training when a dataset lacks the columns this script needs."""
+    missing = [c for c in columns if c not in dataset.column_names]
+    if missing:
+        raise ValueError(f"{arg}: the dataset lacks the column(s) {missing}; it has {dataset.column_names}")
+
+
+def load_tokenizer(path):
+    """Tokenizer with a dedicated [PAD] token: EOS as pad would teach the policy never to stop."""
+    tokenizer = AutoTokenizer.from_pretrained(path, padding_side="right")
+    if tokenizer.eos_token_id is None:
+        raise ValueError(f"the tokenizer of {path} has no EOS token; responses must end with one [D3]")
+    tokenizer.add_special_tokens({"pad_token": "[PAD]"})  # Pythia: new id 50277, inside the 50304 embedding rows
+    return tokenizer
+
+
+def config_without_dropout(path):
+    """The model config with every dropout probability set to 0 [D7]."""
+    config = AutoConfig.from_pretrained(path)
+    for key in [k for k in config.to_dict() if "dropout" in k and isinstance(getattr(config, k), float)]:
+        setattr(config, key, 0.0)
+    return config
+
+
+def load_policy(path, tokenizer, device):
+    """A causal LM with dropout disabled [D7]; embeddings grow only if the tokenizer outgrew them."""
+    model = AutoModelForCausalLM.from_pretrained(path, config=config_without_dropout(path))
+    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+        model.resize_token_embeddings(len(tokenizer))  # only for models without spare rows (Pythia has them)
+    return model.to(device)
+
+
+def format_query(info):
+    """The TL;DR query format; no space after "TL;DR:" [D2]."""
+    return f"SUBREDDIT: r/{info['subreddit']}\n\nTITLE: {info['title']}\n\nPOST: {info['post']}\n\nTL;DR:"
+
+
+def tokenize_query(tokenizer, info, query_length):
+    """Token ids of the formatted query; while too long, cut the post at its last newline (or drop its last
+    character if it has none) and re-tokenise [D2.2]. Not padded."""
+    info = dict(info)
+    tokens = tokenizer.encode(format_query(info))
+    while len(tokens) > query_length:
+        if not info["post"]:
+            raise ValueError(f"--query-length {query_length} is too short to hold the query format even with an "
+                             f"empty post (title {info['title']!r} needs {len(tokens)} tokens)")
+        cut = info["post"].rfind("\n")
+        info["post"] = info["post"][:cut] if cut != -1 else info["post"][:-1]
+        tokens = tokenizer.encode(format_query(info))
+    return tokens
+
+
+def left_pad(tokens, length, pad_token_id):
+    return [pad_token_id] * (length - len(tokens)) + tokens
+
+
+def first_true_indices(bools, dtype=torch.long):
+    """Index of the first True in each row of a (B, T) bool tensor; T where a row has none."""
+    row_len = bools.size(-1)
+    zero_or_index = row_len * (~bools).type(dtype) + torch.arange(row_len, dtype=dtype, device=bools.device)
+    return torch.min(zero_or_index, dim=-1).values
+
+
+def truncate_response(stop_token_id, pad_token_id, responses):
+    """Everything after the first EOS becomes pad; the EOS itself is kept [D23.2]."""
+    trunc_idxs = first_true_indices(responses == stop_token_id).unsqueeze(-1)  # (B, 1)
+    idxs = torch.arange(responses.size(1), device=responses.device).view(1, -1)  # (1, T)
+    return torch.masked_fill(responses, idxs > trunc_idxs, pad_token_id)
+
+
+def forward(model, query_responses, pad_token_id):
+    """Causal-LM forward on left/right-padded ids, position ids from the attention mask (deviation: the reference
+    passed none; with absolute positions that is a bug, with rotary a numerical difference)."""
+    attention_mask = query_responses != pad_token_id
+    position_ids = attention_mask.cumsum(1) - attention_mask.long()
+    input_ids = torch.masked_fill(query_responses, ~attention_mask, 0)
+    return model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+
+
+@torch.no_grad()
+def generate(model, queries, pad_token_id, response_length, temperature):
+    """Sample exactly `response_length` tokens at `temperature` with a KV cache; EOS does not stop sampling [D23.1].
+    Returns query_responses (B, Q + R) and the sampling logits already divided by the temperature (B, R, V)."""
+    attention_mask = (queries != pad_token_id).long()
+    position_ids = attention_mask.cumsum(1) - attention_mask
+    input_ids = torch.masked_fill(queries, queries == pad_token_id, 0)
+    output = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True)
+    tokens, all_logits = [], []
+    for _ in range(response_length):
+        logits = output.logits[:, -1, :].float() / (temperature + 1e-7)  # (B, V)
+        token = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)  # (B, 1)
+        tokens.append(token)
+        all_logits.append(logits)
+        attention_mask = torch.cat([attention_mask, torch.ones_like(token)], dim=1)
+        position_ids = position_ids[:, -1:] + 1
+        output = model(input_ids=token, attention_mask=attention_mask, position_ids=position_ids,
+                       past_key_values=output.past_key_values, use_cache=True)
+    return torch.cat([queries] + tokens, dim=1), torch.stack(all_logits, dim=1)
+
+
+def masked_mean(values, mask, axis=None):
+    """Mean of `values` over the positions where `mask` is true."""
+    if axis is not None:
+        return (values * mask).sum(axis=axis) / mask.sum(axis=axis)
+    return (values * mask).sum() / mask.sum()
+
+
+def masked_var(values, mask, unbiased=True):
+    """Variance of `values` over the positions where `mask` is true (Bessel-corrected if `unbiased`)."""
+    mean = masked_mean(values, mask)
+    variance = masked_mean((values - mean) ** 2, mask)
+    if unbiased:
+        mask_sum = mask.sum()
+        if mask_sum < 2:
+            raise ValueError(f"an unbiased variance needs at least 2 valid values, the mask has {int(mask_sum)}")
+        variance = variance * mask_sum / (mask_sum - 1)
+    return variance
+
+
+def masked_whiten(values, mask, shift_mean=True):
+    """(values - mean) / sqrt(var + 1e-8) over the valid positions, biased variance; the mean is added back
+    unless `shift_mean` [D22]."""
+    mean, var = masked_mean(values, mask), masked_var(values, mask, unbiased=False)
+    whitened = (values - mean) * torch.rsqrt(var + 1e-8)
+    if not shift_mean:
+        whitened += mean
+    return whitened
+
+
+def compute_rewards(scores, logprobs, ref_logprobs, sequence_lengths, kl_coef, score_at_eos=False):
+    """Per-token rewards (B, R): the KL penalty -kl_coef * (logprob - ref_logprob) (k1 estimator) at every token,
+    plus the score one position after the EOS as the reference does (at the EOS when it is the last token or
+    there is none; always at the EOS with `score_at_eos`). `logprobs` are already INVALID_LOGPROB after the EOS,
+    so the penalty there is 0. Returns (rewards, non_score_reward)."""
+    kl = logprobs - ref_logprobs  # (B, R)
+    non_score_reward = -kl_coef * kl
+    rewards = non_score_reward.clone()
+    actual_start = torch.arange(rewards.size(0), device=rewards.device)
+    sequence_lengths_p1 = sequence_lengths if score_at_eos else sequence_lengths + 1
+    actual_end = torch.where(sequence_lengths_p1 < rewards.size(1), sequence_lengths_p1, sequence_lengths)
+    rewards[actual_start, actual_end] += scores
+    return rewards, non_score_reward
+
+
+def compute_advantages(rewards, values, padding_mask, gamma, lam):
+    """GAE (Schulman et al. 2016, eq. 16) backwards over the response, returns = advantages + values; then the
+    advantages are whitened over the valid tokens and zeroed where `padding_mask` is true [D22]."""
+    lastgaelam = 0
+    advantages_reversed = []
+    gen_length = rewards.shape[1]
+    for t in reversed(range(gen_length)):
+        nextvalues = values[:, t + 1] if t < gen_length - 1 else 0.0
+        delta = rewards[:, t] + gamma * nextvalues - values[:, t]
+        lastgaelam = delta + gamma * lam * lastgaelam
+        advantages_reversed.append(lastgaelam)
+    advantages = torch.stack(advantages_reversed[::-1], dim=1)  # (B, R)
+    returns = advantages + values
+    advantages = masked_whiten(advantages, ~padding_mask)
+    advantages = torch.masked_fill(advantages, padding_mask, 0)
+    return advantages, returns
+
+
+def logprobs_of(logits, tokens):
+    """Log-probabilities (B, R) of `tokens` (B, R) under `logits` (B, R, V) (already divided by the temperature)."""
+    return torch.gather(F.log_softmax(logits.float(), dim=-1), 2, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+class PolicyAndValueWrapper(nn.Module):
+    """Policy and value model as one module: one optimizer and one DDP wrapper over both [D16]."""
+
+    def __init__(self, policy, value_model):
+        super().__init__()
+        self.policy = policy
+        self.value_model = value_model
+
+    def forward(self, input_ids, attention_mask, position_ids, use_cache=False):
+        kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
+        return self.policy(**kwargs, use_cache=use_cache), self.value_model(**kwargs)
+
+
+class Logger:
+    """metrics.jsonl in the output folder always; Weights & Biases under --track. Only rank 0 writes."""
+
+    def __init__(self, args, run_name, output_dir, rank):
+        self.rank, self.wandb = rank, None
+        if rank != 0:
+            return
+        os.makedirs(output_dir, exist_ok=True)
+        self.file = open(os.path.join(output_dir, "metrics.jsonl"), "a")
+        if args.track:
+            import wandb  # imported lazily: only --track needs it
+
+            self.wandb = wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, name=run_name,
+                                    config=asdict(args), save_code=True)
+
+    def log(self, metrics, step):
+        if self.rank != 0:
+            return
+        self.file.write(json.dumps({"step": step, **metrics}) + "\n")
+        self.file.flush()
+        if self.wandb is not None:
+            self.wandb.log(metrics, step=step)
+
+    def table(self, name, rows, output_dir):
+        """Save rows (a list of dicts) as {output_dir}/{name}.jsonl and, under --track, as a wandb table."""
+        if self.rank != 0 or not rows:
+            return
+        with open(os.path.join(output_dir, f"{name}.jsonl"), "w") as f:
+            for row in rows:
+                f.write(json.dumps(row) + "\n")
+        if self.wandb is not None:
+            import wandb
+
+            self.wandb.log({name: wandb.Table(columns=list(rows[0]), data=[list(r.values()) for r in rows])})
+
+
+def progress(prefix, step, total, start_time, **values):
+    """One progress line: step, values, steps/s and ETA."""
+    elapsed = time.time() - start_time
+    eta = elapsed / max(step, 1) * (total - step)
+    shown = " | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in values.items())
+    print(f"[{prefix}] {step}/{total} | {shown} | {step / max(elapsed, 1e-9):.2f} it/s | "
+          f"ETA {time.strftime('%H:%M:%S', time.gmtime(eta))}", flush=True)
+
+
+def gather_mean(x, world_size):
+    """Mean of a scalar tensor over all processes."""
+    x = x.detach().float().clone()
+    if world_size > 1:
+        dist.all_reduce(x)
+        x /= world_size
+    return x
+
+
+@torch.no_grad()
+def rollout_scores(policy, reward_model, queries, tokenizer, args, temperature):
+    """Sample responses to `queries` in chunks and score them as in the rollout [D23.2, D23.3] (evaluation only).
+    Returns the truncated responses (B, R) and their scores (B,)."""
+    responses, scores = [], []
+    for i in range(0, queries.size(0), args.local_rollout_forward_batch_size):
+        query = queries[i : i + args.local_rollout_forward_batch_size]
+        query_response, _ = generate(policy, query, tokenizer.pad_token_id, args.response_length, temperature)
+        response = truncate_response(tokenizer.eos_token_id, tokenizer.pad_token_id, query_response[:, query.size(1):])
+        _, score, _ = get_reward(reward_model, torch.cat([query, response], 1), tokenizer.pad_token_id, query.size(1))
+        if args.missing_eos_score is not None:
+            score = torch.where((response == tokenizer.eos_token_id).any(-1), score, args.missing_eos_score)
+        responses.append(response)
+        scores.append(score)
+    return torch.cat(responses), torch.cat(scores)
+
+
+if __name__ == "__main__":
+    args = tyro.cli(Args)
+    rank, world_size, device = init_distributed()
+
+    # ---- check every argument and the data before any model is loaded ----
+    if args.response_length <= 0:
+        raise ValueError(f"--response-length must be positive, got {args.response_length}")
+    local_batch_size = exact_div(args.batch_size, world_size, "--batch-size over the number of processes")
+    local_mini_batch_size = exact_div(local_batch_size, args.num_mini_batches,
+                                      "per-process batch (--batch-size / processes) over --num-mini-batches")
+    gradient_accumulation_steps = exact_div(local_mini_batch_size, args.local_micro_batch_size,
+                                            "per-process mini-batch over --local-micro-batch-size")
+    exact_div(local_batch_size, args.local_rollout_forward_batch_size,
+              "per-process batch (--batch-size / processes) over --local-rollout-forward-batch-size")
+    num_updates = args.total_episodes // args.batch_size
+    if num_updates < 1:
+        raise ValueError(f"--total-episodes {args.total_episodes} is smaller than one --batch-size {args.batch_size}")
+    check_model_path(args.sft_model_path, "--sft-model-path")
+    check_model_path(args.reward_model_path, "--reward-model-path")
+    dataset = load_dataset(args.query_dataset)
+    for split in ["train", "validation"] + (["test"] if args.run_eval else []):
+        if split not in dataset:
+            raise ValueError(f"--query-dataset {args.query_dataset} has no {split!r} split (it has {list(dataset)})")
+        check_columns(dataset[split], ["id", "subreddit", "title", "post"] + (["summary"] if split != "train" else []),
+                      f"--query-dataset ({split})")
+    if len(dataset["train"]) < args.batch_size:
+        raise ValueError(f"--query-dataset train has {len(dataset['train'])} posts, fewer than one --batch-size {args.batch_size}")
+
+    run_name = f"{args.exp_name}__{args.seed}__{int(time.time())}"
+    output_dir = args.output_dir or os.path.join("runs", run_name)
+    seed_everything(args.seed + rank * 100003)
+    logger = Logger(args, run_name, output_dir, rank)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16 and device.type == "cuda")
+
+    # ---- data: left-padded queries [D2.2]; validation's first batch is sampled every update ----
+    tokenizer = load_tokenizer(args.sft_model_path)
+    pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
+
+    def tokenize_split(rows):  # (N, Q) left-padded query tokens
+        return torch.tensor([left_pad(tokenize_query(tokenizer, r, args.query_length), args.query_length, pad) for r in rows])
+
+    train_queries = tokenize_split(dataset["train"])
+    validation_queries = tokenize_split(dataset["validation"].select(range(min(args.local_rollout_forward_batch_size, len(dataset["validation"])))))
+    context_length = args.query_length
+
+    # ---- models: policy and reference from SFT, reward and value from the reward model [D16] ----
+    policy = load_policy(args.sft_model_path, tokenizer, device)
+    ref_policy = load_policy(args.sft_model_path, tokenizer, device)
+    reward_model = ScalarModel.from_pretrained(args.reward_model_path, config=config_without_dropout(args.reward_model_path))
+    value_model = ScalarModel.from_pretrained(args.reward_model_path, config=config_without_dropout(args.reward_model_path))
+    reward_model, value_model = reward_model.to(device), value_model.to(device)
+    for frozen in (ref_policy, reward_model):
+        frozen.eval().requires_grad_(False)
+    if args.gradient_checkpointing:
+        policy.gradient_checkpointing_enable()
+        value_model.backbone.gradient_checkpointing_enable()
+    unwrapped = PolicyAndValueWrapper(policy, value_model)
+    model = DDP(unwrapped) if world_size > 1 else unwrapped
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, eps=args.eps)  # one AdamW over policy and value
+
+    print(f"[ppo] {num_updates} updates of {args.batch_size} episodes, {args.num_ppo_epochs} epochs x "
+          f"{args.num_mini_batches} mini-batches, gradient accumulation {gradient_accumulation_steps}, "
+          f"{world_size} process(es), {device}, output {output_dir}", flush=True)
+
+    def prompt_batches():
+        """Endless per-process batches of train queries, reshuffled each time the data is exhausted [D21]: one shared
+        shuffle (seeded with --seed, the same on every process), each global batch cut into per-process slices."""
+        epoch = 0
+        while True:
+            order = torch.randperm(len(train_queries), generator=torch.Generator().manual_seed(args.seed + epoch))
+            for start in range(0, len(order) - args.batch_size + 1, args.batch_size):  # drop the incomplete last batch
+                yield order[start + rank * local_batch_size : start + (rank + 1) * local_batch_size]
+            epoch += 1
+
+    batches = prompt_batches()
+    stats_shape = (args.num_ppo_epochs, args.num_mini_batches, gradient_accumulation_steps)
+    global_step, optimizer_steps, start_time = 0, 0, time.time()
+    for update in range(1, num_updates + 1):
+        global_step += args.batch_size
+        optimizer.param_groups[0]["lr"] = (1.0 - (update - 1.0) / num_updates) * args.lr  # linear decay [D19]
+        queries = train_queries[next(batches)].to(device)  # (b, Q)
+        timer = {"generation": 0.0, "scoring": 0.0, "training": 0.0}
+
+        # ---- rollout, in chunks of local_rollout_forward_batch_size ----
+        model.eval()
+        with torch.no_grad(), autocast:
+            query_responses, responses, postprocessed_responses = [], [], []
+            logprobs, ref_logprobs, values, scores, sequence_lengths = [], [], [], [], []
+            for i in range(0, local_batch_size, args.local_rollout_forward_batch_size):
+                query = queries[i : i + args.local_rollout_forward_batch_size]
+                # 1. sample exactly response_length tokens; old logprobs from the sampling logits [D23.1]
+                t0 = time.time()
+                query_response, logits = generate(policy, query, pad, args.response_length, args.temperature)
+                response = query_response[:, context_length:]  # (c, R)
+                logprob = logprobs_of(logits, response)
+                del logits
+                timer["generation"] += time.time() - t0
+
+                # 2. reference logprobs (same temperature) and values of the untruncated response
+                t0 = time.time()
+                ref_logits = forward(ref_policy, query_response, pad).logits[:, context_length - 1 : -1]
+                ref_logprob = logprobs_of(ref_logits / (args.temperature + 1e-7), response)
+                del ref_logits
+                full_value, _, _ = get_reward(value_model, query_response, pad, context_length)
+                value = full_value[:, context_length - 1 : -1]  # (c, R): value of the state before each token
+
+                # 3. truncate after the first EOS [D23.2], score the truncated text, -1 without EOS [D23.3]
+                postprocessed_response = truncate_response(eos, pad, response)
+                _, score, _ = get_reward(reward_model, torch.cat([query, postprocessed_response], 1), pad, context_length)
+                if args.missing_eos_score is not None:
+                    score = torch.where((postprocessed_response == eos).any(-1), score, args.missing_eos_score)
+                sequence_length = first_true_indices(postprocessed_response == pad) - 1  # index of the EOS (or R-1)
+                timer["scoring"] += time.time() - t0
+
+                query_responses.append(query_response)
+                responses.append(response)
+                postprocessed_responses.append(postprocessed_response)
+                logprobs.append(logprob)
+                ref_logprobs.append(ref_logprob)
+                values.append(value)
+                scores.append(score)
+                sequence_lengths.append(sequence_length)
+            query_responses, responses = torch.cat(query_responses), torch.cat(responses)  # (b, Q + R), (b, R)
+            postprocessed_responses = torch.cat(postprocessed_responses)
+            logprobs, ref_logprobs = torch.cat(logprobs).float(), torch.cat(ref_logprobs).float()  # (b, R)
+            values, scores = torch.cat(values).float(), torch.cat(scores).float()  # (b, R), (b,)
+            sequence_lengths = torch.cat(sequence_lengths)  # (b,)
+
+            # 4. masks and rewards: logprobs after the EOS are invalid, values are kept up to EOS+1
+            response_idxs = torch.arange(args.response_length, device=device).repeat(local_batch_size, 1)
+            padding_mask = response_idxs > sequence_lengths.unsqueeze(1)  # (b, R) true strictly after the EOS
+            logprobs = torch.masked_fill(logprobs, padding_mask, INVALID_LOGPROB)
+            ref_logprobs = torch.masked_fill(ref_logprobs, padding_mask, INVALID_LOGPROB)
+            padding_mask_p1 = response_idxs > (sequence_lengths + 1).unsqueeze(1)
+            values = torch.masked_fill(values, padding_mask_p1, 0)
+            rewards, non_score_reward = compute_rewards(scores, logprobs, ref_logprobs, sequence_lengths,
+                                                        args.kl_coef, args.score_at_eos)
+            if args.whiten_rewards:
+                rewards = masked_whiten(rewards, ~padding_mask_p1, shift_mean=False)
+                rewards = torch.masked_fill(rewards, padding_mask_p1, 0)
+
+            # 5. GAE and advantage whitening (per process, as the reference does) [D22]
+            advantages, returns = compute_advantages(rewards, values, padding_mask, args.gamma, args.lam)
+
+        # 6. PPO epochs over mini-batches and micro-batches: clipped policy and value losses
+        model.train()
+        t0 = time.time()
+        approxkl_stats, pg_clipfrac_stats, pg_loss_stats = torch.zeros(stats_shape), torch.zeros(stats_shape), torch.zeros(stats_shape)
+        vf_loss_stats, vf_clipfrac_stats, entropy_stats = torch.zeros(stats_shape), torch.zeros(stats_shape), torch.zeros(stats_shape)
+        ratio_stats = torch.zeros(stats_shape)
+        for ppo_epoch_idx in range(args.num_ppo_epochs):
+            b_inds = torch.randperm(local_batch_size)
+            for minibatch_idx, mini_batch_start in enumerate(range(0, local_batch_size, local_mini_batch_size)):
+                mini_batch_inds = b_inds[mini_batch_start : mini_batch_start + local_mini_batch_size]
+                for gradient_accumulation_idx, micro_batch_start in enumerate(range(0, local_mini_batch_size, args.local_micro_batch_size)):
+                    mb_inds = mini_batch_inds[micro_batch_start : micro_batch_start + args.local_micro_batch_size]
+                    mb_advantage, mb_return, mb_values = advantages[mb_inds], returns[mb_inds], values[mb_inds]
+                    mb_logprobs, mb_padding_mask, mb_padding_mask_p1 = logprobs[mb_inds], padding_mask[mb_inds], padding_mask_p1[mb_inds]
+                    last_micro_batch = gradient_accumulation_idx == gradient_accumulation_steps - 1
+                    no_sync = model.no_sync() if world_size > 1 and not last_micro_batch else contextlib.nullcontext()
+                    with no_sync, autocast:  # under DDP, gradients are all-reduced on the last micro-batch only
+                        output, vpred_temp = forward(model, query_responses[mb_inds], pad)
+                        logits = output.logits[:, context_length - 1 : -1].float() / (args.temperature + 1e-7)
+                        new_logprobs = logprobs_of(logits, responses[mb_inds])
+                        new_logprobs = torch.masked_fill(new_logprobs, mb_padding_mask, INVALID_LOGPROB)
+                        vpred = vpred_temp[:, context_length - 1 : -1].float()
+                        vpred = torch.masked_fill(vpred, mb_padding_mask_p1, 0)
+                        # clipped value loss (Schulman et al. 2017 PPO; the N+ / lm-human-preferences form)
+                        vpredclipped = torch.clamp(vpred, mb_values - args.cliprange_value, mb_values + args.cliprange_value)
+                        vf_losses1 = torch.square(vpred - mb_return)
+                        vf_losses2 = torch.square(vpredclipped - mb_return)
+                        vf_loss_max = torch.max(vf_losses1, vf_losses2)
+                        vf_loss = 0.5 * masked_mean(vf_loss_max, ~mb_padding_mask_p1)
+                        # clipped surrogate objective (Schulman et al. 2017, eq. 7)
+                        logprobs_diff = new_logprobs - mb_logprobs
+                        ratio = torch.exp(logprobs_diff)
+                        pg_losses = -mb_advantage * ratio
+                        pg_losses2 = -mb_advantage * torch.clamp(ratio, 1.0 - args.cliprange, 1.0 + args.cliprange)
+                        pg_loss_max = torch.max(pg_losses, pg_losses2)
+                        pg_loss = masked_mean(pg_loss_max, ~mb_padding_mask)
+                        loss = pg_loss + args.vf_coef * vf_loss
+                        assert loss.dim() == 0
+                        (loss / gradient_accumulation_steps).backward()
+                    if last_micro_batch:
+                        optimizer.step()
+                        optimizer.zero_grad()
+                        optimizer_steps += 1
+                    with torch.no_grad():  # statistics over valid tokens only (deviation: the reference's were unmasked)
+                        valid = ~mb_padding_mask
+                        idx = (ppo_epoch_idx, minibatch_idx, gradient_accumulation_idx)
+                        prob_dist = F.softmax(logits, dim=-1)
+                        entropy = torch.logsumexp(logits, dim=-1) - torch.sum(prob_dist * logits, dim=-1)
+                        approxkl_stats[idx] = 0.5 * masked_mean(logprobs_diff**2, valid)
+                        pg_clipfrac_stats[idx] = masked_mean((pg_losses2 > pg_losses).float(), valid)
+                        pg_loss_stats[idx] = pg_loss
+                        vf_loss_stats[idx] = vf_loss
+                        vf_clipfrac_stats[idx] = masked_mean((vf_losses2 > vf_losses1).float(), ~mb_padding_mask_p1)
+                        entropy_stats[idx] = masked_mean(entropy, valid)
+                        ratio_stats[idx] = masked_mean(ratio, valid)
+                    del output, vpred_temp, logits, new_logprobs, loss
+        timer["training"] += time.time() - t0
+
+        # 7. logging (N+ metric names), the validation score (temperature 0.01) and sample tables
+        with torch.no_grad(), autocast:
+            _, validation_score = rollout_scores(policy, reward_model, validation_queries.to(device), tokenizer, args, 0.01)
+            mean_kl = (logprobs - ref_logprobs).sum(1).mean()  # 0 after the EOS, where both are INVALID_LOGPROB
+            mean_entropy = torch.masked_fill(-logprobs, padding_mask, 0).sum(1).mean()  # valid tokens only (deviation)
+            mean_non_score_reward = non_score_reward.sum(1).mean()
+            num_eos_tokens = (responses == eos).sum().float()
+            if world_size > 1:
+                dist.all_reduce(num_eos_tokens)  # summed over processes (deviation: the reference logged rank 0's)
+            eps = int(global_step / (time.time() - start_time))
+            metrics = {
+                "objective/kl": gather_mean(mean_kl, world_size).item(),
+                "objective/entropy": gather_mean(mean_entropy, world_size).item(),
+                "objective/non_score_reward": gather_mean(mean_non_score_reward, world_size).item(),
+                "objective/rlhf_reward": gather_mean(mean_non_score_reward + scores.mean(), world_size).item(),
+                "objective/scores": gather_mean(scores.mean(), world_size).item(),
+                "objective/validation_score": gather_mean(validation_score.mean(), world_size).item(),
+                "ppo/policy/approxkl_avg": gather_mean(approxkl_stats.mean(), world_size).item(),
+                "ppo/policy/clipfrac_avg": gather_mean(pg_clipfrac_stats.mean(), world_size).item(),
+                "ppo/loss/policy_avg": gather_mean(pg_loss_stats.mean(), world_size).item(),
+                "ppo/loss/value_avg": gather_mean(vf_loss_stats.mean(), world_size).item(),
+                "ppo/val/clipfrac_avg": gather_mean(vf_clipfrac_stats.mean(), world_size).item(),
+                "ppo/policy/entropy_avg": gather_mean(entropy_stats.mean(), world_size).item(),
+                "ppo/val/ratio": gather_mean(ratio_stats.mean(), world_size).item(),
+                "ppo/val/ratio_var": gather_mean(ratio_stats.var(unbiased=False), world_size).item(),
+                "ppo/val/num_eos_tokens": num_eos_tokens.item(),
+                "ppo/lr": optimizer.param_groups[0]["lr"],
+                "ppo/episode": global_step,
+                "ppo/eps": eps,
+                "ppo/optimizer_steps": optimizer_steps,
+                **{f"time/{k}": v for k, v in timer.items()},
+            }
+        logger.log(metrics, step=update)
+        if rank == 0:
+            progress("ppo", update, num_updates, start_time, episode=global_step, eps=eps,
+                     score=metrics["objective/scores"], kl=metrics["objective/kl"],
+                     val_score=metrics["objective/validation_score"])
+            if update == 1 or update % args.sample_table_every == 0 or update == num_updates:
+                rows = [dict(update=update, query=tokenizer.decode(q, skip_special_tokens=True),
+                             response=tokenizer.decode(r, skip_special_tokens=True), score=s.item())
+                        for q, r, s in zip(queries[:16], postprocessed_responses[:16], scores[:16])]
+                logger.table(f"samples_update_{update}", rows, output_dir)
+        del query_responses, responses, postprocessed_responses, logprobs, ref_logprobs, values, scores
+        del rewards, non_score_reward, advantages, returns
+
+    # ---- evaluation at temperature 0.01 on validation and test; reference summaries scored too ----
+    if args.run_eval:
+        model.eval()
+        for split in ["validation", "test"]:
+            rows = dataset[split]
+            if args.num_eval_samples is not None:
+                rows = rows.select(range(min(args.num_eval_samples, len(rows))))
+            shard = range(rank, len(rows), world_size)  # each process evaluates its share; rank 0 gathers
+            eval_queries = tokenize_split(rows.select(shard)).to(device)
+            references = [tokenizer.encode(" " + rows[i]["summary"]) + [eos] for i in shard]
+            references = torch.tensor([r + [pad] * (max(map(len, references)) - len(r)) for r in references], device=device)
+            with torch.no_grad(), autocast:
+                eval_responses, eval_scores = rollout_scores(policy, reward_model, eval_queries, tokenizer, args, 0.01)
+                reference_scores = []
+                for i in range(0, len(references), args.local_rollout_forward_batch_size):
+                    chunk = slice(i, i + args.local_rollout_forward_batch_size)
+                    query_reference = torch.cat([eval_queries[chunk], references[chunk]], 1)
+                    reference_scores.append(get_reward(reward_model, query_reference, pad, context_length)[1])
+                reference_scores = torch.cat(reference_scores)
+                table = []
+                for j, i in enumerate(shard):
+                    response, reference_score = eval_responses[j], reference_scores[j]
+                    has_eos = bool((response == eos).any())
+                    table.append(dict(
+                        id=rows[i]["id"], query=tokenizer.decode(eval_queries[j], skip_special_tokens=True),
+                        response=tokenizer.decode(response, skip_special_tokens=True), reference=rows[i]["summary"],
+                        score=eval_scores[j].item(), reference_score=reference_score.item(), has_eos=has_eos,
+                        response_tokens=int((response != pad).sum()),
+                    ))
+            if world_size > 1:
+                gathered = [None] * world_size
+                dist.all_gather_object(gathered, table)
+                table = [row for part in gathered for row in part]
+            logger.table(f"eval_{split}", table, output_dir)
+            logger.log({f"eval/{split}/score": sum(r["score"] for r in table) / len(table),
+                        f"eval/{split}/reference_score": sum(r["reference_score"] for r in table) / len(table),
+                        f"eval/{split}/eos_rate": sum(r["has_eos"] for r in table) / len(table)}, step=num_updates)
+
+    # ---- save the policy (AutoModelForCausalLM-loadable) and the value model ----
+    if rank == 0:
+        policy.save_pretrained(output_dir)
+        tokenizer.save_pretrained(output_dir)
+        value_model.save_pretrained(os.path.join(output_dir, "value_model"))
+        print(f"[ppo] saved the policy to {output_dir} and the value model to {output_dir}/value_model", flush=True)
+    if world_size > 1:
+        dist.destroy_process_group()
