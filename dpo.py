@@ -1,3 +1,618 @@
-"""dpo.py: not implemented yet (see the open issue for it). This file is a placeholder and trains nothing."""
+# See README.md "dpo.py" for what this script does, the N+ details it implements and its benchmark numbers.
+"""Direct preference optimisation (DPO, Rafailov et al. 2023) of the TL;DR SFT policy on the OpenAI preferences.
 
-raise SystemExit("dpo.py is not implemented yet")
+Single GPU, hub defaults (Pythia-1B SFT policy, the summarize_from_feedback comparisons):
+    python dpo.py --output-dir runs/dpo_1b
+
+Multi-GPU (the global --batch-size 64 is split over the processes; 8 x 8 pairs per update here):
+    torchrun --nproc-per-node 8 dpo.py --local-micro-batch-size 8 --output-dir runs/dpo_1b
+
+Offline tiny world (CPU, seconds; build it first with benchmark/offline_world.py):
+    python benchmark/offline_world.py --out-dir world --size tiny
+    python dpo.py --sft-model-path world/base_model --query-dataset world/tldr_sft \
+        --label-dataset world/tldr_preference --query-length 128 --lr 3e-4 --beta 0.1 \
+        --batch-size 32 --local-micro-batch-size 16 --num-eval-samples 16 --output-dir runs/dpo_tiny
+"""
+
+import contextlib
+import json
+import math
+import os
+import random
+import time
+from dataclasses import asdict, dataclass
+from typing import Literal, Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+import tyro
+from datasets import load_dataset
+from torch.nn.parallel import DistributedDataParallel as DDP
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+
+@dataclass
+class Args:
+    # ---- common block: identical names, order, defaults and docstrings in all four scripts ----
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """name of the experiment; the run is named {exp_name}__{seed}__{unix time}"""
+    seed: int = 1
+    """seed of the experiment; each process uses seed + rank * 100003"""
+    track: bool = False
+    """log to Weights & Biases (metrics.jsonl in the output folder is written either way)"""
+    wandb_project_name: str = "tldr_rlhf"
+    """Weights & Biases project"""
+    wandb_entity: Optional[str] = None
+    """Weights & Biases entity (team); None uses your default"""
+    output_dir: Optional[str] = None
+    """folder for the saved model, tokenizer, metrics.jsonl and evaluation tables (default: runs/{run name})"""
+    run_eval: bool = True
+    """evaluate after training and save the evaluation tables"""
+    bf16: bool = True
+    """bf16 autocast on CUDA (weights stay fp32); runs on CPU are always fp32"""
+    # ---- end of the common block; then the script's model/data paths, lengths, batch sizes, optimiser, algorithm ----
+    sft_model_path: str = "cleanrl/EleutherAI_pythia-1b-deduped__sft__tldr"
+    """SFT checkpoint (hub id or folder): initialises the policy and the frozen reference; its tokenizer is used"""
+    label_dataset: str = "vwxyzjn/summarize_from_feedback_oai_preprocessing_1706381144"
+    """preference pairs (hub id or folder): raw OpenAI columns (info, summaries, choice, batch, split, extra) or the
+    standard prompt/chosen/rejected strings; split "train" trains, every other split is evaluated"""
+    query_dataset: str = "vwxyzjn/summarize_from_feedback_tldr_3_filtered"
+    """SFT set (hub id or folder; columns id, subreddit, title, post, summary): its validation posts are the
+    prompts of the generation evaluation, its summaries the references"""
+    query_length: int = 512
+    """maximum query length in tokens; longer posts are cut at their last newline [D2.2]"""
+    response_length: int = 169
+    """maximum preference response length in tokens, EOS included; pairs with a longer response are dropped [D5]"""
+    eval_response_length: int = 128
+    """tokens generated per post in the generation evaluation (cut after the first EOS)"""
+    total_episodes: Optional[int] = None
+    """number of training pairs to use (the first ones of the shuffle); None = one epoch over all kept pairs"""
+    batch_size: int = 64
+    """preference pairs per optimizer update, over all processes"""
+    local_micro_batch_size: int = 8
+    """preference pairs per forward/backward per process (each pair is two sequences: chosen and rejected)"""
+    local_eval_batch_size: int = 8
+    """pairs (preference evaluation) or posts (generation) per forward per process in the evaluation"""
+    lr: float = 3e-6
+    """AdamW learning rate at the first update; cosine decay to 0 over the updates, no warm-up"""
+    eps: float = 1e-5
+    """AdamW epsilon"""
+    beta: float = 0.05
+    """DPO inverse temperature beta (dimensionless): strength of the implicit KL penalty to the reference"""
+    loss_type: Literal["sigmoid", "ipo", "label_smoothing"] = "sigmoid"
+    """sigmoid: DPO (Rafailov et al. 2023, eq. 7); ipo: IPO (Azar et al. 2023, eq. 17); label_smoothing:
+    conservative DPO (Mitchell 2023) with --label-smoothing as the assumed label-flip probability"""
+    label_smoothing: float = 0.0
+    """probability that a label is flipped, in (0, 0.5); read only by --loss-type label_smoothing (an error otherwise)"""
+    precompute_ref_logprobs: bool = False
+    """compute the reference's sequence log-probs once before training and free the reference (saves memory and
+    one forward per micro-batch); False computes them on the fly"""
+    num_eval_samples: Optional[int] = None
+    """number of SFT validation posts (the first ones) generated for in the evaluation; None = the whole split"""
+
+
+# -------------------------------------------------------- helpers (copied verbatim from the common code) ---------
+def exact_div(a, b, what):
+    """a / b as an int; fails loudly, naming the quantities, when b does not divide a."""
+    if b <= 0 or a % b != 0:
+        raise ValueError(f"{what}: {a} is not divisible by {b}")
+    return a // b
+
+
+def init_distributed():
+    """(rank, world_size, device). A process group only under torchrun (WORLD_SIZE > 1): nccl on CUDA, gloo on CPU."""
+    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    if world_size > 1:
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world_size, device
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+
+
+def load_tokenizer(path):
+    """Tokenizer with a dedicated [PAD] token: EOS as pad would teach the policy never to stop."""
+    tokenizer = AutoTokenizer.from_pretrained(path, padding_side="right")
+    if tokenizer.eos_token_id is None:
+        raise ValueError(f"the tokenizer of {path} has no EOS token; responses must end with one [D3]")
+    tokenizer.add_special_tokens({"pad_token": "[PAD]"})  # Pythia: new id 50277, inside the 50304 embedding rows
+    return tokenizer
+
+
+def load_policy(path, tokenizer, device):
+    """A causal LM with dropout disabled [D7]; embeddings grow only if the tokenizer outgrew them."""
+    config = AutoConfig.from_pretrained(path)
+    for key in [k for k in config.to_dict() if "dropout" in k and isinstance(getattr(config, k), float)]:
+        setattr(config, key, 0.0)  # [D7]
+    model = AutoModelForCausalLM.from_pretrained(path, config=config)
+    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+        model.resize_token_embeddings(len(tokenizer))  # only for models without spare rows (Pythia has them)
+    return model.to(device)
+
+
+def format_query(info):
+    """The TL;DR query format; no space after "TL;DR:" [D2]."""
+    return f"SUBREDDIT: r/{info['subreddit']}\n\nTITLE: {info['title']}\n\nPOST: {info['post']}\n\nTL;DR:"
+
+
+def tokenize_query(tokenizer, info, query_length):
+    """Token ids of the formatted query; while too long, cut the post at its last newline (or drop its last
+    character if it has none) and re-tokenise [D2.2]. Not padded."""
+    info = dict(info)
+    tokens = tokenizer.encode(format_query(info))
+    while len(tokens) > query_length:
+        if not info["post"]:
+            raise ValueError(f"--query-length {query_length} is too short to hold the query format even with an "
+                             f"empty post (title {info['title']!r} needs {len(tokens)} tokens)")
+        cut = info["post"].rfind("\n")
+        info["post"] = info["post"][:cut] if cut != -1 else info["post"][:-1]
+        tokens = tokenizer.encode(format_query(info))
+    return tokens
+
+
+def left_pad(tokens, length, pad_token_id):
+    return [pad_token_id] * (length - len(tokens)) + tokens
+
+
+def right_pad(tokens, length, pad_token_id):
+    return tokens + [pad_token_id] * (length - len(tokens))
+
+
+def check_columns(dataset, columns, arg):
+    """Fail before any training when a dataset lacks the columns this script needs."""
+    missing = [c for c in columns if c not in dataset.column_names]
+    if missing:
+        raise ValueError(f"{arg}: the dataset lacks the column(s) {missing}; it has {dataset.column_names}")
+
+
+def first_true_indices(bools, dtype=torch.long):
+    """Index of the first True in each row of a (B, T) bool tensor; T where a row has none."""
+    row_len = bools.size(-1)
+    zero_or_index = row_len * (~bools).type(dtype) + torch.arange(row_len, dtype=dtype, device=bools.device)
+    return torch.min(zero_or_index, dim=-1).values
+
+
+def truncate_response(stop_token_id, pad_token_id, responses):
+    """Everything after the first EOS becomes pad; the EOS itself is kept [D23.2]."""
+    trunc_idxs = first_true_indices(responses == stop_token_id).unsqueeze(-1)  # (B, 1)
+    idxs = torch.arange(responses.size(1), device=responses.device).view(1, -1)  # (1, T)
+    return torch.masked_fill(responses, idxs > trunc_idxs, pad_token_id)
+
+
+def forward(model, query_responses, pad_token_id):
+    """Causal-LM forward on left/right-padded ids, position ids from the attention mask (deviation: the reference
+    passed none; with absolute positions that is a bug, with rotary a numerical difference)."""
+    attention_mask = query_responses != pad_token_id
+    position_ids = attention_mask.cumsum(1) - attention_mask.long()
+    input_ids = torch.masked_fill(query_responses, ~attention_mask, 0)
+    return model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+
+
+@torch.no_grad()
+def generate(model, queries, pad_token_id, response_length, temperature):
+    """Sample exactly `response_length` tokens at `temperature` with a KV cache; EOS does not stop sampling [D23.1].
+    Returns query_responses (B, Q + R) and the sampling logits already divided by the temperature (B, R, V)."""
+    attention_mask = (queries != pad_token_id).long()
+    position_ids = attention_mask.cumsum(1) - attention_mask
+    input_ids = torch.masked_fill(queries, queries == pad_token_id, 0)
+    output = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True)
+    tokens, all_logits = [], []
+    for _ in range(response_length):
+        logits = output.logits[:, -1, :].float() / (temperature + 1e-7)  # (B, V)
+        token = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)  # (B, 1)
+        tokens.append(token)
+        all_logits.append(logits)
+        attention_mask = torch.cat([attention_mask, torch.ones_like(token)], dim=1)
+        position_ids = position_ids[:, -1:] + 1
+        output = model(input_ids=token, attention_mask=attention_mask, position_ids=position_ids,
+                       past_key_values=output.past_key_values, use_cache=True)
+    return torch.cat([queries] + tokens, dim=1), torch.stack(all_logits, dim=1)
+
+
+class Logger:
+    """metrics.jsonl in the output folder always; Weights & Biases under --track. Only rank 0 writes."""
+
+    def __init__(self, args, run_name, output_dir, rank):
+        self.rank, self.wandb = rank, None
+        if rank != 0:
+            return
+        os.makedirs(output_dir, exist_ok=True)
+        self.file = open(os.path.join(output_dir, "metrics.jsonl"), "a")
+        if args.track:
+            import wandb  # imported lazily: only --track needs it
+
+            self.wandb = wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, name=run_name,
+                                    config=asdict(args), save_code=True)
+
+    def log(self, metrics, step):
+        if self.rank != 0:
+            return
+        self.file.write(json.dumps({"step": step, **metrics}) + "\n")
+        self.file.flush()
+        if self.wandb is not None:
+            self.wandb.log(metrics, step=step)
+
+    def table(self, name, rows, output_dir):
+        """Save rows (a list of dicts) as {output_dir}/{name}.jsonl and, under --track, as a wandb table."""
+        if self.rank != 0 or not rows:
+            return
+        with open(os.path.join(output_dir, f"{name}.jsonl"), "w") as f:
+            for row in rows:
+                f.write(json.dumps(row) + "\n")
+        if self.wandb is not None:
+            import wandb
+
+            self.wandb.log({name: wandb.Table(columns=list(rows[0]), data=[list(r.values()) for r in rows])})
+
+
+def progress(prefix, step, total, start_time, **values):
+    """One progress line: step, values, steps/s and ETA."""
+    elapsed = time.time() - start_time
+    eta = elapsed / max(step, 1) * (total - step)
+    shown = " | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in values.items())
+    print(f"[{prefix}] {step}/{total} | {shown} | {step / max(elapsed, 1e-9):.2f} it/s | "
+          f"ETA {time.strftime('%H:%M:%S', time.gmtime(eta))}", flush=True)
+
+
+# -------------------------------------------------------- DPO helpers --------------------------------------------
+OPENAI_COLUMNS = ["info", "summaries", "choice", "batch", "split", "extra"]
+STANDARD_COLUMNS = ["prompt", "chosen", "rejected"]
+SFT_COLUMNS = ["id", "subreddit", "title", "post", "summary"]
+
+
+def validate_args(args):
+    """Fail on a bad argument before any data or model is loaded, naming the argument."""
+    for name in ["query_length", "response_length", "eval_response_length", "batch_size", "local_micro_batch_size",
+                 "local_eval_batch_size"]:
+        if getattr(args, name) <= 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if args.beta <= 0:
+        raise ValueError(f"--beta must be positive, got {args.beta}")
+    if args.loss_type == "label_smoothing" and not 0 < args.label_smoothing < 0.5:
+        raise ValueError(f"--loss-type label_smoothing needs --label-smoothing in (0, 0.5), got {args.label_smoothing}")
+    if args.loss_type != "label_smoothing" and args.label_smoothing != 0:
+        raise ValueError(f"--label-smoothing {args.label_smoothing} is read only by --loss-type label_smoothing; "
+                         f"with --loss-type {args.loss_type} it would be ignored")
+    if args.total_episodes is not None and args.total_episodes < args.batch_size:
+        raise ValueError(f"--total-episodes {args.total_episodes} is smaller than one --batch-size {args.batch_size}")
+    if args.num_eval_samples is not None and args.num_eval_samples <= 0:
+        raise ValueError(f"--num-eval-samples must be positive or None, got {args.num_eval_samples}")
+    for arg, path in [("--sft-model-path", args.sft_model_path), ("--label-dataset", args.label_dataset),
+                      ("--query-dataset", args.query_dataset)]:
+        if path.startswith(("/", ".")) and not os.path.exists(path):
+            raise ValueError(f"{arg} {path}: no such file or folder")
+
+
+def preference_format(dataset, arg="--label-dataset"):
+    """'openai' (raw summarize_from_feedback columns) or 'standard' (prompt/chosen/rejected strings)."""
+    if all(c in dataset.column_names for c in STANDARD_COLUMNS):
+        return "standard"
+    check_columns(dataset, OPENAI_COLUMNS, f"{arg} (or the standard format: columns {STANDARD_COLUMNS})")
+    return "openai"
+
+
+def tokenize_pair(tokenizer, row, query_length, data_format, fallback_id):
+    """Token ids and texts of one preference pair. A response is its text's tokens + EOS [D5] (OpenAI texts already
+    begin with a space); the query is the TL;DR format cut to query_length [D2.2], or the standard format's prompt
+    as is (possibly too long: the caller drops it); `fallback_id` names a standard-format row without an id."""
+    if data_format == "openai":
+        query_token = tokenize_query(tokenizer, row["info"], query_length)
+        chosen, rejected = row["summaries"][row["choice"]]["text"], row["summaries"][1 - row["choice"]]["text"]
+        extra = row["extra"] or {}
+        meta = dict(id=row["info"]["id"], split=row["split"], batch=row["batch"], confidence=extra.get("confidence"))
+    else:
+        query_token = tokenizer.encode(row["prompt"])
+        chosen, rejected = row["chosen"], row["rejected"]
+        meta = dict(id=str(row["id"]) if "id" in row else fallback_id, split=None, batch=None, confidence=None)
+    eos = [tokenizer.eos_token_id]
+    return dict(query_token=query_token,
+                chosen_token=tokenizer.encode(chosen, add_special_tokens=False) + eos,
+                rejected_token=tokenizer.encode(rejected, add_special_tokens=False) + eos,
+                query=tokenizer.decode(query_token), chosen=chosen, rejected=rejected, **meta)
+
+
+def build_sequences(query_tokens, response_tokens, length, pad_token_id):
+    """Query + response right-padded to `length` (B, T), and each query's length (B,) for the response mask."""
+    rows = [right_pad(q + r, length, pad_token_id) for q, r in zip(query_tokens, response_tokens)]
+    assert all(len(row) == length for row in rows), f"a query + response exceeds {length} tokens"
+    return torch.tensor(rows), torch.tensor([len(q) for q in query_tokens])
+
+
+def response_mask(query_responses, query_lengths, pad_token_id):
+    """(B, T) bool: True on response tokens including the EOS, False on the query and on the right padding."""
+    positions = torch.arange(query_responses.size(1), device=query_responses.device).unsqueeze(0)  # (1, T)
+    return (positions >= query_lengths.unsqueeze(1)) & (query_responses != pad_token_id)
+
+
+def sequence_logprobs(logits, query_responses, mask):
+    """Sum over the masked tokens of log pi(token | prefix) (B,): the logits at t predict the token at t + 1."""
+    logprobs = F.log_softmax(logits[:, :-1].float(), dim=-1)  # (B, T-1, V)
+    token_logprobs = torch.gather(logprobs, 2, query_responses[:, 1:].unsqueeze(-1)).squeeze(-1)  # (B, T-1)
+    return (token_logprobs * mask[:, 1:]).sum(1)  # (B,)
+
+
+def concatenated_logprobs(model, chosen, rejected, query_lengths, pad_token_id):
+    """Sequence log-probs of chosen and rejected (B,), (B,) from one forward pass over the 2B sequences."""
+    query_responses = torch.cat([chosen, rejected])  # (2B, T)
+    mask = response_mask(query_responses, query_lengths.repeat(2), pad_token_id)  # (2B, T)
+    logps = sequence_logprobs(forward(model, query_responses, pad_token_id).logits, query_responses, mask)  # (2B,)
+    return logps[: chosen.size(0)], logps[chosen.size(0):]
+
+
+def dpo_loss(pi_chosen, pi_rejected, ref_chosen, ref_rejected, beta, loss_type, label_smoothing):
+    """Loss averaged over the batch (the reference forgot the mean) and the implicit rewards beta * (pi - ref)."""
+    h = (pi_chosen - pi_rejected) - (ref_chosen - ref_rejected)  # (B,) the reference's `logits`
+    if loss_type == "sigmoid":
+        losses = -F.logsigmoid(beta * h)  # DPO, Rafailov et al. 2023, eq. 7
+    elif loss_type == "ipo":
+        losses = (h - 1 / (2 * beta)) ** 2  # IPO, Azar et al. 2023, eq. 17 (tau = beta)
+    elif loss_type == "label_smoothing":  # conservative DPO, Mitchell 2023: labels flipped with prob label_smoothing
+        losses = -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
+    else:
+        raise ValueError(f"--loss-type must be sigmoid, ipo or label_smoothing, got {loss_type!r}")
+    loss = losses.mean()
+    chosen_rewards = beta * (pi_chosen - ref_chosen).detach()  # (B,)
+    rejected_rewards = beta * (pi_rejected - ref_rejected).detach()  # (B,)
+    return loss, chosen_rewards, rejected_rewards
+
+
+def preference_accuracy(chosen_rewards, rejected_rewards):
+    """Per pair: 1 if the chosen response has the higher implicit reward, 0 if lower, 0.5 on an exact tie (deviation:
+    the reference counts ties as 0, which reads 0 instead of chance when the policy equals the reference)."""
+    return (chosen_rewards > rejected_rewards).float() + 0.5 * (chosen_rewards == rejected_rewards).float()
+
+
+def rank_batches(perm, batch_size, rank, world_size):
+    """This process's slice of every global batch: the shared permutation is cut into batches of batch_size pairs
+    (a last incomplete batch is left out), each split into world_size disjoint contiguous slices."""
+    local = exact_div(batch_size, world_size, "--batch-size over the number of processes")
+    return [perm[start + rank * local: start + (rank + 1) * local].tolist()
+            for start in range(0, len(perm) - batch_size + 1, batch_size)]
+
+
+def chunks(items, size):
+    return [items[i: i + size] for i in range(0, len(items), size)]
+
+
+def gather_rows(rows, world_size):
+    """Concatenate every process's list of rows, in rank order (each rank holds a contiguous shard)."""
+    if world_size == 1:
+        return rows
+    gathered = [None] * world_size
+    dist.all_gather_object(gathered, rows)
+    return [row for part in gathered for row in part]
+
+
+def accuracy_breakdown(rows, prefix):
+    """Accuracy overall and per labelling split, batch and labeller confidence, as reward_model.py reports it."""
+    metrics = {f"{prefix}/accuracy": sum(r["accuracy"] for r in rows) / len(rows),
+               f"{prefix}/reward_margin": sum(r["reward_chosen"] - r["reward_rejected"] for r in rows) / len(rows)}
+    for key in ["split", "batch", "confidence"]:
+        for value in sorted({r[key] for r in rows if r[key] is not None}, key=str):
+            group = [r["accuracy"] for r in rows if r[key] == value]
+            metrics[f"{prefix}/accuracy/{key}/{value}"] = sum(group) / len(group)
+    return metrics
+
+
+if __name__ == "__main__":
+    args = tyro.cli(Args)
+    rank, world_size, device = init_distributed()
+    validate_args(args)
+    grad_accum = exact_div(args.batch_size, args.local_micro_batch_size * world_size,
+                           "--batch-size over --local-micro-batch-size x number of processes")
+    label_datasets = load_dataset(args.label_dataset)
+    if "train" not in label_datasets:
+        raise ValueError(f"--label-dataset {args.label_dataset}: no 'train' split (has {list(label_datasets)})")
+    data_format = preference_format(label_datasets["train"])
+    if args.run_eval:
+        query_dataset = load_dataset(args.query_dataset, split="validation")
+        check_columns(query_dataset, SFT_COLUMNS, "--query-dataset")
+        if args.num_eval_samples is not None:
+            query_dataset = query_dataset.select(range(min(args.num_eval_samples, len(query_dataset))))
+    tokenizer = load_tokenizer(args.sft_model_path)
+    pad_token_id, eos_token_id = tokenizer.pad_token_id, tokenizer.eos_token_id
+    sequence_length = args.query_length + args.response_length  # the longest query + response [D5]
+
+    def prepare(split):
+        """Tokenised pairs of one split; pairs with a response over response_length (or a standard-format prompt
+        over query_length) are dropped as the reference's preprocessing does, and counted."""
+        dataset = label_datasets[split]
+        tokenized = dataset.map(
+            lambda row, i: tokenize_pair(tokenizer, row, args.query_length, data_format, f"{split}-{i}"),
+            with_indices=True, remove_columns=dataset.column_names, keep_in_memory=True)
+        kept = tokenized.filter(lambda r: len(r["query_token"]) <= args.query_length
+                                and max(len(r["chosen_token"]), len(r["rejected_token"])) <= args.response_length,
+                                keep_in_memory=True)
+        if rank == 0:
+            print(f"--label-dataset split {split}: kept {len(kept)} of {len(dataset)} pairs "
+                  f"({len(dataset) - len(kept)} dropped: a response over --response-length {args.response_length} "
+                  f"tokens incl. EOS or a query over --query-length {args.query_length})", flush=True)
+        return kept
+
+    train_dataset = prepare("train")
+    eval_splits = {split: prepare(split) for split in label_datasets if split != "train"} if args.run_eval else {}
+    num_pairs = len(train_dataset) if args.total_episodes is None else args.total_episodes
+    if num_pairs > len(train_dataset):
+        raise ValueError(f"--total-episodes {args.total_episodes} exceeds the {len(train_dataset)} training pairs kept")
+    num_updates = num_pairs // args.batch_size
+    if num_updates == 0:
+        raise ValueError(f"{len(train_dataset)} training pairs do not fill one --batch-size {args.batch_size}")
+
+    run_name = f"{args.exp_name}__{args.seed}__{int(time.time())}"
+    output_dir = args.output_dir or os.path.join("runs", run_name)
+    seed_everything(args.seed + rank * 100003)
+    logger = Logger(args, run_name, output_dir, rank)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16 and device.type == "cuda")
+
+    # One shared shuffle across processes (deviation: the reference shuffled with each rank's seed, so shards
+    # overlapped); the first num_pairs pairs of it train, one epoch.
+    perm = torch.randperm(len(train_dataset), generator=torch.Generator().manual_seed(args.seed))[:num_pairs]
+    local_batches = rank_batches(perm, args.batch_size, rank, world_size)  # num_updates x (batch_size / world_size)
+    local_indices = [i for batch in local_batches for i in batch]
+    print(f"[rank {rank}] trains on {len(local_indices)} pairs in {num_updates} updates "
+          f"({num_pairs - num_updates * args.batch_size} pairs left over); first pair indices {local_indices[:8]}",
+          flush=True)
+
+    def collate(dataset, indices):
+        """chosen, rejected (B, T) and the query lengths (B,) of the pairs at `indices`. Right-padded to the longest
+        query + response of the micro-batch (at most query_length + response_length): under causal attention the
+        trailing all-pad columns change nothing and only cost time."""
+        rows = dataset[indices]
+        length = max(len(q) + max(len(c), len(r)) for q, c, r in
+                     zip(rows["query_token"], rows["chosen_token"], rows["rejected_token"]))
+        assert length <= sequence_length, (length, sequence_length)
+        chosen, query_lengths = build_sequences(rows["query_token"], rows["chosen_token"], length, pad_token_id)
+        rejected, _ = build_sequences(rows["query_token"], rows["rejected_token"], length, pad_token_id)
+        return chosen.to(device), rejected.to(device), query_lengths.to(device), rows
+
+    def eval_shard(dataset):
+        """This process's contiguous shard of an evaluation set's indices."""
+        return torch.arange(len(dataset)).tensor_split(world_size)[rank].tolist()
+
+    # Policy and frozen reference, both from the SFT checkpoint, dropout off [D7].
+    policy = load_policy(args.sft_model_path, tokenizer, device)
+    policy.train()
+    ref_model = load_policy(args.sft_model_path, tokenizer, device)
+    ref_model.eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def reference_logprobs(dataset, indices):
+        chosen, rejected, query_lengths, _ = collate(dataset, indices)
+        with autocast:
+            ref_chosen, ref_rejected = concatenated_logprobs(ref_model, chosen, rejected, query_lengths, pad_token_id)
+        return ref_chosen.float(), ref_rejected.float()
+
+    precomputed = {}  # (split, dataset index) -> (ref_chosen, ref_rejected), filled only with --precompute-ref-logprobs
+    if args.precompute_ref_logprobs:
+        # The same micro-batches as training, so the numbers match the on-the-fly ones; then free the reference.
+        jobs = [("train", train_dataset, micro) for batch in local_batches
+                for micro in chunks(batch, args.local_micro_batch_size)]
+        jobs += [(split, ds, micro) for split, ds in eval_splits.items()
+                 for micro in chunks(eval_shard(ds), args.local_eval_batch_size)]
+        start_time = time.time()
+        for step, (split, dataset, micro) in enumerate(jobs, 1):
+            ref_chosen, ref_rejected = reference_logprobs(dataset, micro)
+            precomputed.update({(split, i): (c, r) for i, c, r in zip(micro, ref_chosen, ref_rejected)})
+            if rank == 0 and (step % 50 == 0 or step == len(jobs)):
+                progress("dpo: reference log-probs", step, len(jobs), start_time)
+        del ref_model
+        ref_model = None
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def get_reference(split, dataset, indices):
+        if ref_model is None:
+            ref = [precomputed[(split, i)] for i in indices]
+            return torch.stack([c for c, _ in ref]), torch.stack([r for _, r in ref])
+        return reference_logprobs(dataset, indices)
+
+    model = DDP(policy, device_ids=[device.index] if device.type == "cuda" else None) if world_size > 1 else policy
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=args.lr, eps=args.eps)  # weight decay 0.01 (torch default)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(  # cosine to 0 over the updates, no warm-up
+        optimizer, lambda update: 0.5 * (1.0 + math.cos(math.pi * update / num_updates)))
+
+    start_time = time.time()
+    for update, local_batch in enumerate(local_batches, 1):
+        micro_batches = chunks(local_batch, args.local_micro_batch_size)
+        assert len(micro_batches) == grad_accum, (len(micro_batches), grad_accum)
+        stats = torch.zeros(7, device=device)
+        for micro_step, micro in enumerate(micro_batches, 1):
+            chosen, rejected, query_lengths, _ = collate(train_dataset, micro)  # (b, T), (b, T), (b,)
+            ref_chosen, ref_rejected = get_reference("train", train_dataset, micro)  # (b,), (b,)
+            sync = micro_step == grad_accum or world_size == 1
+            with (contextlib.nullcontext() if sync else model.no_sync()), autocast:
+                pi_chosen, pi_rejected = concatenated_logprobs(model, chosen, rejected, query_lengths, pad_token_id)
+                loss, chosen_rewards, rejected_rewards = dpo_loss(pi_chosen, pi_rejected, ref_chosen, ref_rejected,
+                                                                  args.beta, args.loss_type, args.label_smoothing)
+                assert loss.dim() == 0, f"the loss must be a scalar, got shape {tuple(loss.shape)}"
+                (loss / grad_accum).backward()  # gradients averaged over micro-batches (and over ranks by DDP)
+            accuracy = preference_accuracy(chosen_rewards, rejected_rewards)
+            stats += torch.stack([loss.detach(), accuracy.mean(), chosen_rewards.mean(), rejected_rewards.mean(),
+                                  (chosen_rewards - rejected_rewards).mean(), pi_chosen.detach().mean(),
+                                  pi_rejected.detach().mean()]).float() / grad_accum
+        lr = scheduler.get_last_lr()[0]
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+
+        if world_size > 1:
+            dist.all_reduce(stats)
+            stats /= world_size
+        stats = stats.tolist()
+        metrics = {"train/loss": stats[0], "train/accuracy": stats[1], "train/reward_preferred": stats[2],
+                   "train/reward_rejected": stats[3], "train/reward_margin": stats[4], "train/lr": lr,
+                   "train/logps_chosen": stats[5], "train/logps_rejected": stats[6],
+                   "train/episode": update * args.batch_size}
+        logger.log(metrics, step=update)
+        if rank == 0:
+            progress("dpo", update, num_updates, start_time, loss=stats[0], accuracy=stats[1], margin=stats[4], lr=lr)
+
+    if rank == 0:
+        policy.save_pretrained(output_dir)
+        tokenizer.save_pretrained(output_dir)
+        print(f"saved the policy and tokenizer to {output_dir}", flush=True)
+
+    if args.run_eval:
+        policy.eval()
+        # 1. Implicit-reward accuracy on the preference validation splits, by split, batch and confidence.
+        for split, dataset in eval_splits.items():
+            rows = []
+            for micro in chunks(eval_shard(dataset), args.local_eval_batch_size):
+                chosen, rejected, query_lengths, data = collate(dataset, micro)
+                ref_chosen, ref_rejected = get_reference(split, dataset, micro)
+                with torch.no_grad(), autocast:
+                    pi_chosen, pi_rejected = concatenated_logprobs(policy, chosen, rejected, query_lengths, pad_token_id)
+                _, chosen_rewards, rejected_rewards = dpo_loss(pi_chosen.float(), pi_rejected.float(), ref_chosen,
+                                                               ref_rejected, args.beta, args.loss_type,
+                                                               args.label_smoothing)
+                accuracy = preference_accuracy(chosen_rewards, rejected_rewards)
+                for j in range(len(micro)):
+                    rows.append(dict(id=data["id"][j], query=data["query"][j], chosen=data["chosen"][j],
+                                     rejected=data["rejected"][j], reward_chosen=chosen_rewards[j].item(),
+                                     reward_rejected=rejected_rewards[j].item(), accuracy=accuracy[j].item(),
+                                     split=data["split"][j], batch=data["batch"][j],
+                                     confidence=data["confidence"][j]))
+            rows = gather_rows(rows, world_size)
+            if rank == 0 and rows:
+                metrics = accuracy_breakdown(rows, f"eval/{split}")
+                logger.log(metrics, step=num_updates)
+                logger.table(f"eval_{split}", [{k: v for k, v in r.items() if k != "accuracy"} for r in rows],
+                             output_dir)
+                print(f"eval/{split}: accuracy {metrics[f'eval/{split}/accuracy']:.4f} on {len(rows)} pairs", flush=True)
+
+        # 2. Generations on the SFT validation posts: eval_response_length tokens at temperature 0.01, cut at EOS.
+        rows = []
+        shard = eval_shard(query_dataset)
+        for micro in chunks(shard, args.local_eval_batch_size):
+            data = query_dataset[micro]
+            infos = [{k: data[k][j] for k in SFT_COLUMNS} for j in range(len(micro))]
+            query_tokens = [tokenize_query(tokenizer, info, args.query_length) for info in infos]
+            queries = torch.tensor([left_pad(q, args.query_length, pad_token_id) for q in query_tokens], device=device)
+            with autocast:
+                query_responses, _ = generate(policy, queries, pad_token_id, args.eval_response_length, 0.01)
+            responses = truncate_response(eos_token_id, pad_token_id, query_responses[:, args.query_length:])  # (b, R)
+            has_eos = (responses == eos_token_id).any(1)
+            response_tokens = torch.clamp(first_true_indices(responses == eos_token_id) + 1, max=responses.size(1))
+            for j, info in enumerate(infos):
+                rows.append(dict(id=info["id"], query=tokenizer.decode(query_tokens[j]),
+                                 response=tokenizer.decode(responses[j], skip_special_tokens=True),
+                                 reference=info["summary"], has_eos=bool(has_eos[j]),
+                                 response_tokens=int(response_tokens[j])))
+        rows = gather_rows(rows, world_size)
+        if rank == 0 and rows:
+            logger.log({"eval/generations/has_eos": sum(r["has_eos"] for r in rows) / len(rows),
+                        "eval/generations/response_tokens": sum(r["response_tokens"] for r in rows) / len(rows)},
+                       step=num_updates)
+            logger.table("eval_generations", rows, output_dir)
+            print(f"eval_generations: {len(rows)} posts, "
+                  f"{sum(r['has_eos'] for r in rows)} ended with EOS", flush=True)
+
+    if world_size > 1:
+        dist.destroy_process_group()
