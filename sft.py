@@ -1,3 +1,497 @@
-"""sft.py: not implemented yet (see the open issue for it). This file is a placeholder and trains nothing."""
+# See README.md "sft.py" for what this script implements, its tests and its benchmark numbers.
+"""Supervised fine-tuning on TL;DR: next-token cross-entropy on query + reference summary [D9].
 
-raise SystemExit("sft.py is not implemented yet")
+Single GPU (hub defaults: Pythia-1B on vwxyzjn/summarize_from_feedback_tldr_3_filtered, batch 128, one epoch):
+
+    python sft.py --output-dir models/sft_pythia-1b
+
+Multi-GPU (batch 128 stays global: 8 GPUs x micro-batch 16 x 1 accumulation step):
+
+    torchrun --nproc-per-node 8 sft.py --output-dir models/sft_pythia-1b --track
+
+Offline tiny world (CPU, a random-init model, so a high learning rate and several epochs):
+
+    python benchmark/offline_world.py --out-dir /tmp/world --size tiny
+    HF_HUB_OFFLINE=1 python sft.py --base-model /tmp/world/base_model --query-dataset /tmp/world/tldr_sft \
+        --query-length 128 --batch-size 32 --local-micro-batch-size 16 --lr 3e-3 --num-train-epochs 4 \
+        --num-eval-samples 32 --output-dir /tmp/world/sft
+"""
+
+import json
+import math
+import os
+import random
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+import tyro
+from datasets import load_dataset
+from torch.nn.parallel import DistributedDataParallel as DDP
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+
+@dataclass
+class Args:
+    # ---- common block: identical names, order, defaults and docstrings in all four scripts ----
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """name of the experiment; the run is named {exp_name}__{seed}__{unix time}"""
+    seed: int = 1
+    """seed of the experiment; each process uses seed + rank * 100003"""
+    track: bool = False
+    """log to Weights & Biases (metrics.jsonl in the output folder is written either way)"""
+    wandb_project_name: str = "tldr_rlhf"
+    """Weights & Biases project"""
+    wandb_entity: Optional[str] = None
+    """Weights & Biases entity (team); None uses your default"""
+    output_dir: Optional[str] = None
+    """folder for the saved model, tokenizer, metrics.jsonl and evaluation tables (default: runs/{run name})"""
+    run_eval: bool = True
+    """evaluate after training and save the evaluation tables"""
+    bf16: bool = True
+    """bf16 autocast on CUDA (weights stay fp32); runs on CPU are always fp32"""
+    # ---- end of the common block; then the script's model/data paths, lengths, batch sizes, optimiser, algorithm ----
+    base_model: str = "EleutherAI/pythia-1b-deduped"
+    """pretrained causal LM to fine-tune (hub id or local folder); its tokenizer gets a [PAD] token"""
+    query_dataset: str = "vwxyzjn/summarize_from_feedback_tldr_3_filtered"
+    """SFT dataset (hub id or local folder): TL;DR columns id, subreddit, title, post, summary, or prompt/completion
+    columns; splits train (trained on) and validation / test (evaluated)"""
+    query_length: int = 512
+    """maximum query length in tokens; longer TL;DR posts are cut at newlines [D2.2], longer prompts are an error"""
+    response_length: int = 53
+    """maximum response length in tokens, EOS included (longer references are dropped); also the number of
+    tokens generated at evaluation"""
+    total_episodes: Optional[int] = None
+    """number of training sequences (rounded down to whole batches); None = num_train_epochs passes over train"""
+    num_train_epochs: int = 1
+    """passes over the train split (reshuffled each epoch with seed + epoch)"""
+    batch_size: int = 128
+    """sequences per optimizer update, over all processes (independent of the number of devices)"""
+    local_micro_batch_size: int = 16
+    """sequences per process per forward/backward; accumulation = batch_size / (micro x number of processes)"""
+    local_eval_batch_size: int = 16
+    """sequences per process per evaluation forward (loss and generation)"""
+    lr: float = 3e-6
+    """AdamW learning rate at the first update; decays to 0 along a cosine, no warm-up"""
+    eps: float = 1e-5
+    """AdamW epsilon"""
+    num_eval_samples: Optional[int] = None
+    """evaluate on the first N rows (sequences) of validation and of test; None = the whole splits"""
+
+
+# -------------------------------------------------------- common helpers (copied verbatim) ---------------------
+def exact_div(a, b, what):
+    """a / b as an int; fails loudly, naming the quantities, when b does not divide a."""
+    if b <= 0 or a % b != 0:
+        raise ValueError(f"{what}: {a} is not divisible by {b}")
+    return a // b
+
+
+def init_distributed():
+    """(rank, world_size, device). A process group only under torchrun (WORLD_SIZE > 1): nccl on CUDA, gloo on CPU."""
+    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    if world_size > 1:
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world_size, device
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+
+
+def load_tokenizer(path):
+    """Tokenizer with a dedicated [PAD] token: EOS as pad would teach the policy never to stop."""
+    tokenizer = AutoTokenizer.from_pretrained(path, padding_side="right")
+    if tokenizer.eos_token_id is None:
+        raise ValueError(f"the tokenizer of {path} has no EOS token; responses must end with one [D3]")
+    tokenizer.add_special_tokens({"pad_token": "[PAD]"})  # Pythia: new id 50277, inside the 50304 embedding rows
+    return tokenizer
+
+
+def load_policy(path, tokenizer, device):
+    """A causal LM with dropout disabled [D7]; embeddings grow only if the tokenizer outgrew them."""
+    config = AutoConfig.from_pretrained(path)
+    for key in [k for k in config.to_dict() if "dropout" in k and isinstance(getattr(config, k), float)]:
+        setattr(config, key, 0.0)  # [D7]
+    model = AutoModelForCausalLM.from_pretrained(path, config=config)
+    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+        model.resize_token_embeddings(len(tokenizer))  # only for models without spare rows (Pythia has them)
+    return model.to(device)
+
+
+def format_query(info):
+    """The TL;DR query format; no space after "TL;DR:" [D2]."""
+    return f"SUBREDDIT: r/{info['subreddit']}\n\nTITLE: {info['title']}\n\nPOST: {info['post']}\n\nTL;DR:"
+
+
+def tokenize_query(tokenizer, info, query_length):
+    """Token ids of the formatted query; while too long, cut the post at its last newline (or drop its last
+    character if it has none) and re-tokenise [D2.2]. Not padded."""
+    info = dict(info)
+    tokens = tokenizer.encode(format_query(info))
+    while len(tokens) > query_length:
+        if not info["post"]:
+            raise ValueError(f"--query-length {query_length} is too short to hold the query format even with an "
+                             f"empty post (title {info['title']!r} needs {len(tokens)} tokens)")
+        cut = info["post"].rfind("\n")
+        info["post"] = info["post"][:cut] if cut != -1 else info["post"][:-1]
+        tokens = tokenizer.encode(format_query(info))
+    return tokens
+
+
+def left_pad(tokens, length, pad_token_id):
+    return [pad_token_id] * (length - len(tokens)) + tokens
+
+
+def right_pad(tokens, length, pad_token_id):
+    return tokens + [pad_token_id] * (length - len(tokens))
+
+
+def check_columns(dataset, columns, arg):
+    """Fail before any training when a dataset lacks the columns this script needs."""
+    missing = [c for c in columns if c not in dataset.column_names]
+    if missing:
+        raise ValueError(f"{arg}: the dataset lacks the column(s) {missing}; it has {dataset.column_names}")
+
+
+def first_true_indices(bools, dtype=torch.long):
+    """Index of the first True in each row of a (B, T) bool tensor; T where a row has none."""
+    row_len = bools.size(-1)
+    zero_or_index = row_len * (~bools).type(dtype) + torch.arange(row_len, dtype=dtype, device=bools.device)
+    return torch.min(zero_or_index, dim=-1).values
+
+
+def truncate_response(stop_token_id, pad_token_id, responses):
+    """Everything after the first EOS becomes pad; the EOS itself is kept [D23.2]."""
+    trunc_idxs = first_true_indices(responses == stop_token_id).unsqueeze(-1)  # (B, 1)
+    idxs = torch.arange(responses.size(1), device=responses.device).view(1, -1)  # (1, T)
+    return torch.masked_fill(responses, idxs > trunc_idxs, pad_token_id)
+
+
+def forward(model, query_responses, pad_token_id):
+    """Causal-LM forward on left/right-padded ids, position ids from the attention mask (deviation: the reference
+    passed none; with absolute positions that is a bug, with rotary a numerical difference)."""
+    attention_mask = query_responses != pad_token_id
+    position_ids = attention_mask.cumsum(1) - attention_mask.long()
+    input_ids = torch.masked_fill(query_responses, ~attention_mask, 0)
+    return model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+
+
+@torch.no_grad()
+def generate(model, queries, pad_token_id, response_length, temperature):
+    """Sample exactly `response_length` tokens at `temperature` with a KV cache; EOS does not stop sampling [D23.1].
+    Returns query_responses (B, Q + R) and the sampling logits already divided by the temperature (B, R, V)."""
+    attention_mask = (queries != pad_token_id).long()
+    position_ids = attention_mask.cumsum(1) - attention_mask
+    input_ids = torch.masked_fill(queries, queries == pad_token_id, 0)
+    output = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True)
+    tokens, all_logits = [], []
+    for _ in range(response_length):
+        logits = output.logits[:, -1, :].float() / (temperature + 1e-7)  # (B, V)
+        token = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)  # (B, 1)
+        tokens.append(token)
+        all_logits.append(logits)
+        attention_mask = torch.cat([attention_mask, torch.ones_like(token)], dim=1)
+        position_ids = position_ids[:, -1:] + 1
+        output = model(input_ids=token, attention_mask=attention_mask, position_ids=position_ids,
+                       past_key_values=output.past_key_values, use_cache=True)
+    return torch.cat([queries] + tokens, dim=1), torch.stack(all_logits, dim=1)
+
+
+class Logger:
+    """metrics.jsonl in the output folder always; Weights & Biases under --track. Only rank 0 writes."""
+
+    def __init__(self, args, run_name, output_dir, rank):
+        self.rank, self.wandb = rank, None
+        if rank != 0:
+            return
+        os.makedirs(output_dir, exist_ok=True)
+        self.file = open(os.path.join(output_dir, "metrics.jsonl"), "a")
+        if args.track:
+            import wandb  # imported lazily: only --track needs it
+
+            self.wandb = wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, name=run_name,
+                                    config=asdict(args), save_code=True)
+
+    def log(self, metrics, step):
+        if self.rank != 0:
+            return
+        self.file.write(json.dumps({"step": step, **metrics}) + "\n")
+        self.file.flush()
+        if self.wandb is not None:
+            self.wandb.log(metrics, step=step)
+
+    def table(self, name, rows, output_dir):
+        """Save rows (a list of dicts) as {output_dir}/{name}.jsonl and, under --track, as a wandb table."""
+        if self.rank != 0 or not rows:
+            return
+        with open(os.path.join(output_dir, f"{name}.jsonl"), "w") as f:
+            for row in rows:
+                f.write(json.dumps(row) + "\n")
+        if self.wandb is not None:
+            import wandb
+
+            self.wandb.log({name: wandb.Table(columns=list(rows[0]), data=[list(r.values()) for r in rows])})
+
+
+def progress(prefix, step, total, start_time, **values):
+    """One progress line: step, values, steps/s and ETA."""
+    elapsed = time.time() - start_time
+    eta = elapsed / max(step, 1) * (total - step)
+    shown = " | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in values.items())
+    print(f"[{prefix}] {step}/{total} | {shown} | {step / max(elapsed, 1e-9):.2f} it/s | "
+          f"ETA {time.strftime('%H:%M:%S', time.gmtime(eta))}", flush=True)
+
+
+# -------------------------------------------------------- SFT helpers -------------------------------------------
+TLDR_COLUMNS = ["id", "subreddit", "title", "post", "summary"]
+PROMPT_COMPLETION_COLUMNS = ["prompt", "completion"]
+EVAL_SPLITS = {"validation": ("val/loss", "eval/"), "test": ("test/loss", "test/")}  # split -> loss, ROUGE names
+
+
+def check_args(args, world_size):
+    """Every numeric argument checked before anything loads; returns the gradient accumulation steps."""
+    for name in ["query_length", "response_length", "num_train_epochs", "local_eval_batch_size"]:
+        if getattr(args, name) <= 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    for name in ["total_episodes", "num_eval_samples"]:
+        if getattr(args, name) is not None and getattr(args, name) <= 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be positive (or None), got {getattr(args, name)}")
+    return exact_div(args.batch_size, args.local_micro_batch_size * world_size,
+                     f"--batch-size / (--local-micro-batch-size {args.local_micro_batch_size} x {world_size} processes)")
+
+
+def check_local_path(path, arg):
+    """A path that looks local must be an existing folder; a hub id is left to transformers / datasets."""
+    if (path.startswith(("/", ".")) or os.path.exists(path)) and not os.path.isdir(path):
+        raise ValueError(f"{arg}: {path!r} is not an existing folder (give a local folder or a hub id)")
+
+
+def tokenize_example(tokenizer, row, query_length, prompt_completion):
+    """(query tokens, response tokens) of one row. TL;DR: the formatted, newline-truncated query [D2.2] and
+    " " + summary + EOS [D3]. prompt/completion: both as given (the prompt never clipped), completion + EOS."""
+    if not prompt_completion:
+        return (tokenize_query(tokenizer, row, query_length),
+                tokenizer.encode(" " + row["summary"]) + [tokenizer.eos_token_id])  # [D3]
+    query = tokenizer.encode(row["prompt"])
+    if len(query) > query_length:
+        raise ValueError(f"--query-length {query_length}: a prompt has {len(query)} tokens (prompts are used as "
+                         f"given, never clipped): {row['prompt'][:80]!r}...")
+    return query, tokenizer.encode(row["completion"]) + [tokenizer.eos_token_id]
+
+
+def sft_loss(logits, query_responses, pad_token_id):
+    """Next-token cross-entropy summed over every non-pad target of query + response (not completion-only) [D9].
+    Returns (sum of the losses, number of targets)."""
+    labels = query_responses.masked_fill(query_responses == pad_token_id, -100)  # (B, T); pad ignored [D9]
+    shift_logits, shift_labels = logits[:, :-1, :].float(), labels[:, 1:]  # predict token t+1 from tokens <= t
+    loss_sum = F.cross_entropy(shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1),
+                               ignore_index=-100, reduction="sum")
+    return loss_sum, (shift_labels != -100).sum()
+
+
+def rank_batch_indices(num_examples, batch_size, update, rank, world_size, seed):
+    """This rank's rows for `update` (0-based): one shuffle shared by all ranks, reshuffled each epoch with
+    seed + epoch; each global batch cut into world_size disjoint contiguous slices; the last partial batch of an
+    epoch is dropped (as the reference's 911 = floor(116,722 / 128) updates)."""
+    epoch, i = divmod(update, num_examples // batch_size)
+    perm = torch.randperm(num_examples, generator=torch.Generator().manual_seed(seed + epoch))
+    per_rank = batch_size // world_size
+    return perm[i * batch_size + rank * per_rank: i * batch_size + (rank + 1) * per_rank].tolist()
+
+
+def ngrams(tokens, n):
+    counts = {}
+    for i in range(len(tokens) - n + 1):
+        counts[tuple(tokens[i:i + n])] = counts.get(tuple(tokens[i:i + n]), 0) + 1
+    return counts
+
+
+def f_measure(matches, num_prediction, num_reference):
+    if matches == 0:
+        return 0.0
+    precision, recall = matches / num_prediction, matches / num_reference
+    return 2 * precision * recall / (precision + recall)
+
+
+def lcs_length(a, b):
+    """Length of the longest common subsequence of two token lists (dynamic programme, one row at a time)."""
+    previous = [0] * (len(b) + 1)
+    for x in a:
+        current = [0]
+        for j, y in enumerate(b):
+            current.append(previous[j] + 1 if x == y else max(previous[j + 1], current[j]))
+        previous = current
+    return previous[-1]
+
+
+def rouge(prediction, reference):
+    """ROUGE-1, ROUGE-2 and ROUGE-L F-measures of one prediction, on lowercased whitespace tokens."""
+    p, r = prediction.lower().split(), reference.lower().split()
+    scores = {}
+    for n in (1, 2):
+        p_ngrams, r_ngrams = ngrams(p, n), ngrams(r, n)
+        matches = sum(min(count, r_ngrams.get(gram, 0)) for gram, count in p_ngrams.items())
+        scores[f"rouge{n}"] = f_measure(matches, sum(p_ngrams.values()), sum(r_ngrams.values()))
+    scores["rougeL"] = f_measure(lcs_length(p, r), len(p), len(r))
+    return scores
+
+
+def gather_rows(rows, world_size):
+    """All ranks' lists of rows, concatenated (every rank calls this; a no-op without a process group)."""
+    if world_size == 1:
+        return rows
+    gathered = [None] * world_size
+    dist.all_gather_object(gathered, rows)
+    return [row for part in gathered for row in part]
+
+
+@torch.no_grad()
+def evaluate(model, examples, tokenizer, args, device, rank, world_size):
+    """Loss over every non-pad token [D9] and generations of exactly response_length tokens at temperature 0.01,
+    cut after the first EOS [D23.2]; each rank takes one contiguous shard. Returns (loss, rows in dataset order)."""
+    pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
+    shard = math.ceil(len(examples) / world_size)
+    local = examples[rank * shard:(rank + 1) * shard]
+    loss_stats = torch.zeros(2, device=device)  # sum of token losses, number of tokens
+    rows = []
+    for start in range(0, len(local), args.local_eval_batch_size):
+        batch = local[start:start + args.local_eval_batch_size]
+        query_responses = torch.tensor([right_pad(e["query"] + e["response"], args.query_length + args.response_length,
+                                                  pad) for e in batch], device=device)  # (B, Q + R)
+        queries = torch.tensor([left_pad(e["query"], args.query_length, pad) for e in batch], device=device)  # (B, Q)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16 and device.type == "cuda"):
+            loss_sum, num_tokens = sft_loss(forward(model, query_responses, pad).logits, query_responses, pad)
+            generated, _ = generate(model, queries, pad, args.response_length, temperature=0.01)  # [D9]
+        loss_stats += torch.stack([loss_sum, num_tokens.float()])
+        responses = generated[:, args.query_length:]  # (B, R)
+        has_eos = (responses == eos).any(dim=1)
+        response_tokens = torch.where(has_eos, first_true_indices(responses == eos) + 1, args.response_length)
+        texts = tokenizer.batch_decode(truncate_response(eos, pad, responses), skip_special_tokens=True)
+        for e, text, ended, n in zip(batch, texts, has_eos.tolist(), response_tokens.tolist()):
+            rows.append(dict(id=e["id"], query=e["query_text"], response=text, reference=e["reference"],
+                             has_eos=ended, response_tokens=n))
+    if world_size > 1:
+        dist.all_reduce(loss_stats)
+    return (loss_stats[0] / loss_stats[1]).item(), gather_rows(rows, world_size)
+
+
+if __name__ == "__main__":
+    args = tyro.cli(Args)
+    rank, world_size, device = init_distributed()
+
+    # 0. Check every argument and the dataset's columns before any model loads
+    gradient_accumulation_steps = check_args(args, world_size)
+    check_local_path(args.base_model, "--base-model")
+    check_local_path(args.query_dataset, "--query-dataset")
+    dataset = load_dataset(args.query_dataset)
+    if "train" not in dataset:
+        raise ValueError(f"--query-dataset: no train split; it has {list(dataset)}")
+    prompt_completion = all(c in dataset["train"].column_names for c in PROMPT_COMPLETION_COLUMNS)
+    eval_splits = [s for s in EVAL_SPLITS if s in dataset] if args.run_eval else []
+    for split in ["train"] + eval_splits:
+        check_columns(dataset[split], PROMPT_COMPLETION_COLUMNS if prompt_completion else TLDR_COLUMNS,
+                      f"--query-dataset ({split} split; TL;DR columns {TLDR_COLUMNS} or {PROMPT_COMPLETION_COLUMNS})")
+    if args.run_eval and not eval_splits:
+        raise ValueError(f"--run-eval: --query-dataset has neither a validation nor a test split ({list(dataset)})")
+
+    # 1. Tokenize: query [D2.2] + " " + summary + EOS [D3]; drop responses over response_length as the reference
+    tokenizer = load_tokenizer(args.base_model)
+    data = {}
+    for split in ["train"] + eval_splits:
+        rows = dataset[split]
+        if split != "train" and args.num_eval_samples is not None:
+            rows = rows.select(range(min(args.num_eval_samples, len(rows))))
+        examples = []
+        for i, row in enumerate(rows):
+            query, response = tokenize_example(tokenizer, row, args.query_length, prompt_completion)
+            if len(response) <= args.response_length:
+                examples.append(dict(id=row.get("id", str(i)), query=query, response=response,
+                                     query_text=tokenizer.decode(query, skip_special_tokens=True),
+                                     reference=row["completion"] if prompt_completion else row["summary"]))
+        if rank == 0:
+            print(f"{split}: {len(examples)} sequences; dropped {len(rows) - len(examples)} of {len(rows)} whose "
+                  f"response is longer than --response-length {args.response_length} tokens (EOS included)")
+        data[split] = examples
+    train = data["train"]
+    updates_per_epoch = len(train) // args.batch_size
+    max_updates = args.num_train_epochs * updates_per_epoch
+    num_updates = max_updates if args.total_episodes is None else args.total_episodes // args.batch_size
+    if not 1 <= num_updates <= max_updates:
+        raise ValueError(f"--total-episodes {args.total_episodes} gives {num_updates} updates of --batch-size "
+                         f"{args.batch_size}; {len(train)} train sequences x --num-train-epochs "
+                         f"{args.num_train_epochs} allow between 1 and {max_updates}")
+
+    # 2. Model, optimizer, cosine schedule to 0 without warm-up [D9]
+    run_name = f"{args.exp_name}__{args.seed}__{int(time.time())}"
+    output_dir = args.output_dir or os.path.join("runs", run_name)
+    seed_everything(args.seed + rank * 100003)
+    logger = Logger(args, run_name, output_dir, rank)
+    policy = load_policy(args.base_model, tokenizer, device)
+    model = DDP(policy, device_ids=[device.index] if device.type == "cuda" else None) if world_size > 1 else policy
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, eps=args.eps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda u: 0.5 * (1.0 + math.cos(math.pi * u / num_updates)))
+    pad = tokenizer.pad_token_id
+    if rank == 0:
+        print(f"{num_updates} updates x {args.batch_size} sequences ({world_size} processes x "
+              f"{gradient_accumulation_steps} micro-batches of {args.local_micro_batch_size}); output {output_dir}")
+
+    # 3. Train: loss over every non-pad token of query + response [D9]
+    model.train()
+    start_time = time.time()
+    for update in range(num_updates):
+        indices = rank_batch_indices(len(train), args.batch_size, update, rank, world_size, args.seed)
+        lr = scheduler.get_last_lr()[0]
+        loss_avg = torch.zeros((), device=device)
+        for micro in range(gradient_accumulation_steps):
+            batch = [train[i] for i in indices[micro * args.local_micro_batch_size:(micro + 1) * args.local_micro_batch_size]]
+            query_responses = torch.tensor([right_pad(e["query"] + e["response"], args.query_length + args.response_length,
+                                                      pad) for e in batch], device=device)  # (B, Q + R) [D4, D5]
+            sync = micro == gradient_accumulation_steps - 1 or world_size == 1
+            with nullcontext() if sync else model.no_sync():  # all-reduce gradients only on the last micro-batch
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16 and device.type == "cuda"):
+                    loss_sum, num_tokens = sft_loss(forward(model, query_responses, pad).logits, query_responses, pad)
+                    loss = loss_sum / num_tokens / gradient_accumulation_steps
+                assert loss.dim() == 0
+                loss.backward()
+            loss_avg += loss.detach()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+        if world_size > 1:
+            dist.all_reduce(loss_avg)
+            loss_avg /= world_size
+        episode = (update + 1) * args.batch_size
+        logger.log({"train/loss": loss_avg.item(), "train/lr": lr, "train/episode": episode}, step=update + 1)
+        if rank == 0:
+            progress("sft", update + 1, num_updates, start_time, loss=loss_avg.item(), lr=lr, episode=episode)
+
+    # 4. Save (rank 0), then evaluate: val/test loss, generations at temperature 0.01, ROUGE [D9]
+    if rank == 0:
+        policy.save_pretrained(output_dir)
+        tokenizer.save_pretrained(output_dir)
+    policy.eval()
+    for split in eval_splits:
+        loss, rows = evaluate(policy, data[split], tokenizer, args, device, rank, world_size)
+        loss_name, prefix = EVAL_SPLITS[split]
+        metrics = {loss_name: loss}
+        scores = [rouge(r["response"], r["reference"]) for r in rows]
+        for key in ["rouge1", "rouge2", "rougeL"]:
+            metrics[prefix + key] = sum(s[key] for s in scores) / len(rows)
+        metrics[prefix + "has_eos"] = sum(r["has_eos"] for r in rows) / len(rows)
+        metrics[prefix + "response_tokens"] = sum(r["response_tokens"] for r in rows) / len(rows)
+        logger.log(metrics, step=num_updates)
+        logger.table(f"eval_{split}", rows, output_dir)
+        if rank == 0:
+            print(f"{split}: " + " | ".join(f"{k} {v:.4f}" for k, v in metrics.items()), flush=True)
+    if world_size > 1:
+        dist.destroy_process_group()

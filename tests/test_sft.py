@@ -1,0 +1,254 @@
+"""sft.py: query formatting and truncation [D2.2], response format [D3], loss mask [D9], ROUGE, sharding,
+bad-input errors, a smoke run on the tiny world and a 2-process torchrun run that must match it."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import sft
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # one thread: far faster than two on a shared 2-core machine
+# Tiny-world settings that learn quickly from random init: 20 updates of 32, crossing into a second epoch.
+SMOKE = ["--query-length", "128", "--batch-size", "32", "--local-micro-batch-size", "16", "--lr", "3e-3",
+         "--num-train-epochs", "2", "--total-episodes", "640", "--num-eval-samples", "16"]
+
+
+class CharTokenizer:
+    """One token per character, EOS = 0: token counts can be worked out by hand."""
+
+    eos_token_id = 0
+
+    def encode(self, text):
+        return [ord(c) for c in text]
+
+    def decode(self, tokens):
+        return "".join(chr(t) for t in tokens)
+
+
+def info(post):
+    return dict(subreddit="tifu", title="t", post=post, summary="s")
+
+
+def run_sft(*args, torchrun=False):
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"] if torchrun \
+        else [sys.executable]
+    return subprocess.run(launcher + [os.path.join(ROOT, "sft.py"), *args], cwd=ROOT, env=ENV, capture_output=True,
+                          text=True, timeout=300)
+
+
+def read_jsonl(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+# ------------------------------------------------------------ data ---------------------------------------------
+def test_query_format():
+    assert sft.format_query(info("hello")) == "SUBREDDIT: r/tifu\n\nTITLE: t\n\nPOST: hello\n\nTL;DR:"
+
+
+def test_query_truncated_at_last_newline_first():
+    tok = CharTokenizer()
+    post = "line one\nline two\nline three"
+    limit = len(sft.format_query(info("line one\nline two")))  # fits once "\nline three" is cut
+    assert len(tok.encode(sft.format_query(info(post)))) > limit
+    query = sft.tokenize_query(tok, info(post), limit)
+    assert tok.decode(query) == sft.format_query(info("line one\nline two"))  # [D2.2]
+    # one token less: cut at the next newline, not a character at a time
+    assert tok.decode(sft.tokenize_query(tok, info(post), limit - 1)) == sft.format_query(info("line one"))
+
+
+def test_query_without_newline_loses_last_characters():
+    tok = CharTokenizer()
+    limit = len(sft.format_query(info("abcd")))
+    assert tok.decode(sft.tokenize_query(tok, info("abcdef"), limit)) == sft.format_query(info("abcd"))
+    # newline cut first ("ab\ncdef" -> "ab"), then characters ("ab" -> "a")
+    limit = len(sft.format_query(info("a")))
+    assert tok.decode(sft.tokenize_query(tok, info("ab\ncdef"), limit)) == sft.format_query(info("a"))
+    assert sft.tokenize_query(tok, info("abc"), 1000) == tok.encode(sft.format_query(info("abc")))  # untouched
+
+
+def test_query_too_short_for_the_format():
+    with pytest.raises(ValueError, match="--query-length 10"):
+        sft.tokenize_query(CharTokenizer(), info("abc"), 10)
+
+
+def test_response_format_and_sequence(world):
+    tokenizer = sft.load_tokenizer(str(world / "base_model"))
+    row = info("my dad hid my wallet.\ni feel sad.")
+    query, response = sft.tokenize_example(tokenizer, row, 128, prompt_completion=False)
+    assert query == tokenizer.encode(sft.format_query(row))
+    assert response == tokenizer.encode(" s") + [tokenizer.eos_token_id]  # " " + summary + EOS [D3]
+    assert tokenizer.decode(response) == " s<|endoftext|>"
+    sequence = sft.right_pad(query + response, 128 + 53, tokenizer.pad_token_id)  # [D4, D5]
+    assert len(sequence) == 181 and sequence[:len(query)] == query
+    assert tokenizer.pad_token == "[PAD]" and tokenizer.pad_token_id != tokenizer.eos_token_id
+    assert set(sequence[len(query) + len(response):]) == {tokenizer.pad_token_id}
+
+
+def test_prompt_completion_used_as_given():
+    tok = CharTokenizer()
+    row = dict(prompt="Q: x\nA:", completion=" yes")
+    query, response = sft.tokenize_example(tok, row, 7, prompt_completion=True)
+    assert tok.decode(query) == "Q: x\nA:" and response == tok.encode(" yes") + [0]
+    with pytest.raises(ValueError, match="--query-length 6: a prompt has 7 tokens"):
+        sft.tokenize_example(tok, row, 6, prompt_completion=True)
+
+
+# ------------------------------------------------------------ loss ---------------------------------------------
+def test_loss_mask_ignores_pad_and_includes_query():
+    pad, vocab = 9, 10
+    query_responses = torch.tensor([[1, 2, 3, 0, pad, pad]])  # query 1 2, response 3 EOS, right-padded
+    logits = torch.zeros(1, 6, vocab)
+    loss_sum, n = sft.sft_loss(logits, query_responses, pad)
+    assert n.item() == 3  # targets 2 (a query token), 3 and EOS; nothing predicts the first token or a pad
+    assert loss_sum.item() == pytest.approx(3 * math.log(vocab))  # uniform logits: log V per target
+    # logits at positions whose target is pad do not matter
+    logits[0, 3:, :] = torch.randn(3, vocab)
+    assert sft.sft_loss(logits, query_responses, pad)[0].item() == pytest.approx(3 * math.log(vocab))
+    # the query target counts: a perfect prediction of token 2 from token 1 removes one log V
+    logits[0, 0, 2] = 100.0
+    assert sft.sft_loss(logits, query_responses, pad)[0].item() == pytest.approx(2 * math.log(vocab), abs=1e-4)
+
+
+# ------------------------------------------------------------ ROUGE --------------------------------------------
+def test_lcs_length():
+    assert sft.lcs_length("a b c d".split(), "a c d".split()) == 3
+    assert sft.lcs_length("a b c d".split(), "d c b a".split()) == 1
+    assert sft.lcs_length([], ["a"]) == 0
+
+
+def test_rouge_hand_worked():
+    # prediction 5 tokens, reference 6; unigram overlap 5 (P 1, R 5/6); bigram overlap 3 of 4 / 5; LCS 5
+    scores = sft.rouge("the cat on the mat", "The cat sat on the mat")
+    assert scores["rouge1"] == pytest.approx(10 / 11)
+    assert scores["rouge2"] == pytest.approx(2 / 3)  # P 3/4, R 3/5 -> F 2 * 0.45 / 1.35
+    assert scores["rougeL"] == pytest.approx(10 / 11)
+    # reversed order: every unigram matches, no bigram, LCS 1 of 4 -> ROUGE-L 1/4
+    assert sft.rouge("d c b a", "a b c d") == pytest.approx(dict(rouge1=1.0, rouge2=0.0, rougeL=0.25))
+    # repeated tokens are clipped to the reference count: "a a a" vs "a b" -> 1 match, P 1/3, R 1/2 -> F 0.4
+    assert sft.rouge("a a a", "a b")["rouge1"] == pytest.approx(0.4)
+    assert sft.rouge("", "a b") == dict(rouge1=0.0, rouge2=0.0, rougeL=0.0)
+
+
+# ------------------------------------------------------------ sharding and arguments ---------------------------
+def test_rank_shards_are_disjoint_and_cover_the_global_batch():
+    n, batch, seed = 100, 32, 7
+    perm0 = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    seen = []
+    for update in range(3):  # 3 = floor(100 / 32) updates per epoch
+        shards = [sft.rank_batch_indices(n, batch, update, rank, 4, seed) for rank in range(4)]
+        assert all(len(s) == 8 for s in shards)
+        assert sum(shards, []) == perm0[update * batch:(update + 1) * batch]  # disjoint, in global order
+        assert sum(shards, []) == sft.rank_batch_indices(n, batch, update, 0, 1, seed)  # same as one process
+        seen += sum(shards, [])
+    assert len(set(seen)) == 96  # no row twice within an epoch; the last 4 rows are dropped
+    perm1 = torch.randperm(n, generator=torch.Generator().manual_seed(seed + 1)).tolist()
+    assert sft.rank_batch_indices(n, batch, 3, 0, 1, seed) == perm1[:batch]  # epoch 2 reshuffled with seed + 1
+
+
+def args_with(**kwargs):
+    defaults = dict(query_length=512, response_length=53, num_train_epochs=1, local_eval_batch_size=16,
+                    total_episodes=None, num_eval_samples=None, batch_size=128, local_micro_batch_size=16)
+    return SimpleNamespace(**{**defaults, **kwargs})
+
+
+def test_check_args():
+    assert sft.check_args(args_with(), world_size=1) == 8
+    assert sft.check_args(args_with(), world_size=8) == 1
+    with pytest.raises(ValueError, match="--response-length must be positive"):
+        sft.check_args(args_with(response_length=0), 1)
+    with pytest.raises(ValueError, match="--total-episodes"):
+        sft.check_args(args_with(total_episodes=0), 1)
+    with pytest.raises(ValueError, match="--batch-size.*128 is not divisible by 48"):
+        sft.check_args(args_with(local_micro_batch_size=16), world_size=3)
+
+
+# ------------------------------------------------------------ bad input (the real command line) ----------------
+def test_error_dataset_lacking_columns(world, tmp_path):
+    folder = tmp_path / "bad_dataset"
+    folder.mkdir()
+    (folder / "train.jsonl").write_text(json.dumps(dict(id="a", title="t", post="p")) + "\n")
+    result = run_sft("--base-model", str(world / "base_model"), "--query-dataset", str(folder))
+    assert result.returncode != 0
+    assert "--query-dataset" in result.stderr and "['subreddit', 'summary']" in result.stderr
+
+
+def test_error_model_path_missing(world, tmp_path):
+    result = run_sft("--base-model", str(tmp_path / "no_such_model"), "--query-dataset", str(world / "tldr_sft"))
+    assert result.returncode != 0
+    assert "--base-model" in result.stderr and "no_such_model" in result.stderr and "not an existing folder" in result.stderr
+
+
+def test_error_batch_size_does_not_divide(world):
+    result = run_sft("--base-model", str(world / "base_model"), "--query-dataset", str(world / "tldr_sft"),
+                     "--batch-size", "30", "--local-micro-batch-size", "16")
+    assert result.returncode != 0
+    assert "--batch-size" in result.stderr and "30 is not divisible by 16" in result.stderr
+
+
+# ------------------------------------------------------------ smoke and torchrun -------------------------------
+@pytest.fixture(scope="module")
+def smoke_run(world, tmp_path_factory):
+    out = tmp_path_factory.mktemp("sft") / "single"
+    result = run_sft("--base-model", str(world / "base_model"), "--query-dataset", str(world / "tldr_sft"),
+                     *SMOKE, "--output-dir", str(out))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return out, result
+
+
+def test_smoke_loss_falls_and_outputs_load(smoke_run):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out, result = smoke_run
+    assert "[sft] 20/20 | loss" in result.stdout and "ETA" in result.stdout
+    metrics = read_jsonl(out / "metrics.jsonl")
+    train = [m for m in metrics if "train/loss" in m]
+    assert [m["train/episode"] for m in train] == [32 * (i + 1) for i in range(20)]
+    assert train[-1]["train/lr"] < train[0]["train/lr"] == pytest.approx(3e-3)  # cosine decay
+    assert train[-1]["train/loss"] < train[0]["train/loss"] - 2.0  # from ~log(vocab) = 6.6
+    final = metrics[-2] | metrics[-1]
+    for key in ["val/loss", "test/loss", "eval/rouge1", "eval/rouge2", "eval/rougeL", "test/rougeL"]:
+        assert math.isfinite(final[key]), key
+    assert final["val/loss"] < train[0]["train/loss"] - 2.0
+    model = AutoModelForCausalLM.from_pretrained(out)
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    assert tokenizer.pad_token == "[PAD]" and model.config.hidden_dropout == 0.0
+    for split in ["validation", "test"]:
+        rows = read_jsonl(out / f"eval_{split}.jsonl")
+        assert len(rows) == 16
+        assert set(rows[0]) == {"id", "query", "response", "reference", "has_eos", "response_tokens"}
+        assert all(r["query"].endswith("TL;DR:") and isinstance(r["has_eos"], bool) for r in rows)
+        assert all(1 <= r["response_tokens"] <= 53 and (r["has_eos"] or r["response_tokens"] == 53) for r in rows)
+
+
+def test_torchrun_two_processes_match_one(world, smoke_run, tmp_path):
+    """Same global batch and seed on 2 processes: the same updates as one process up to float error (SFT samples
+    nothing while training), which holds only if the two ranks trained on disjoint halves of each batch and the
+    loss is scaled right. Evaluation is sharded across the ranks and gathered."""
+    from transformers import AutoModelForCausalLM
+
+    single, _ = smoke_run
+    out = tmp_path / "ddp"
+    result = run_sft("--base-model", str(world / "base_model"), "--query-dataset", str(world / "tldr_sft"),
+                     *SMOKE, "--output-dir", str(out), torchrun=True)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "(2 processes x 1 micro-batches of 16)" in result.stdout
+    one, two = read_jsonl(single / "metrics.jsonl"), read_jsonl(out / "metrics.jsonl")
+    assert len(one) == len(two)
+    for a, b in zip(one, two):
+        for key in ["train/loss", "val/loss", "test/loss"]:
+            if key in a:
+                assert b[key] == pytest.approx(a[key], rel=1e-4), (a["step"], key)
+    weights_one = AutoModelForCausalLM.from_pretrained(single).state_dict()
+    weights_two = AutoModelForCausalLM.from_pretrained(out).state_dict()
+    for name, tensor in weights_one.items():
+        torch.testing.assert_close(weights_two[name], tensor, rtol=1e-3, atol=1e-4, msg=name)
+    rows_one, rows_two = read_jsonl(single / "eval_test.jsonl"), read_jsonl(out / "eval_test.jsonl")
+    assert [r["id"] for r in rows_two] == [r["id"] for r in rows_one]  # gathered in dataset order
