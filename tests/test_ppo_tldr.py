@@ -1,0 +1,176 @@
+import json
+import runpy
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from ppo_tldr import (
+    INVALID_LOGPROB, compute_advantages, compute_rewards, first_true_indices, masked_mean, masked_var, masked_whiten,
+    truncate_response,
+)
+
+EOS, PAD = 0, 9
+
+
+# ---------------------------------------------------------------- pure functions, by hand ----------------------
+def test_first_true_indices():
+    bools = torch.tensor([[False, True, False], [False, False, False], [True, True, True]])
+    assert first_true_indices(bools).tolist() == [1, 3, 0]
+
+
+def test_truncate_response_eos_in_the_middle_at_the_end_and_none():
+    responses = torch.tensor([[5, EOS, 6, EOS], [5, 6, 7, EOS], [5, 6, 7, 8]])
+    assert truncate_response(EOS, PAD, responses).tolist() == [[5, EOS, PAD, PAD], [5, 6, 7, EOS], [5, 6, 7, 8]]
+
+
+def test_masked_statistics_by_hand():
+    values = torch.tensor([[1.0, 2.0, 100.0], [3.0, 4.0, -50.0]])
+    mask = torch.tensor([[True, True, False], [True, True, False]])
+    assert masked_mean(values, mask).item() == pytest.approx(2.5)
+    assert masked_mean(values, mask, axis=1).tolist() == pytest.approx([1.5, 3.5])
+    # values 1, 2, 3, 4: biased variance 1.25, unbiased 5/3
+    assert masked_var(values, mask, unbiased=False).item() == pytest.approx(1.25)
+    assert masked_var(values, mask).item() == pytest.approx(5 / 3)
+    whitened = masked_whiten(values, mask)
+    expected = [(v - 2.5) / (1.25 + 1e-8) ** 0.5 for v in (1.0, 2.0, 3.0, 4.0)]
+    assert whitened[mask].tolist() == pytest.approx(expected, rel=1e-5)
+    assert masked_mean(whitened, mask).item() == pytest.approx(0.0, abs=1e-6)
+    assert masked_var(whitened, mask, unbiased=False).item() == pytest.approx(1.0, rel=1e-5)
+    assert masked_whiten(values, mask, shift_mean=False)[mask].tolist() == pytest.approx([e + 2.5 for e in expected], rel=1e-5)
+    with pytest.raises(ValueError, match="at least 2"):
+        masked_var(values, torch.tensor([[True, False, False], [False, False, False]]))
+
+
+def test_compute_rewards_places_the_score_after_the_eos():
+    # row 0: EOS at index 1 (score at 2); row 1: EOS last (score at 3); row 2: no EOS (score at 3)
+    logprobs = torch.tensor([[-1.0, -2.0, INVALID_LOGPROB, INVALID_LOGPROB], [-1.0, -1.0, -1.0, -1.0], [-0.5, -0.5, -0.5, -0.5]])
+    ref_logprobs = torch.tensor([[-1.5, -1.0, INVALID_LOGPROB, INVALID_LOGPROB], [-1.0, -2.0, -1.0, -1.0], [-0.5, -0.5, -0.5, -1.5]])
+    sequence_lengths = torch.tensor([1, 3, 3])
+    scores = torch.tensor([10.0, 20.0, -1.0])
+    rewards, non_score_reward = compute_rewards(scores, logprobs, ref_logprobs, sequence_lengths, kl_coef=0.1)
+    expected_kl_penalty = [[-0.05, 0.1, 0.0, 0.0], [0.0, -0.1, 0.0, 0.0], [0.0, 0.0, 0.0, -0.1]]
+    torch.testing.assert_close(non_score_reward, torch.tensor(expected_kl_penalty))
+    expected = [[-0.05, 0.1, 10.0, 0.0], [0.0, -0.1, 0.0, 20.0], [0.0, 0.0, 0.0, -1.1]]
+    torch.testing.assert_close(rewards, torch.tensor(expected))
+    at_eos, _ = compute_rewards(scores, logprobs, ref_logprobs, sequence_lengths, kl_coef=0.1, score_at_eos=True)
+    torch.testing.assert_close(at_eos, torch.tensor([[-0.05, 10.1, 0.0, 0.0], [0.0, -0.1, 0.0, 20.0], [0.0, 0.0, 0.0, -1.1]]))
+
+
+def test_gae_on_three_steps_by_hand():
+    rewards = torch.tensor([[0.0, 0.0, 1.0]])
+    values = torch.tensor([[0.5, 0.6, 0.7]])
+    # gamma 1, lambda 0.95: delta_2 = 1 - 0.7 = 0.3; delta_1 = 0.7 - 0.6 = 0.1; delta_0 = 0.6 - 0.5 = 0.1
+    a2 = 0.3
+    a1 = 0.1 + 0.95 * a2  # 0.385
+    a0 = 0.1 + 0.95 * a1  # 0.46575
+    advantages, returns = compute_advantages(rewards, values, torch.zeros(1, 3, dtype=torch.bool), gamma=1.0, lam=0.95)
+    assert returns.tolist()[0] == pytest.approx([a0 + 0.5, a1 + 0.6, a2 + 0.7])
+    mean = (a0 + a1 + a2) / 3
+    std = (((a0 - mean) ** 2 + (a1 - mean) ** 2 + (a2 - mean) ** 2) / 3 + 1e-8) ** 0.5  # biased variance [D22]
+    assert advantages.tolist()[0] == pytest.approx([(a - mean) / std for a in (a0, a1, a2)], rel=1e-4)
+    # gamma 0.5, lambda 0: one-step TD errors
+    advantages_td, returns_td = compute_advantages(rewards, values, torch.zeros(1, 3, dtype=torch.bool), 0.5, 0.0)
+    assert (returns_td - values).tolist()[0] == pytest.approx([0.3 - 0.5, 0.35 - 0.6, 0.3])
+
+
+def test_gae_whitens_over_valid_tokens_and_zeroes_padding():
+    rewards = torch.tensor([[0.0, 1.0, 0.0], [0.0, 0.0, 2.0]])
+    values = torch.zeros(2, 3)
+    padding_mask = torch.tensor([[False, False, True], [False, False, False]])
+    advantages, _ = compute_advantages(rewards, values, padding_mask, 1.0, 1.0)
+    assert advantages[0, 2].item() == 0.0
+    valid = ~padding_mask
+    assert masked_mean(advantages, valid).item() == pytest.approx(0.0, abs=1e-6)
+    assert masked_var(advantages, valid, unbiased=False).item() == pytest.approx(1.0, rel=1e-4)
+
+
+# ---------------------------------------------------------------- the real command line ------------------------
+@pytest.fixture(scope="module")
+def reward_model(world):
+    """A reward model on the tiny base model (random head): enough to exercise every code path."""
+    from value_head import ScalarModel
+
+    path = world / "reward_model"
+    if not path.exists():
+        torch.manual_seed(0)
+        ScalarModel.from_backbone(str(world / "base_model")).save_pretrained(str(path))
+    return path
+
+
+def ppo_args(world, reward_model, output_dir, *extra):
+    return ["--sft-model-path", str(world / "base_model"), "--reward-model-path", str(reward_model),
+            "--query-dataset", str(world / "tldr_sft"), "--query-length", "128", "--response-length", "24",
+            "--batch-size", "16", "--local-micro-batch-size", "8", "--local-rollout-forward-batch-size", "16",
+            "--lr", "1e-4", "--output-dir", str(output_dir), *extra]
+
+
+def read_metrics(output_dir):
+    return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_first_minibatch_ratio_is_one_and_optimizer_steps(world, reward_model, tmp_path):
+    """One epoch, one mini-batch: every micro-batch precedes the only optimizer step, so the logged ratio is 1 and
+    approx-KL 0 (old logprobs, temperature scaling and masking agree); one optimizer step per update."""
+    out = tmp_path / "run"
+    subprocess.run([sys.executable, "ppo_tldr.py", *ppo_args(world, reward_model, out, "--total-episodes", "32",
+                    "--num-ppo-epochs", "1", "--num-mini-batches", "1", "--no-run-eval")], check=True)
+    metrics = [m for m in read_metrics(out) if "ppo/val/ratio" in m]
+    for m in metrics:
+        assert m["ppo/val/ratio"] == pytest.approx(1.0, abs=1e-5)
+        assert m["ppo/policy/approxkl_avg"] < 1e-9
+        assert m["ppo/policy/clipfrac_avg"] == 0.0
+    assert metrics[0]["objective/kl"] == pytest.approx(0.0, abs=1e-4)  # the policy is the reference at first
+    assert [m["ppo/optimizer_steps"] for m in metrics] == [1, 2]
+
+
+def test_smoke_run_saves_a_loadable_policy_and_counts_optimizer_steps(world, reward_model, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from value_head import ScalarModel
+
+    out = tmp_path / "run"
+    subprocess.run([sys.executable, "ppo_tldr.py", *ppo_args(world, reward_model, out, "--total-episodes", "48",
+                    "--num-ppo-epochs", "2", "--num-mini-batches", "2", "--local-micro-batch-size", "4",
+                    "--num-eval-samples", "8")], check=True)
+    metrics = read_metrics(out)
+    updates = [m for m in metrics if "ppo/episode" in m]
+    assert [m["ppo/episode"] for m in updates] == [16, 32, 48]
+    assert [m["ppo/optimizer_steps"] for m in updates] == [4, 8, 12]  # epochs x mini-batches, whatever the micro size
+    assert updates[-1]["ppo/lr"] == pytest.approx(1e-4 / 3)  # linear decay, set at the start of each update
+    for key in ["objective/kl", "objective/entropy", "objective/non_score_reward", "objective/rlhf_reward",
+                "objective/scores", "objective/validation_score", "ppo/policy/entropy_avg", "ppo/loss/value_avg",
+                "ppo/val/clipfrac_avg", "ppo/val/ratio_var", "ppo/val/num_eos_tokens", "ppo/eps"]:
+        assert key in updates[0]
+    rows = [json.loads(line) for line in (out / "eval_validation.jsonl").read_text().splitlines()]
+    assert len(rows) == 8 and {"id", "query", "response", "reference", "score", "reference_score", "has_eos"} <= set(rows[0])
+    AutoModelForCausalLM.from_pretrained(str(out))
+    ScalarModel.from_pretrained(str(out / "value_model"))
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--batch-size", "12"], "--local-micro-batch-size"),
+    (["--response-length", "0"], "--response-length must be positive"),
+    (["--total-episodes", "8"], "smaller than one --batch-size"),
+    (["--sft-model-path", "/no/such/model"], "--sft-model-path"),
+])
+def test_bad_arguments_fail_before_loading_models(world, reward_model, tmp_path, monkeypatch, extra, message):
+    out = tmp_path / "run"
+    monkeypatch.setattr(sys, "argv", ["ppo_tldr.py", *ppo_args(world, reward_model, out, "--total-episodes", "32"), *extra])
+    with pytest.raises(ValueError, match=message):
+        runpy.run_path("ppo_tldr.py", run_name="__main__")
+    assert not out.exists()
+
+
+def test_a_dataset_without_the_needed_columns_is_named(world, reward_model, tmp_path, monkeypatch):
+    import datasets
+
+    broken = tmp_path / "broken"
+    for split in ["train", "validation", "test"]:
+        rows = datasets.load_dataset(str(world / "tldr_sft"), split=split).remove_columns(["title"])
+        rows.to_parquet(str(broken / "data" / f"{split}-00000-of-00001.parquet"))
+    monkeypatch.setattr(sys, "argv", ["ppo_tldr.py", *ppo_args(world, reward_model, tmp_path / "run", "--total-episodes", "32"),
+                                      "--query-dataset", str(broken)])
+    with pytest.raises(ValueError, match=r"lacks the column\(s\) \['title'\]"):
+        runpy.run_path("ppo_tldr.py", run_name="__main__")
