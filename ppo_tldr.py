@@ -107,7 +107,8 @@ class Args:
     score_at_eos: bool = False
     """add the score at the EOS token instead of one position after it, as the reference does"""
     sample_table_every: int = 220
-    """log a table of sampled queries, responses and scores every this many updates"""
+    """every this many updates (and at the first and last), save the validation batch's temperature-0.01 samples
+    with their scores as a table"""
     num_eval_samples: Optional[int] = None
     """posts of each of validation and test evaluated after training (None: all)"""
 
@@ -437,7 +438,8 @@ if __name__ == "__main__":
         return torch.tensor([left_pad(tokenize_query(tokenizer, r, args.query_length), args.query_length, pad) for r in rows])
 
     train_queries = tokenize_split(dataset["train"])
-    validation_queries = tokenize_split(dataset["validation"].select(range(min(args.local_rollout_forward_batch_size, len(dataset["validation"])))))
+    validation_rows = dataset["validation"].select(range(min(args.local_rollout_forward_batch_size, len(dataset["validation"]))))
+    validation_queries = tokenize_split(validation_rows)
     context_length = args.query_length
 
     # ---- models: policy and reference from SFT, reward and value from the reward model [D16] ----
@@ -599,7 +601,8 @@ if __name__ == "__main__":
 
         # 7. logging (N+ metric names), the validation score (temperature 0.01) and sample tables
         with torch.no_grad(), autocast:
-            _, validation_score = rollout_scores(policy, reward_model, validation_queries.to(device), tokenizer, args, 0.01)
+            validation_responses, validation_score = rollout_scores(policy, reward_model, validation_queries.to(device),
+                                                                    tokenizer, args, 0.01)
             mean_kl = (logprobs - ref_logprobs).sum(1).mean()  # 0 after the EOS, where both are INVALID_LOGPROB
             mean_entropy = torch.masked_fill(-logprobs, padding_mask, 0).sum(1).mean()  # valid tokens only (deviation)
             mean_non_score_reward = non_score_reward.sum(1).mean()
@@ -635,9 +638,10 @@ if __name__ == "__main__":
                      score=metrics["objective/scores"], kl=metrics["objective/kl"],
                      val_score=metrics["objective/validation_score"])
             if update == 1 or update % args.sample_table_every == 0 or update == num_updates:
-                rows = [dict(update=update, query=tokenizer.decode(q, skip_special_tokens=True),
-                             response=tokenizer.decode(r, skip_special_tokens=True), score=s.item())
-                        for q, r, s in zip(queries[:16], postprocessed_responses[:16], scores[:16])]
+                rows = [dict(update=update, episode=global_step, id=row["id"], query=tokenizer.decode(q, skip_special_tokens=True),
+                             response=tokenizer.decode(r, skip_special_tokens=True), reference=row["summary"],
+                             score=s.item(), has_eos=bool((r == eos).any()))
+                        for row, q, r, s in zip(validation_rows, validation_queries, validation_responses, validation_score)]
                 logger.table(f"samples_update_{update}", rows, output_dir)
         del query_responses, responses, postprocessed_responses, logprobs, ref_logprobs, values, scores
         del rewards, non_score_reward, advantages, returns
