@@ -66,7 +66,8 @@ class Args:
     """maximum response length in tokens, EOS included (longer references are dropped); also the number of
     tokens generated at evaluation"""
     total_episodes: Optional[int] = None
-    """number of training sequences (rounded down to whole batches); None = num_train_epochs passes over train"""
+    """number of training sequences (rounded down to whole batches), at most num_train_epochs passes over train;
+    None = all of those passes"""
     num_train_epochs: int = 1
     """passes over the train split (reshuffled each epoch with seed + epoch)"""
     batch_size: int = 128
@@ -117,12 +118,24 @@ def load_tokenizer(path):
     return tokenizer
 
 
-def load_policy(path, tokenizer, device):
-    """A causal LM with dropout disabled [D7]; embeddings grow only if the tokenizer outgrew them."""
+def check_model_path(path, arg):
+    """Fail fast on a local model path that does not exist (a hub id `org/name` is left to transformers)."""
+    looks_like_hub_id = path.count("/") == 1 and not path.startswith((".", "~")) and os.environ.get("HF_HUB_OFFLINE") != "1"
+    if not os.path.isdir(path) and not looks_like_hub_id:
+        raise ValueError(f"{arg}: {path!r} is not a folder (expected a saved model folder or a hub id org/name)")
+
+
+def config_without_dropout(path):
+    """The model config with every dropout probability set to 0 [D7]."""
     config = AutoConfig.from_pretrained(path)
     for key in [k for k in config.to_dict() if "dropout" in k and isinstance(getattr(config, k), float)]:
-        setattr(config, key, 0.0)  # [D7]
-    model = AutoModelForCausalLM.from_pretrained(path, config=config)
+        setattr(config, key, 0.0)
+    return config
+
+
+def load_policy(path, tokenizer, device):
+    """A causal LM with dropout disabled [D7]; embeddings grow only if the tokenizer outgrew them."""
+    model = AutoModelForCausalLM.from_pretrained(path, config=config_without_dropout(path))
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
         model.resize_token_embeddings(len(tokenizer))  # only for models without spare rows (Pythia has them)
     return model.to(device)
@@ -267,13 +280,8 @@ def check_args(args, world_size):
         if getattr(args, name) is not None and getattr(args, name) <= 0:
             raise ValueError(f"--{name.replace('_', '-')} must be positive (or None), got {getattr(args, name)}")
     return exact_div(args.batch_size, args.local_micro_batch_size * world_size,
-                     f"--batch-size / (--local-micro-batch-size {args.local_micro_batch_size} x {world_size} processes)")
-
-
-def check_local_path(path, arg):
-    """A path that looks local must be an existing folder; a hub id is left to transformers / datasets."""
-    if (path.startswith(("/", ".")) or os.path.exists(path)) and not os.path.isdir(path):
-        raise ValueError(f"{arg}: {path!r} is not an existing folder (give a local folder or a hub id)")
+                     f"--batch-size / (--local-micro-batch-size {args.local_micro_batch_size} x {world_size} "
+                     f"processes)")
 
 
 def tokenize_example(tokenizer, row, query_length, prompt_completion):
@@ -347,7 +355,7 @@ def rouge(prediction, reference):
 
 
 def gather_rows(rows, world_size):
-    """All ranks' lists of rows, concatenated (every rank calls this; a no-op without a process group)."""
+    """Concatenate every process's list of rows, in rank order (each rank holds a contiguous shard)."""
     if world_size == 1:
         return rows
     gathered = [None] * world_size
@@ -378,8 +386,8 @@ def evaluate(model, examples, tokenizer, args, device, rank, world_size):
         response_tokens = torch.where(has_eos, first_true_indices(responses == eos) + 1, args.response_length)
         texts = tokenizer.batch_decode(truncate_response(eos, pad, responses), skip_special_tokens=True)
         for e, text, ended, n in zip(batch, texts, has_eos.tolist(), response_tokens.tolist()):
-            rows.append(dict(id=e["id"], query=e["query_text"], response=text, reference=e["reference"],
-                             has_eos=ended, response_tokens=n))
+            rows.append(dict(id=e["id"], query=tokenizer.decode(e["query"], skip_special_tokens=True), response=text,
+                             reference=e["reference"], has_eos=ended, response_tokens=n))
     if world_size > 1:
         dist.all_reduce(loss_stats)
     return (loss_stats[0] / loss_stats[1]).item(), gather_rows(rows, world_size)
@@ -391,8 +399,7 @@ if __name__ == "__main__":
 
     # 0. Check every argument and the dataset's columns before any model loads
     gradient_accumulation_steps = check_args(args, world_size)
-    check_local_path(args.base_model, "--base-model")
-    check_local_path(args.query_dataset, "--query-dataset")
+    check_model_path(args.base_model, "--base-model")
     dataset = load_dataset(args.query_dataset)
     if "train" not in dataset:
         raise ValueError(f"--query-dataset: no train split; it has {list(dataset)}")
@@ -403,6 +410,8 @@ if __name__ == "__main__":
                       f"--query-dataset ({split} split; TL;DR columns {TLDR_COLUMNS} or {PROMPT_COMPLETION_COLUMNS})")
     if args.run_eval and not eval_splits:
         raise ValueError(f"--run-eval: --query-dataset has neither a validation nor a test split ({list(dataset)})")
+    if rank == 0 and args.run_eval and len(eval_splits) < len(EVAL_SPLITS):
+        print(f"--query-dataset lacks {[s for s in EVAL_SPLITS if s not in eval_splits]}: evaluating {eval_splits}")
 
     # 1. Tokenize: query [D2.2] + " " + summary + EOS [D3]; drop responses over response_length as the reference
     tokenizer = load_tokenizer(args.base_model)
@@ -416,8 +425,9 @@ if __name__ == "__main__":
             query, response = tokenize_example(tokenizer, row, args.query_length, prompt_completion)
             if len(response) <= args.response_length:
                 examples.append(dict(id=row.get("id", str(i)), query=query, response=response,
-                                     query_text=tokenizer.decode(query, skip_special_tokens=True),
                                      reference=row["completion"] if prompt_completion else row["summary"]))
+        if not examples:
+            raise ValueError(f"{split}: no response fits in --response-length {args.response_length} tokens")
         if rank == 0:
             print(f"{split}: {len(examples)} sequences; dropped {len(rows) - len(examples)} of {len(rows)} whose "
                   f"response is longer than --response-length {args.response_length} tokens (EOS included)")
@@ -439,8 +449,10 @@ if __name__ == "__main__":
     policy = load_policy(args.base_model, tokenizer, device)
     model = DDP(policy, device_ids=[device.index] if device.type == "cuda" else None) if world_size > 1 else policy
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, eps=args.eps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda u: 0.5 * (1.0 + math.cos(math.pi * u / num_updates)))
-    pad = tokenizer.pad_token_id
+    scheduler = torch.optim.lr_scheduler.LambdaLR(  # lr factor 1 at the first update, 0 after the last [D9]
+        optimizer, lambda u: 0.5 * (1.0 + math.cos(math.pi * u / num_updates)))
+    pad, micro_size = tokenizer.pad_token_id, args.local_micro_batch_size
+    length = args.query_length + args.response_length  # SFT sequences are right-padded to 512 + 53 [D5]
     if rank == 0:
         print(f"{num_updates} updates x {args.batch_size} sequences ({world_size} processes x "
               f"{gradient_accumulation_steps} micro-batches of {args.local_micro_batch_size}); output {output_dir}")
@@ -453,9 +465,9 @@ if __name__ == "__main__":
         lr = scheduler.get_last_lr()[0]
         loss_avg = torch.zeros((), device=device)
         for micro in range(gradient_accumulation_steps):
-            batch = [train[i] for i in indices[micro * args.local_micro_batch_size:(micro + 1) * args.local_micro_batch_size]]
-            query_responses = torch.tensor([right_pad(e["query"] + e["response"], args.query_length + args.response_length,
-                                                      pad) for e in batch], device=device)  # (B, Q + R) [D4, D5]
+            batch = [train[i] for i in indices[micro * micro_size:(micro + 1) * micro_size]]
+            query_responses = torch.tensor([right_pad(e["query"] + e["response"], length, pad) for e in batch],
+                                           device=device)  # (B, Q + R), query + response right-padded [D4, D5]
             sync = micro == gradient_accumulation_steps - 1 or world_size == 1
             with nullcontext() if sync else model.no_sync():  # all-reduce gradients only on the last micro-batch
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16 and device.type == "cuda"):
