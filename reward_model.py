@@ -277,8 +277,8 @@ def pair_batch(pairs, length, pad_token_id):
 
 
 def pairwise_loss_and_accuracy(chosen_rewards, rejected_rewards):
-    """Bradley-Terry loss -log sigmoid(r_chosen - r_rejected) and the share of pairs with r_chosen > r_rejected,
-    both averaged over the pairs [D10]."""
+    """Bradley-Terry loss -log sigmoid(r_chosen - r_rejected) (Stiennon et al. 2020, eq. 1) and the share of pairs
+    with r_chosen > r_rejected, both averaged over the pairs."""
     loss = -F.logsigmoid(chosen_rewards - rejected_rewards).mean()
     accuracy = (chosen_rewards > rejected_rewards).float().mean()
     return loss, accuracy
@@ -416,7 +416,6 @@ if __name__ == "__main__":
           f"the {world_size} shards are disjoint and cover {len(all_indices)} pairs", flush=True)
 
     # ---- 4. train: one epoch of Bradley-Terry updates, chosen and rejected in one forward pass ----
-    print_every = max(1, num_updates // 50)
     start_time = time.time()
     ddp_model.train()
     for update, shard in enumerate(shards, start=1):
@@ -430,7 +429,7 @@ if __name__ == "__main__":
                 with torch.autocast(**autocast):
                     _, scores, _ = get_reward(ddp_model, query_responses, pad_token_id, context_length=0)  # at EOS [D12]
                 chosen_rewards, rejected_rewards = scores.float().chunk(2)  # (b,), (b,)
-                loss, accuracy = pairwise_loss_and_accuracy(chosen_rewards, rejected_rewards)  # [D10]
+                loss, accuracy = pairwise_loss_and_accuracy(chosen_rewards, rejected_rewards)  # Bradley-Terry
                 assert loss.dim() == 0
                 (loss / gradient_accumulation_steps).backward()
             sums += torch.stack([loss.detach(), accuracy, chosen_rewards.mean().detach(), rejected_rewards.mean().detach()])
@@ -446,7 +445,7 @@ if __name__ == "__main__":
         logger.log({"train/loss": loss, "train/accuracy": accuracy, "train/reward_chosen": reward_chosen,
                     "train/reward_rejected": reward_rejected, "train/lr": lr,
                     "train/episode": update * args.batch_size}, step=update)
-        if rank == 0 and (update % print_every == 0 or update == num_updates):
+        if rank == 0:
             progress("reward_model", update, num_updates, start_time, loss=loss, accuracy=accuracy, lr=lr)
 
     # ---- 5. normalise [D15]: the reference summaries' mean score becomes the bias; padding check [D14] ----

@@ -1,0 +1,228 @@
+"""Tests of reward_model.py: the formulas by hand, the data layout, the sharding, bad inputs, a smoke run on the
+tiny world (loss falls, the saved model loads and scores the reference summaries 0 on average) and a torchrun run."""
+
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+
+import datasets
+import pytest
+import torch
+from transformers import GPTNeoXConfig, GPTNeoXModel
+
+import reward_model as rm
+from value_head import ScalarModel, get_reward
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PAD, EOS = 99, 0
+
+
+def run_script(*cli, torchrun=False, timeout=300):
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"] if torchrun else [sys.executable]
+    return subprocess.run(launcher + [os.path.join(ROOT, "reward_model.py"), *cli], cwd=ROOT, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def world_cli(world, output_dir, *extra):
+    return ["--sft-model-path", str(world / "base_model"), "--label-dataset", str(world / "tldr_preference"),
+            "--query-dataset", str(world / "tldr_sft"), "--output-dir", str(output_dir), "--query-length", "128",
+            "--response-length", "64", *extra]
+
+
+# ------------------------------------------------------------ formulas ---------------------------------------
+def test_pairwise_loss_and_accuracy_by_hand():
+    chosen, rejected = torch.tensor([2.0, 0.0, -1.0]), torch.tensor([0.0, 1.0, -1.0])  # margins 2, -1, 0
+    loss, accuracy = rm.pairwise_loss_and_accuracy(chosen, rejected)
+    expected = (math.log(1 + math.exp(-2)) + math.log(1 + math.exp(1)) + math.log(2)) / 3
+    assert loss.item() == pytest.approx(expected, rel=1e-6)  # 0.7111
+    assert accuracy.item() == pytest.approx(1 / 3)  # a tie is not a correct pair
+    swapped, _ = rm.pairwise_loss_and_accuracy(rejected, chosen)
+    assert swapped.item() > loss.item()
+
+
+def test_cosine_to_zero():
+    f = rm.cosine_to_zero(10)
+    assert f(0) == pytest.approx(1.0) and f(5) == pytest.approx(0.5) and f(10) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_normalization_stats_by_hand():
+    bias, stats = rm.normalization_stats([1.0, 2.0, 3.0, 6.0])
+    assert bias == pytest.approx(3.0)
+    assert stats["mean"] == pytest.approx(0.0, abs=1e-12)
+    assert stats["std"] == pytest.approx(math.sqrt(14 / 3))  # sample std of -2, -1, 0, 3
+    assert (stats["min"], stats["max"]) == (pytest.approx(-2.0), pytest.approx(3.0))
+
+
+def test_eval_metrics_breakdowns_by_hand():
+    def row(c, r, split, batch, confidence):
+        return dict(reward_chosen=c, reward_rejected=r, split=split, batch=batch, confidence=confidence)
+
+    rows = [row(1.0, 0.0, "valid1", "b1", 9), row(0.0, 1.0, "valid1", "b2", 9), row(2.0, -2.0, "valid2", "b2", 1),
+            row(0.5, 0.5, "valid2", "b2", None)]
+    m = rm.eval_metrics(rows, "validation")
+    assert m["eval/validation/accuracy"] == pytest.approx(0.5)
+    assert m["eval/validation/reward_chosen"] == pytest.approx(3.5 / 4)
+    assert m["eval/validation/reward_rejected"] == pytest.approx(-0.5 / 4)
+    assert m["eval/validation/accuracy/split/valid1"] == pytest.approx(0.5)
+    assert m["eval/validation/accuracy/split/valid2"] == pytest.approx(0.5)
+    assert m["eval/validation/accuracy/batch/b1"] == 1.0
+    assert m["eval/validation/accuracy/batch/b2"] == pytest.approx(1 / 3)
+    assert m["eval/validation/accuracy/confidence/9"] == pytest.approx(0.5)
+    assert m["eval/validation/accuracy/confidence/1"] == 1.0
+    assert not any(k.endswith("/None") for k in m)  # a missing confidence is left out of the breakdown
+
+
+# ------------------------------------------------------------ data layout and readout ------------------------
+def test_pair_batch_stacks_chosen_then_rejected_right_padded():
+    pairs = [dict(query_chosen=[5, 6, 7, EOS], query_rejected=[5, 6, EOS]),
+             dict(query_chosen=[8, EOS], query_rejected=[8, 9, 10, 11, EOS])]
+    batch = rm.pair_batch(pairs, 6, PAD)
+    assert batch.tolist() == [[5, 6, 7, EOS, PAD, PAD], [8, EOS, PAD, PAD, PAD, PAD],
+                              [5, 6, EOS, PAD, PAD, PAD], [8, 9, 10, 11, EOS, PAD]]
+
+
+def test_reward_is_read_at_the_eos():
+    torch.manual_seed(0)
+    config = GPTNeoXConfig(vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                           intermediate_size=64, rotary_pct=0.25, max_position_embeddings=64)
+    model = ScalarModel(GPTNeoXModel(config)).eval()
+    pairs = [dict(query_chosen=[5, 6, 7, EOS], query_rejected=[5, 6, EOS]),
+             dict(query_chosen=[8, EOS], query_rejected=[8, 9, 10, 11, EOS])]
+    with torch.no_grad():
+        reward_logits, scores, lengths = get_reward(model, rm.pair_batch(pairs, 7, PAD), PAD, context_length=0)
+        _, alone, _ = get_reward(model, torch.tensor([[5, 6, 7, EOS]]), PAD, context_length=0)
+    assert lengths.tolist() == [3, 1, 2, 4]  # the EOS of each sequence [D12]
+    torch.testing.assert_close(scores, reward_logits[torch.arange(4), torch.tensor([3, 1, 2, 4])])
+    torch.testing.assert_close(scores[0], alone[0], atol=1e-5, rtol=1e-5)  # right padding changes nothing
+
+
+@pytest.fixture(scope="module")
+def tokenizer(world):
+    return rm.load_tokenizer(str(world / "base_model"))
+
+
+def raw_row(choice, texts, post="my mom hid my keys.\ni feel sad."):
+    return dict(info=dict(id="t3_x", post=post, title="my mom hid my keys", subreddit="tifu"),
+                summaries=[dict(text=t, policy="p", note="") for t in texts], choice=choice, batch="batch3",
+                split="train", extra=dict(confidence=7))
+
+
+def test_tokenize_pairs_raw_format(tokenizer):
+    rows = datasets.Dataset.from_list([raw_row(1, [" a bad one.", " my mom hid my keys."]),
+                                       raw_row(0, [" my mom hid my keys.", " word" * 80])])
+    assert rm.preference_format(rows, "x") == "raw"
+    pairs, dropped = rm.tokenize_pairs(tokenizer, rows, "raw", 128, 20)
+    assert dropped == 1 and len(pairs) == 1  # the 80-word response is over 20 tokens
+    p, eos = pairs[0], tokenizer.eos_token_id
+    query = rm.tokenize_query(tokenizer, rows[0]["info"], 128)
+    assert p["chosen"] == " my mom hid my keys." and p["rejected"] == " a bad one."  # summaries[choice] is chosen
+    assert p["query_chosen"] == query + tokenizer.encode(" my mom hid my keys.") + [eos]
+    assert p["query_rejected"] == query + tokenizer.encode(" a bad one.") + [eos]
+    assert (p["id"], p["split"], p["batch"], p["confidence"]) == ("t3_x", "train", "batch3", 7)
+
+
+def test_tokenize_pairs_standard_format(tokenizer):
+    rows = datasets.Dataset.from_list([dict(prompt="TL;DR:", chosen=" good", rejected=" bad")])
+    assert rm.preference_format(rows, "x") == "standard"
+    [p], dropped = rm.tokenize_pairs(tokenizer, rows, "standard", 16, 8)
+    assert dropped == 0 and p["query_chosen"] == tokenizer.encode("TL;DR:") + tokenizer.encode(" good") + [tokenizer.eos_token_id]
+    with pytest.raises(ValueError, match="--query-length 2"):
+        rm.tokenize_pairs(tokenizer, rows, "standard", 2, 8)
+    with pytest.raises(ValueError, match="'rejected'"):
+        rm.preference_format(datasets.Dataset.from_list([dict(prompt="a", chosen="b")]), "--label-dataset")
+
+
+# ------------------------------------------------------------ sharding ---------------------------------------
+def test_train_shards_are_disjoint_and_share_one_shuffle():
+    num_pairs, num_updates, batch_size = 100, 6, 16
+    shards = [rm.train_shards(num_pairs, num_updates, batch_size, 7, rank, 2) for rank in range(2)]
+    single = rm.train_shards(num_pairs, num_updates, batch_size, 7, 0, 1)
+    for u in range(num_updates):
+        assert len(shards[0][u]) == len(shards[1][u]) == batch_size // 2
+        assert not set(shards[0][u]) & set(shards[1][u])
+        assert shards[0][u] + shards[1][u] == single[u]  # the same global batches whatever the number of ranks
+    used = [i for s in single for i in s]
+    assert len(set(used)) == len(used) == num_updates * batch_size  # one epoch: no pair seen twice
+    assert rm.train_shards(num_pairs, num_updates, batch_size, 8, 0, 1) != single
+    with pytest.raises(ValueError, match="batch_size / world_size"):
+        rm.rank_shard(list(range(16)), 0, 3)
+
+
+# ------------------------------------------------------------ bad inputs -------------------------------------
+@pytest.mark.parametrize("extra, message", [
+    (["--batch-size", "24", "--local-micro-batch-size", "16"], "--batch-size / (--local-micro-batch-size"),
+    (["--response-length", "0"], "--response-length must be positive"),
+    (["--sft-model-path", "/nonexistent/sft"], "--sft-model-path"),
+])
+def test_bad_arguments_fail_fast(world, tmp_path, extra, message):
+    result = run_script(*world_cli(world, tmp_path / "out"), *extra)
+    assert result.returncode != 0 and message in result.stderr, result.stderr[-2000:]
+    assert not (tmp_path / "out").exists()  # failed before anything was written
+
+
+def test_missing_preference_column_is_named(world, tmp_path):
+    rows = datasets.load_dataset(str(world / "tldr_preference"), split="train").remove_columns(["choice"])
+    (tmp_path / "bad" / "data").mkdir(parents=True)
+    rows.to_parquet(str(tmp_path / "bad" / "data" / "train-00000-of-00001.parquet"))
+    result = run_script(*world_cli(world, tmp_path / "out"), "--label-dataset", str(tmp_path / "bad"))
+    assert result.returncode != 0 and "['choice']" in result.stderr, result.stderr[-2000:]
+
+
+# ------------------------------------------------------------ smoke run on the tiny world --------------------
+def test_smoke_run_trains_normalises_and_saves(world, tmp_path):
+    out = tmp_path / "rm"
+    result = run_script(*world_cli(world, out, "--lr", "3e-4", "--batch-size", "32", "--local-micro-batch-size", "16",
+                                   "--local-eval-batch-size", "32", "--num-normalization-samples", "256"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "0 dropped" in result.stdout
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    train = [m for m in metrics if "train/loss" in m]
+    assert len(train) == 16 and train[-1]["train/episode"] == 512  # 512 pairs / 32 per update
+    losses = [m["train/loss"] for m in train]
+    assert sum(losses[-4:]) / 4 < sum(losses[:4]) / 4 - 0.02  # the loss falls
+    assert train[0]["train/lr"] == pytest.approx(3e-4) and train[-1]["train/lr"] < 1e-5  # cosine to 0
+    final = {k: v for m in metrics if "train/loss" not in m for k, v in m.items()}
+    assert abs(final["normalization/mean"]) < 1e-6 and final["normalization/std"] > 0
+    assert final["eval/left_right_padding_diff"] < 1e-4  # [D14]: numerical only
+    for split, n in [("validation", 128), ("validation_cnndm", 32)]:
+        rows = [json.loads(line) for line in (out / f"eval_{split}.jsonl").read_text().splitlines()]
+        assert len(rows) == n and len({r["id"] for r in rows}) == n  # one row per evaluated pair
+        assert set(rows[0]) == {"id", "query", "chosen", "rejected", "reward_chosen", "reward_rejected", "split",
+                                "batch", "confidence"}
+        accuracy = sum(r["reward_chosen"] > r["reward_rejected"] for r in rows) / n
+        assert final[f"eval/{split}/accuracy"] == pytest.approx(accuracy)
+        assert f"eval/{split}/accuracy/batch/{rows[0]['batch']}" in final
+        assert f"eval/{split}/accuracy/confidence/{rows[0]['confidence']}" in final
+    assert final["eval/validation/accuracy"] > 0.55
+
+    # the saved model reloads, keeps its bias, and scores the reference summaries 0 on average [D15]
+    model = ScalarModel.from_pretrained(str(out)).eval()
+    assert model.bias == pytest.approx(final["normalization/bias"])
+    tokenizer = rm.load_tokenizer(str(out))
+    refs = datasets.load_dataset(str(world / "tldr_sft"), split="train").select(range(256))
+    sequences = [rm.right_pad(rm.tokenize_query(tokenizer, r, 128) + tokenizer.encode(" " + r["summary"])
+                              + [tokenizer.eos_token_id], 192, tokenizer.pad_token_id) for r in refs]
+    with torch.no_grad():
+        _, scores, _ = get_reward(model, torch.tensor(sequences), tokenizer.pad_token_id, context_length=0)
+    assert abs(scores.mean().item()) < 1e-4
+    assert scores.std().item() == pytest.approx(final["normalization/std"], rel=1e-3)
+
+
+def test_torchrun_two_processes(world, tmp_path):
+    out = tmp_path / "rm_ddp"
+    result = run_script(*world_cli(world, out, "--lr", "3e-4", "--batch-size", "32", "--local-micro-batch-size", "8",
+                                   "--total-episodes", "64", "--num-eval-samples", "8",
+                                   "--num-normalization-samples", "32"), torchrun=True)
+    assert result.returncode == 0, (result.stdout[-2000:], result.stderr[-3000:])
+    firsts = {}
+    for rank, first in re.findall(r"\[rank (\d)/2\] trains on 32 pairs \(first indices \[([\d, ]+)\]\); the 2 shards "
+                                  r"are disjoint", result.stdout):
+        firsts[rank] = {int(i) for i in first.split(",")}
+    assert set(firsts) == {"0", "1"} and not firsts["0"] & firsts["1"]
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert sum("train/loss" in m for m in metrics) == 2  # 64 pairs / 32 per update, logged once (rank 0)
+    assert len((out / "eval_validation.jsonl").read_text().splitlines()) == 8  # both ranks' rows, gathered
+    assert (out / "value_head.json").exists()
