@@ -22,6 +22,7 @@ import math
 import os
 import random
 import time
+from collections import Counter
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from typing import Optional
@@ -318,10 +319,8 @@ def rank_batch_indices(num_examples, batch_size, update, rank, world_size, seed)
 
 
 def ngrams(tokens, n):
-    counts = {}
-    for i in range(len(tokens) - n + 1):
-        counts[tuple(tokens[i:i + n])] = counts.get(tuple(tokens[i:i + n]), 0) + 1
-    return counts
+    """Counts of the n-grams of a token list."""
+    return Counter(tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1))
 
 
 def f_measure(matches, num_prediction, num_reference):
@@ -348,7 +347,7 @@ def rouge(prediction, reference):
     scores = {}
     for n in (1, 2):
         p_ngrams, r_ngrams = ngrams(p, n), ngrams(r, n)
-        matches = sum(min(count, r_ngrams.get(gram, 0)) for gram, count in p_ngrams.items())
+        matches = sum((p_ngrams & r_ngrams).values())  # each n-gram counted at most as often as in the reference
         scores[f"rouge{n}"] = f_measure(matches, sum(p_ngrams.values()), sum(r_ngrams.values()))
     scores["rougeL"] = f_measure(lcs_length(p, r), len(p), len(r))
     return scores

@@ -15,8 +15,9 @@ import sft
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # one thread: far faster than two on a shared 2-core machine
-# Tiny-world settings that learn quickly from random init: 20 updates of 32, crossing into a second epoch.
-SMOKE = ["--query-length", "128", "--batch-size", "32", "--local-micro-batch-size", "16", "--lr", "3e-3",
+# Tiny-world settings that learn quickly from random init: 20 updates of 32, crossing into a second epoch; micro-batches
+# of 8, so that the 2-process run accumulates too (2 per rank, under no_sync) and still matches 4 in one process.
+SMOKE = ["--query-length", "128", "--batch-size", "32", "--local-micro-batch-size", "8", "--lr", "3e-3",
          "--num-train-epochs", "2", "--total-episodes", "640", "--num-eval-samples", "16"]
 
 
@@ -239,16 +240,16 @@ def test_torchrun_two_processes_match_one(world, smoke_run, tmp_path):
     result = run_sft("--base-model", str(world / "base_model"), "--query-dataset", str(world / "tldr_sft"),
                      *SMOKE, "--output-dir", str(out), torchrun=True)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "(2 processes x 1 micro-batches of 16)" in result.stdout
+    assert "(2 processes x 2 micro-batches of 8)" in result.stdout
     one, two = read_jsonl(single / "metrics.jsonl"), read_jsonl(out / "metrics.jsonl")
     assert len(one) == len(two)
     for a, b in zip(one, two):
         for key in ["train/loss", "val/loss", "test/loss"]:
             if key in a:
-                assert b[key] == pytest.approx(a[key], rel=1e-4), (a["step"], key)
+                assert b[key] == pytest.approx(a[key], rel=1e-5), (a["step"], key)  # seen: 1e-7
     weights_one = AutoModelForCausalLM.from_pretrained(single).state_dict()
     weights_two = AutoModelForCausalLM.from_pretrained(out).state_dict()
     for name, tensor in weights_one.items():
-        torch.testing.assert_close(weights_two[name], tensor, rtol=1e-3, atol=1e-4, msg=name)
+        torch.testing.assert_close(weights_two[name], tensor, rtol=1e-4, atol=1e-5, msg=name)  # seen: 1e-7
     rows_one, rows_two = read_jsonl(single / "eval_test.jsonl"), read_jsonl(out / "eval_test.jsonl")
     assert [r["id"] for r in rows_two] == [r["id"] for r in rows_one]  # gathered in dataset order
