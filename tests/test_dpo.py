@@ -1,0 +1,257 @@
+"""dpo.py: formulas against hand-computed values, invariants, bad inputs, a tiny-world smoke run and a torchrun run."""
+
+import ast
+import json
+import math
+import os
+import re
+import socket
+import subprocess
+import sys
+
+import datasets
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import dpo
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "dpo.py")
+PAD, EOS = 9, 0
+
+
+def tiny_args(world, output_dir, *extra):
+    return [SCRIPT, "--sft-model-path", str(world / "base_model"), "--query-dataset", str(world / "tldr_sft"),
+            "--label-dataset", str(world / "tldr_preference"), "--query-length", "128", "--lr", "3e-4",
+            "--beta", "0.1", "--batch-size", "32", "--local-micro-batch-size", "16", "--local-eval-batch-size", "32",
+            "--output-dir", str(output_dir), *extra]
+
+
+def run(cmd, timeout=240):
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+
+
+def read_jsonl(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+# ---------------------------------------------------------------- masks and sequence log-probs --------------------
+def test_response_mask_excludes_query_and_pad_and_includes_eos():
+    query_responses = torch.tensor([
+        [5, 6, 7, 3, 4, EOS, PAD, PAD],  # query of 3 tokens, response "3 4 EOS", then pad
+        [5, 6, 3, EOS, PAD, PAD, PAD, PAD],  # query of 2 tokens
+        [5, 6, 7, 8, 3, 4, 4, EOS],  # no pad at all
+    ])
+    mask = dpo.response_mask(query_responses, torch.tensor([3, 2, 4]), PAD)
+    assert mask.int().tolist() == [
+        [0, 0, 0, 1, 1, 1, 0, 0],
+        [0, 0, 1, 1, 0, 0, 0, 0],
+        [0, 0, 0, 0, 1, 1, 1, 1],
+    ]
+
+
+def test_build_sequences_right_pads_and_keeps_query_lengths():
+    sequences, query_lengths = dpo.build_sequences([[5, 6], [5, 6, 7]], [[3, EOS], [EOS]], 6, PAD)
+    assert sequences.tolist() == [[5, 6, 3, EOS, PAD, PAD], [5, 6, 7, EOS, PAD, PAD]]
+    assert query_lengths.tolist() == [2, 3]
+    with pytest.raises(AssertionError):
+        dpo.build_sequences([[5, 6, 7]], [[3, 4, EOS]], 5, PAD)
+
+
+def test_sequence_logprobs_sums_the_response_tokens_only():
+    # vocab of 3; the logits at position t predict the token at t + 1
+    logits = torch.tensor([[[0.0, 0.0, 0.0],  # predicts token 1 (query): masked
+                            [1.0, 2.0, 3.0],  # predicts token 2 (response "1")
+                            [0.0, math.log(3.0), 0.0],  # predicts token 3 (EOS = 0)
+                            [5.0, 5.0, 5.0]]])  # predicts nothing (last position)
+    query_responses = torch.tensor([[2, 2, 1, 0]])
+    mask = torch.tensor([[False, False, True, True]])
+    expected = math.log(math.exp(2) / (math.exp(1) + math.exp(2) + math.exp(3))) + math.log(1 / 5)
+    assert dpo.sequence_logprobs(logits, query_responses, mask).item() == pytest.approx(expected, abs=1e-6)
+
+
+# ---------------------------------------------------------------- losses and accuracy ----------------------------
+# Two pairs: h = (pi_c - pi_r) - (ref_c - ref_r) = 2 and -1.
+PI_C, PI_R = torch.tensor([-1.0, -4.0]), torch.tensor([-3.0, -2.0])
+REF_C, REF_R = torch.tensor([-2.0, -3.0]), torch.tensor([-2.0, -2.0])
+
+
+def logsig(x):
+    return -math.log1p(math.exp(-x))
+
+
+@pytest.mark.parametrize("loss_type, label_smoothing, expected", [
+    ("sigmoid", 0.0, (-logsig(1.0) - logsig(-0.5)) / 2),  # beta h = 1, -0.5
+    ("ipo", 0.0, ((2 - 1) ** 2 + (-1 - 1) ** 2) / 2),  # 1 / (2 beta) = 1
+    ("label_smoothing", 0.1, (-0.9 * logsig(1.0) - 0.1 * logsig(-1.0) - 0.9 * logsig(-0.5) - 0.1 * logsig(0.5)) / 2),
+])
+def test_loss_types_on_a_hand_computed_batch(loss_type, label_smoothing, expected):
+    loss, chosen_rewards, rejected_rewards = dpo.dpo_loss(PI_C, PI_R, REF_C, REF_R, 0.5, loss_type, label_smoothing)
+    assert loss.dim() == 0
+    assert loss.item() == pytest.approx(expected, abs=1e-6)
+    assert chosen_rewards.tolist() == pytest.approx([0.5, -0.5])  # beta * (pi - ref)
+    assert rejected_rewards.tolist() == pytest.approx([-0.5, 0.0])
+
+
+def test_loss_is_a_mean_not_a_sum():
+    one, _, _ = dpo.dpo_loss(PI_C[:1], PI_R[:1], REF_C[:1], REF_R[:1], 0.5, "sigmoid", 0.0)
+    twice, _, _ = dpo.dpo_loss(PI_C[:1].repeat(2), PI_R[:1].repeat(2), REF_C[:1].repeat(2), REF_R[:1].repeat(2),
+                               0.5, "sigmoid", 0.0)
+    assert twice.item() == pytest.approx(one.item())
+
+
+def test_accuracy_counts_exact_ties_half():
+    accuracy = dpo.preference_accuracy(torch.tensor([1.0, 0.0, 0.3]), torch.tensor([0.5, 0.0, 0.4]))
+    assert accuracy.tolist() == [1.0, 0.5, 0.0]
+
+
+def test_policy_equal_to_reference_gives_log2_and_accuracy_half(world):
+    tokenizer = dpo.load_tokenizer(str(world / "base_model"))
+    policy = dpo.load_policy(str(world / "base_model"), tokenizer, torch.device("cpu"))
+    reference = dpo.load_policy(str(world / "base_model"), tokenizer, torch.device("cpu")).eval().requires_grad_(False)
+    rows = datasets.load_dataset(str(world / "tldr_preference"), split="train").select(range(4))
+    pairs = [dpo.tokenize_pair(tokenizer, row, 128, "openai", "x") for row in rows]
+    length = max(len(p["query_token"]) + max(len(p["chosen_token"]), len(p["rejected_token"])) for p in pairs)
+    chosen, query_lengths = dpo.build_sequences([p["query_token"] for p in pairs], [p["chosen_token"] for p in pairs],
+                                                length, tokenizer.pad_token_id)
+    rejected, _ = dpo.build_sequences([p["query_token"] for p in pairs], [p["rejected_token"] for p in pairs],
+                                      length, tokenizer.pad_token_id)
+    pi = dpo.concatenated_logprobs(policy, chosen, rejected, query_lengths, tokenizer.pad_token_id)
+    with torch.no_grad():
+        ref = dpo.concatenated_logprobs(reference, chosen, rejected, query_lengths, tokenizer.pad_token_id)
+    assert (pi[0] < 0).all() and not torch.equal(pi[0], pi[1])  # real, different log-probs
+    loss, chosen_rewards, rejected_rewards = dpo.dpo_loss(*pi, *ref, 0.05, "sigmoid", 0.0)
+    assert loss.item() == pytest.approx(math.log(2), abs=1e-6)
+    assert dpo.preference_accuracy(chosen_rewards, rejected_rewards).tolist() == [0.5] * 4
+    ipo, _, _ = dpo.dpo_loss(*pi, *ref, 0.05, "ipo", 0.0)
+    assert ipo.item() == pytest.approx(1 / (2 * 0.05) ** 2, rel=1e-5)
+    loss.backward()  # the policy gets gradients, the reference none
+    assert policy.get_input_embeddings().weight.grad is not None
+    assert all(p.grad is None for p in reference.parameters())
+
+
+# ---------------------------------------------------------------- data -------------------------------------------
+def test_tokenize_pair_openai_format_takes_the_choice_and_appends_eos(world):
+    tokenizer = AutoTokenizer.from_pretrained(str(world / "base_model"))
+    row = datasets.load_dataset(str(world / "tldr_preference"), split="train")[0]
+    pair = dpo.tokenize_pair(tokenizer, row, 128, "openai", "unused")
+    chosen_text = row["summaries"][row["choice"]]["text"]
+    assert chosen_text.startswith(" ") and pair["chosen"] == chosen_text
+    assert pair["rejected"] == row["summaries"][1 - row["choice"]]["text"]
+    assert pair["chosen_token"] == tokenizer.encode(chosen_text) + [tokenizer.eos_token_id]
+    assert pair["query_token"] == dpo.tokenize_query(tokenizer, row["info"], 128)
+    assert pair["query"].endswith("TL;DR:") and pair["id"] == row["info"]["id"]
+    assert pair["confidence"] == row["extra"]["confidence"] and pair["batch"] == row["batch"]
+
+
+def test_tokenize_pair_standard_format(world):
+    tokenizer = AutoTokenizer.from_pretrained(str(world / "base_model"))
+    row = dict(prompt="my dad lost my car. TL;DR:", chosen=" my dad lost my car.", rejected=" i feel sad.")
+    pair = dpo.tokenize_pair(tokenizer, row, 128, "standard", "train-7")
+    assert pair["id"] == "train-7" and pair["split"] is None
+    assert pair["query_token"] == tokenizer.encode(row["prompt"])
+    assert pair["rejected_token"] == tokenizer.encode(" i feel sad.") + [tokenizer.eos_token_id]
+
+
+def test_rank_batches_are_disjoint_and_cover_each_global_batch():
+    perm = torch.randperm(100, generator=torch.Generator().manual_seed(1))
+    shards = [dpo.rank_batches(perm, 32, rank, 4) for rank in range(4)]
+    assert all(len(s) == 3 for s in shards) and all(len(b) == 8 for s in shards for b in s)  # 4 pairs left over
+    for update in range(3):
+        together = [i for s in shards for i in s[update]]
+        assert together == perm[update * 32: (update + 1) * 32].tolist()
+    seen = [i for s in shards for b in s for i in b]
+    assert len(seen) == len(set(seen)) == 96
+    with pytest.raises(ValueError, match="not divisible"):
+        dpo.rank_batches(perm, 30, 0, 4)
+
+
+# ---------------------------------------------------------------- bad inputs -------------------------------------
+@pytest.mark.parametrize("changes, message", [
+    (dict(label_smoothing=0.1), "read only by --loss-type label_smoothing"),
+    (dict(loss_type="label_smoothing"), r"needs --label-smoothing in \(0, 0.5\)"),
+    (dict(response_length=0), "--response-length must be positive"),
+    (dict(beta=0.0), "--beta must be positive"),
+    (dict(sft_model_path="/no/such/model"), "--sft-model-path /no/such/model: no such file"),
+    (dict(total_episodes=10), "smaller than one --batch-size"),
+])
+def test_validate_args_rejects(changes, message):
+    args = dpo.Args(**changes)
+    with pytest.raises(ValueError, match=message):
+        dpo.validate_args(args)
+
+
+def test_script_fails_fast_on_missing_columns_and_bad_batch_sizes(world, tmp_path):
+    bad = tmp_path / "bad_preference"
+    os.makedirs(bad / "data")
+    datasets.Dataset.from_list([dict(prompt="a", answer="b")]).to_parquet(str(bad / "data" / "train-00000-of-00001.parquet"))
+    result = run([sys.executable] + tiny_args(world, tmp_path / "out") + ["--label-dataset", str(bad)])
+    assert result.returncode != 0
+    assert "--label-dataset" in result.stderr and "lacks the column(s) ['info', 'summaries', 'choice'" in result.stderr
+    result = run([sys.executable] + tiny_args(world, tmp_path / "out") + ["--local-micro-batch-size", "12"])
+    assert result.returncode != 0
+    assert "--batch-size over --local-micro-batch-size x number of processes: 32 is not divisible by 12" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------- runs -------------------------------------------
+def test_smoke_run_on_the_tiny_world(world, tmp_path):
+    out = tmp_path / "run"
+    result = run([sys.executable] + tiny_args(world, out, "--total-episodes", "256", "--num-eval-samples", "8"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "kept 512 of 512 pairs" in result.stdout
+    metrics = read_jsonl(out / "metrics.jsonl")
+    train = [m for m in metrics if "train/loss" in m]
+    assert len(train) == 8 and train[-1]["train/episode"] == 256
+    # the first update sees policy == reference: loss log 2, every pair a tie
+    assert train[0]["train/loss"] == pytest.approx(math.log(2), abs=1e-5) and train[0]["train/accuracy"] == 0.5
+    assert train[0]["train/lr"] == pytest.approx(3e-4) and train[-1]["train/lr"] < 0.05 * 3e-4  # cosine to 0
+    late = train[-6:]
+    assert sum(m["train/loss"] for m in late) / 6 < math.log(2) - 0.02
+    assert sum(m["train/reward_margin"] for m in late) / 6 > 0.05
+    assert all(m["train/logps_chosen"] < 0 for m in train)
+    evals = {k: v for m in metrics for k, v in m.items() if k.startswith("eval/")}
+    assert evals["eval/validation/accuracy"] > 0.55  # the implicit reward ranks held-out pairs above chance
+    assert "eval/validation/accuracy/batch/batch11" in evals and "eval/validation/accuracy/confidence/9" in evals
+    rows = read_jsonl(out / "eval_validation.jsonl")
+    assert len(rows) == 128 and len(read_jsonl(out / "eval_validation_cnndm.jsonl")) == 32
+    assert set(rows[0]) == {"id", "query", "chosen", "rejected", "reward_chosen", "reward_rejected", "split", "batch",
+                            "confidence"}
+    generations = read_jsonl(out / "eval_generations.jsonl")
+    sft_validation = datasets.load_dataset(str(world / "tldr_sft"), split="validation")
+    assert [g["id"] for g in generations] == sft_validation["id"][:8]
+    assert set(generations[0]) == {"id", "query", "response", "reference", "has_eos", "response_tokens"}
+    assert all(1 <= g["response_tokens"] <= 128 and (g["has_eos"] or g["response_tokens"] == 128) for g in generations)
+    assert generations[0]["reference"] == sft_validation[0]["summary"]
+    model = AutoModelForCausalLM.from_pretrained(str(out))
+    tokenizer = AutoTokenizer.from_pretrained(str(out))
+    assert tokenizer.pad_token == "[PAD]" and model.config.hidden_dropout == 0.0
+    base = AutoModelForCausalLM.from_pretrained(str(world / "base_model"))
+    assert not torch.equal(model.get_output_embeddings().weight, base.get_output_embeddings().weight)  # it trained
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_torchrun_two_processes_disjoint_shards(world, tmp_path):
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+           "--master-port", str(free_port())] + tiny_args(world, out, "--local-micro-batch-size", "8",
+                                                           "--total-episodes", "128", "--num-eval-samples", "4",
+                                                           "--precompute-ref-logprobs")
+    result = run(cmd)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    shards = {int(m.group(1)): ast.literal_eval(m.group(2))
+              for m in re.finditer(r"\[rank (\d)\] trains on 64 pairs .*first pair indices (\[[\d, ]+\])", result.stdout)}
+    assert set(shards) == {0, 1} and not set(shards[0]) & set(shards[1])
+    train = [m for m in read_jsonl(out / "metrics.jsonl") if "train/loss" in m]
+    assert len(train) == 4 and train[0]["train/loss"] == pytest.approx(math.log(2), abs=1e-5)
+    assert len(read_jsonl(out / "eval_validation.jsonl")) == 128  # both ranks' shards gathered
+    assert len(read_jsonl(out / "eval_generations.jsonl")) == 4
+    assert (out / "model.safetensors").exists()
