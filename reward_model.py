@@ -8,7 +8,7 @@ bias so that they score 0 on average [D15]. Saved with value_head's save_pretrai
 Single GPU (hub defaults: the Pythia-1B SFT checkpoint and the OpenAI comparisons):
     python reward_model.py --sft-model-path cleanrl/EleutherAI_pythia-1b-deduped__sft__tldr
 Multi-GPU (batch_size is global: 64 = 8 GPUs x 8 pairs, no accumulation):
-    torchrun --nproc-per-node 8 reward_model.py --sft-model-path models/sft_tldr --local-micro-batch-size 8
+    torchrun --nproc-per-node 8 reward_model.py --local-micro-batch-size 8
 Offline tiny world (python benchmark/offline_world.py --out-dir world --size tiny):
     python reward_model.py --sft-model-path world/base_model --label-dataset world/tldr_preference \\
         --query-dataset world/tldr_sft --query-length 128 --lr 3e-4 --batch-size 32 --local-micro-batch-size 16
