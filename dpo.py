@@ -126,12 +126,24 @@ def load_tokenizer(path):
     return tokenizer
 
 
-def load_policy(path, tokenizer, device):
-    """A causal LM with dropout disabled [D7]; embeddings grow only if the tokenizer outgrew them."""
+def check_model_path(path, arg):
+    """Fail fast on a local model path that does not exist (a hub id `org/name` is left to transformers)."""
+    looks_like_hub_id = path.count("/") == 1 and not path.startswith((".", "~")) and os.environ.get("HF_HUB_OFFLINE") != "1"
+    if not os.path.isdir(path) and not looks_like_hub_id:
+        raise ValueError(f"{arg}: {path!r} is not a folder (expected a saved model folder or a hub id org/name)")
+
+
+def config_without_dropout(path):
+    """The model config with every dropout probability set to 0 [D7]."""
     config = AutoConfig.from_pretrained(path)
     for key in [k for k in config.to_dict() if "dropout" in k and isinstance(getattr(config, k), float)]:
-        setattr(config, key, 0.0)  # [D7]
-    model = AutoModelForCausalLM.from_pretrained(path, config=config)
+        setattr(config, key, 0.0)
+    return config
+
+
+def load_policy(path, tokenizer, device):
+    """A causal LM with dropout disabled [D7]; embeddings grow only if the tokenizer outgrew them."""
+    model = AutoModelForCausalLM.from_pretrained(path, config=config_without_dropout(path))
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
         model.resize_token_embeddings(len(tokenizer))  # only for models without spare rows (Pythia has them)
     return model.to(device)
@@ -284,8 +296,8 @@ def validate_args(args):
         raise ValueError(f"--total-episodes {args.total_episodes} is smaller than one --batch-size {args.batch_size}")
     if args.num_eval_samples is not None and args.num_eval_samples <= 0:
         raise ValueError(f"--num-eval-samples must be positive or None, got {args.num_eval_samples}")
-    for arg, path in [("--sft-model-path", args.sft_model_path), ("--label-dataset", args.label_dataset),
-                      ("--query-dataset", args.query_dataset)]:
+    check_model_path(args.sft_model_path, "--sft-model-path")
+    for arg, path in [("--label-dataset", args.label_dataset), ("--query-dataset", args.query_dataset)]:
         if path.startswith(("/", ".")) and not os.path.exists(path):
             raise ValueError(f"{arg} {path}: no such file or folder")
 
@@ -298,12 +310,24 @@ def preference_format(dataset, arg="--label-dataset"):
     return "openai"
 
 
+def tokenize_article(tokenizer, article, query_length):
+    """Query of a CNN/DM row (validation_cnndm: `info` has an article and no post), "Article:\\n{article}\\n\\nTL;DR:",
+    the article's tokens cut to fit `query_length` (the reference allowed such queries up to 2047 tokens)."""
+    head, tail = tokenizer.encode("Article:\n"), tokenizer.encode("\n\nTL;DR:")
+    return head + tokenizer.encode(article)[: query_length - len(head) - len(tail)] + tail
+
+
 def tokenize_pair(tokenizer, row, query_length, data_format, fallback_id):
     """Token ids and texts of one preference pair. A response is its text's tokens + EOS [D5] (OpenAI texts already
-    begin with a space); the query is the TL;DR format cut to query_length [D2.2], or the standard format's prompt
-    as is (possibly too long: the caller drops it); `fallback_id` names a standard-format row without an id."""
+    begin with a space); the query is the TL;DR format cut to query_length [D2.2] (a CNN/DM row: the article
+    format), or the standard format's prompt as is (possibly too long: the caller drops it). `fallback_id` is the
+    id of a standard-format row without an id column."""
     if data_format == "openai":
-        query_token = tokenize_query(tokenizer, row["info"], query_length)
+        info = row["info"]
+        if info.get("post") is None and info.get("article") is not None:
+            query_token = tokenize_article(tokenizer, info["article"], query_length)
+        else:
+            query_token = tokenize_query(tokenizer, info, query_length)  # [D2.2]
         chosen, rejected = row["summaries"][row["choice"]]["text"], row["summaries"][1 - row["choice"]]["text"]
         extra = row["extra"] or {}
         meta = dict(id=row["info"]["id"], split=row["split"], batch=row["batch"], confidence=extra.get("confidence"))

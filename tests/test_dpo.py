@@ -156,6 +156,23 @@ def test_tokenize_pair_standard_format(world):
     assert pair["rejected_token"] == tokenizer.encode(" i feel sad.") + [tokenizer.eos_token_id]
 
 
+def test_tokenize_pair_cnndm_row_uses_the_article_format(world):
+    tokenizer = AutoTokenizer.from_pretrained(str(world / "base_model"))
+    row = dict(info=dict(id="cnn1", post=None, title=None, subreddit=None, article="my dad lost my car. " * 100),
+               summaries=[dict(text=" a."), dict(text=" b.")], choice=1, batch="batch0_cnndm", split="valid2",
+               extra=dict(confidence=None))
+    pair = dpo.tokenize_pair(tokenizer, row, 64, "openai", "unused")
+    assert len(pair["query_token"]) == 64 and pair["query"].startswith("Article:\n")
+    assert pair["query"].endswith("\n\nTL;DR:") and pair["chosen"] == " b." and pair["confidence"] is None
+
+
+def test_preference_format_detection():
+    standard = datasets.Dataset.from_list([dict(prompt="p", chosen=" a", rejected=" b")])
+    assert dpo.preference_format(standard) == "standard"
+    with pytest.raises(ValueError, match=r"--label-dataset .*lacks the column\(s\) \['info'"):
+        dpo.preference_format(datasets.Dataset.from_list([dict(prompt="p", answer="a")]))
+
+
 def test_rank_batches_are_disjoint_and_cover_each_global_batch():
     perm = torch.randperm(100, generator=torch.Generator().manual_seed(1))
     shards = [dpo.rank_batches(perm, 32, rank, 4) for rank in range(4)]
@@ -175,7 +192,8 @@ def test_rank_batches_are_disjoint_and_cover_each_global_batch():
     (dict(loss_type="label_smoothing"), r"needs --label-smoothing in \(0, 0.5\)"),
     (dict(response_length=0), "--response-length must be positive"),
     (dict(beta=0.0), "--beta must be positive"),
-    (dict(sft_model_path="/no/such/model"), "--sft-model-path /no/such/model: no such file"),
+    (dict(sft_model_path="/no/such/model"), "--sft-model-path: '/no/such/model' is not a folder"),
+    (dict(sft_model_path=ROOT, label_dataset="./no/such/data"), "--label-dataset ./no/such/data: no such file"),
     (dict(total_episodes=10), "smaller than one --batch-size"),
 ])
 def test_validate_args_rejects(changes, message):
