@@ -58,7 +58,7 @@ class Args:
     sft_model_path: str = "cleanrl/EleutherAI_pythia-1b-deduped__sft__tldr"
     """SFT checkpoint (hub id or local folder): its backbone and tokenizer start the reward model [D10]"""
     label_dataset: str = "vwxyzjn/summarize_from_feedback_oai_preprocessing_1706381144"
-    """preference pairs: raw OpenAI columns (info, summaries, choice, batch, split, extra) or prompt/chosen/rejected;
+    """preference pairs: OpenAI columns (info, summaries, choice, batch, split, extra) or prompt/chosen/rejected;
     split "train" trains, every other split is evaluated"""
     query_dataset: str = "vwxyzjn/summarize_from_feedback_tldr_3_filtered"
     """SFT data (subreddit, title, post, summary); its train split's reference summaries set the bias [D15]"""
@@ -214,18 +214,17 @@ def progress(prefix, step, total, start_time, **values):
 
 
 # -------------------------------------------------------- reward-model helpers ---------------------------------
-RAW_COLUMNS = ["info", "summaries", "choice", "batch", "split", "extra"]  # OpenAI's comparisons, as on the hub
+OPENAI_COLUMNS = ["info", "summaries", "choice", "batch", "split", "extra"]  # OpenAI's comparisons, as on the hub
 STANDARD_COLUMNS = ["prompt", "chosen", "rejected"]  # the standard preference format
 QUERY_COLUMNS = ["subreddit", "title", "post", "summary"]
 
 
-def preference_format(dataset, arg):
-    """"raw" (OpenAI comparisons) or "standard" (prompt/chosen/rejected); fails naming the missing columns."""
-    if "prompt" in dataset.column_names:
-        check_columns(dataset, STANDARD_COLUMNS, arg)
+def preference_format(dataset, arg="--label-dataset"):
+    """'openai' (raw summarize_from_feedback columns) or 'standard' (prompt/chosen/rejected strings)."""
+    if all(c in dataset.column_names for c in STANDARD_COLUMNS):
         return "standard"
-    check_columns(dataset, RAW_COLUMNS, arg)
-    return "raw"
+    check_columns(dataset, OPENAI_COLUMNS, f"{arg} (or the standard format: columns {STANDARD_COLUMNS})")
+    return "openai"
 
 
 def tokenize_article(tokenizer, article, query_length):
@@ -241,7 +240,7 @@ def tokenize_pairs(tokenizer, dataset, fmt, query_length, response_length):
     reference filters them, and counted."""
     pairs, dropped = [], 0
     for index, row in enumerate(dataset):
-        if fmt == "raw":
+        if fmt == "openai":
             info = row["info"]
             if info.get("post") is None and info.get("article") is not None:
                 query_tokens = tokenize_article(tokenizer, info["article"], query_length)

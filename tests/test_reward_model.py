@@ -113,8 +113,8 @@ def raw_row(choice, texts, post="my mom hid my keys.\ni feel sad."):
 def test_tokenize_pairs_raw_format(tokenizer):
     rows = datasets.Dataset.from_list([raw_row(1, [" a bad one.", " my mom hid my keys."]),
                                        raw_row(0, [" my mom hid my keys.", " word" * 80])])
-    assert rm.preference_format(rows, "x") == "raw"
-    pairs, dropped = rm.tokenize_pairs(tokenizer, rows, "raw", 128, 20)
+    assert rm.preference_format(rows, "x") == "openai"
+    pairs, dropped = rm.tokenize_pairs(tokenizer, rows, "openai", 128, 20)
     assert dropped == 1 and len(pairs) == 1  # the 80-word response is over 20 tokens
     p, eos = pairs[0], tokenizer.eos_token_id
     query = rm.tokenize_query(tokenizer, rows[0]["info"], 128)
@@ -131,7 +131,7 @@ def test_tokenize_pairs_standard_format(tokenizer):
     assert dropped == 0 and p["query_chosen"] == tokenizer.encode("TL;DR:") + tokenizer.encode(" good") + [tokenizer.eos_token_id]
     with pytest.raises(ValueError, match="--query-length 2"):
         rm.tokenize_pairs(tokenizer, rows, "standard", 2, 8)
-    with pytest.raises(ValueError, match="'rejected'"):
+    with pytest.raises(ValueError, match=r"--label-dataset \(or the standard format.*lacks the column\(s\) \['info'"):
         rm.preference_format(datasets.Dataset.from_list([dict(prompt="a", chosen="b")]), "--label-dataset")
 
 
