@@ -84,7 +84,8 @@ class Args:
     """sigmoid: DPO (Rafailov et al. 2023, eq. 7); ipo: IPO (Azar et al. 2023, eq. 17); label_smoothing:
     conservative DPO (Mitchell 2023) with --label-smoothing as the assumed label-flip probability"""
     label_smoothing: float = 0.0
-    """probability that a label is flipped, in (0, 0.5); read only by --loss-type label_smoothing (an error otherwise)"""
+    """probability that a label is flipped, in (0, 0.5); read only by --loss-type label_smoothing (non-zero with
+    another loss type is an error)"""
     precompute_ref_logprobs: bool = False
     """compute the reference's sequence log-probs once before training and free the reference (saves memory and
     one forward per micro-batch); False computes them on the fly"""
@@ -279,8 +280,9 @@ STANDARD_COLUMNS = ["prompt", "chosen", "rejected"]
 SFT_COLUMNS = ["id", "subreddit", "title", "post", "summary"]
 
 
-def validate_args(args):
-    """Fail on a bad argument before any data or model is loaded, naming the argument."""
+def validate_args(args, world_size):
+    """Fail on a bad argument before any data or model is loaded, naming the argument; returns the number of
+    gradient-accumulation steps, batch_size / (local_micro_batch_size * world_size)."""
     for name in ["query_length", "response_length", "eval_response_length", "batch_size", "local_micro_batch_size",
                  "local_eval_batch_size"]:
         if getattr(args, name) <= 0:
@@ -300,6 +302,8 @@ def validate_args(args):
     for arg, path in [("--label-dataset", args.label_dataset), ("--query-dataset", args.query_dataset)]:
         if path.startswith(("/", ".")) and not os.path.exists(path):
             raise ValueError(f"{arg} {path}: no such file or folder")
+    return exact_div(args.batch_size, args.local_micro_batch_size * world_size,
+                     "--batch-size over --local-micro-batch-size x number of processes")
 
 
 def preference_format(dataset, arg="--label-dataset"):
@@ -428,9 +432,7 @@ def accuracy_breakdown(rows, prefix):
 if __name__ == "__main__":
     args = tyro.cli(Args)
     rank, world_size, device = init_distributed()
-    validate_args(args)
-    grad_accum = exact_div(args.batch_size, args.local_micro_batch_size * world_size,
-                           "--batch-size over --local-micro-batch-size x number of processes")
+    grad_accum = validate_args(args, world_size)
     label_datasets = load_dataset(args.label_dataset)
     if "train" not in label_datasets:
         raise ValueError(f"--label-dataset {args.label_dataset}: no 'train' split (has {list(label_datasets)})")
@@ -551,10 +553,11 @@ if __name__ == "__main__":
             chosen, rejected, query_lengths, _ = collate(train_dataset, micro)  # (b, T), (b, T), (b,)
             ref_chosen, ref_rejected = get_reference("train", train_dataset, micro)  # (b,), (b,)
             sync = micro_step == grad_accum or world_size == 1
-            with (contextlib.nullcontext() if sync else model.no_sync()), autocast:
-                pi_chosen, pi_rejected = concatenated_logprobs(model, chosen, rejected, query_lengths, pad_token_id)
-                loss, chosen_rewards, rejected_rewards = dpo_loss(pi_chosen, pi_rejected, ref_chosen, ref_rejected,
-                                                                  args.beta, args.loss_type, args.label_smoothing)
+            with contextlib.nullcontext() if sync else model.no_sync():  # DDP all-reduces on the last micro-batch
+                with autocast:
+                    pi_chosen, pi_rejected = concatenated_logprobs(model, chosen, rejected, query_lengths, pad_token_id)
+                    loss, chosen_rewards, rejected_rewards = dpo_loss(pi_chosen, pi_rejected, ref_chosen, ref_rejected,
+                                                                      args.beta, args.loss_type, args.label_smoothing)
                 assert loss.dim() == 0, f"the loss must be a scalar, got shape {tuple(loss.shape)}"
                 (loss / grad_accum).backward()  # gradients averaged over micro-batches (and over ranks by DDP)
             accuracy = preference_accuracy(chosen_rewards, rejected_rewards)
@@ -592,7 +595,8 @@ if __name__ == "__main__":
                 chosen, rejected, query_lengths, data = collate(dataset, micro)
                 ref_chosen, ref_rejected = get_reference(split, dataset, micro)
                 with torch.no_grad(), autocast:
-                    pi_chosen, pi_rejected = concatenated_logprobs(policy, chosen, rejected, query_lengths, pad_token_id)
+                    pi_chosen, pi_rejected = concatenated_logprobs(policy, chosen, rejected, query_lengths,
+                                                                   pad_token_id)
                 _, chosen_rewards, rejected_rewards = dpo_loss(pi_chosen.float(), pi_rejected.float(), ref_chosen,
                                                                ref_rejected, args.beta, args.loss_type,
                                                                args.label_smoothing)
@@ -609,7 +613,8 @@ if __name__ == "__main__":
                 logger.log(metrics, step=num_updates)
                 logger.table(f"eval_{split}", [{k: v for k, v in r.items() if k != "accuracy"} for r in rows],
                              output_dir)
-                print(f"eval/{split}: accuracy {metrics[f'eval/{split}/accuracy']:.4f} on {len(rows)} pairs", flush=True)
+                print(f"eval/{split}: accuracy {metrics[f'eval/{split}/accuracy']:.4f} on {len(rows)} pairs",
+                      flush=True)
 
         # 2. Generations on the SFT validation posts: eval_response_length tokens at temperature 0.01, cut at EOS.
         rows = []
