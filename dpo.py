@@ -84,8 +84,7 @@ class Args:
     """sigmoid: DPO (Rafailov et al. 2023, eq. 7); ipo: IPO (Azar et al. 2023, eq. 17); label_smoothing:
     conservative DPO (Mitchell 2023) with --label-smoothing as the assumed label-flip probability"""
     label_smoothing: float = 0.0
-    """probability that a label is flipped, in (0, 0.5); read only by --loss-type label_smoothing (non-zero with
-    another loss type is an error)"""
+    """label-flip probability in (0, 0.5); read only by --loss-type label_smoothing (non-zero otherwise: an error)"""
     precompute_ref_logprobs: bool = False
     """compute the reference's sequence log-probs once before training and free the reference (saves memory and
     one forward per micro-batch); False computes them on the fly"""
@@ -441,6 +440,9 @@ if __name__ == "__main__":
         query_dataset = load_dataset(args.query_dataset, split="validation")
         check_columns(query_dataset, SFT_COLUMNS, "--query-dataset")
         if args.num_eval_samples is not None:
+            if args.num_eval_samples > len(query_dataset) and rank == 0:
+                print(f"--num-eval-samples {args.num_eval_samples}: the validation split has only "
+                      f"{len(query_dataset)} posts; generating for all of them", flush=True)
             query_dataset = query_dataset.select(range(min(args.num_eval_samples, len(query_dataset))))
     tokenizer = load_tokenizer(args.sft_model_path)
     pad_token_id, eos_token_id = tokenizer.pad_token_id, tokenizer.eos_token_id
