@@ -268,6 +268,12 @@ def tokenize_pairs(tokenizer, dataset, fmt, query_length, response_length):
     return pairs, dropped
 
 
+def longest(pairs):
+    """Length of the longest query + response of `pairs`: batches are right-padded to it, not to query_length +
+    response_length; under causal attention the trailing all-pad columns change no output and only cost time."""
+    return max(len(s) for p in pairs for s in (p["query_chosen"], p["query_rejected"]))
+
+
 def pair_batch(pairs, length, pad_token_id):
     """(2B, length) token ids: the B chosen sequences then the B rejected ones, right-padded, for one forward."""
     chosen = [right_pad(p["query_chosen"], length, pad_token_id) for p in pairs]
@@ -362,7 +368,7 @@ if __name__ == "__main__":
     query_rows = load_dataset(args.query_dataset, split="train")
     check_columns(query_rows, QUERY_COLUMNS, f"--query-dataset {args.query_dataset}")
 
-    # ---- 1. tokenize: query + chosen and query + rejected, right-padded to seq_length at batching [D12] ----
+    # ---- 1. tokenize: query + chosen and query + rejected, right-padded at batching [D12] ----
     seq_length = args.query_length + args.response_length
     pairs = {}
     for split in ["train"] + eval_splits:
@@ -422,7 +428,8 @@ if __name__ == "__main__":
         micro_batches = [shard[i : i + args.local_micro_batch_size] for i in range(0, len(shard), args.local_micro_batch_size)]
         assert len(micro_batches) == gradient_accumulation_steps
         for m, micro in enumerate(micro_batches):
-            query_responses = pair_batch([pairs["train"][i] for i in micro], seq_length, pad_token_id).to(device)  # (2b, T)
+            micro_pairs = [pairs["train"][i] for i in micro]
+            query_responses = pair_batch(micro_pairs, longest(micro_pairs), pad_token_id).to(device)  # (2b, T)
             last = m == len(micro_batches) - 1
             with contextlib.nullcontext() if last or world_size == 1 else ddp_model.no_sync():  # all-reduce once
                 with torch.autocast(**autocast):
@@ -487,7 +494,7 @@ if __name__ == "__main__":
             for start in range(0, len(mine), args.local_eval_batch_size):
                 batch = mine[start : start + args.local_eval_batch_size]
                 with torch.autocast(**autocast):
-                    _, scores, _ = get_reward(model, pair_batch(batch, seq_length, pad_token_id).to(device),
+                    _, scores, _ = get_reward(model, pair_batch(batch, longest(batch), pad_token_id).to(device),
                                               pad_token_id, context_length=0)
                 chosen_rewards, rejected_rewards = scores.float().chunk(2)
                 for p, r_chosen, r_rejected in zip(batch, chosen_rewards.tolist(), rejected_rewards.tolist()):

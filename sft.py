@@ -451,7 +451,6 @@ if __name__ == "__main__":
     scheduler = torch.optim.lr_scheduler.LambdaLR(  # lr factor 1 at the first update, 0 after the last [D9]
         optimizer, lambda u: 0.5 * (1.0 + math.cos(math.pi * u / num_updates)))
     pad, micro_size = tokenizer.pad_token_id, args.local_micro_batch_size
-    length = args.query_length + args.response_length  # SFT sequences are right-padded to 512 + 53 [D5]
     if rank == 0:
         print(f"{num_updates} updates x {args.batch_size} sequences ({world_size} processes x "
               f"{gradient_accumulation_steps} micro-batches of {args.local_micro_batch_size}); output {output_dir}")
@@ -465,8 +464,11 @@ if __name__ == "__main__":
         loss_avg = torch.zeros((), device=device)
         for micro in range(gradient_accumulation_steps):
             batch = [train[i] for i in indices[micro * micro_size:(micro + 1) * micro_size]]
-            query_responses = torch.tensor([right_pad(e["query"] + e["response"], length, pad) for e in batch],
-                                           device=device)  # (B, Q + R), query + response right-padded [D4, D5]
+            # right-padded [D4, D5] to the micro-batch's longest sequence, not to 512 + 53: under causal attention the
+            # trailing all-pad columns change no output and only cost time
+            longest = max(len(e["query"]) + len(e["response"]) for e in batch)
+            query_responses = torch.tensor([right_pad(e["query"] + e["response"], longest, pad) for e in batch],
+                                           device=device)  # (B, <= Q + R)
             sync = micro == gradient_accumulation_steps - 1 or world_size == 1
             with nullcontext() if sync else model.no_sync():  # all-reduce gradients only on the last micro-batch
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16 and device.type == "cuda"):
