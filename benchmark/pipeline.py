@@ -1,7 +1,7 @@
 # See README.md "Offline benchmark" for the results of this pipeline and how to read them.
 """The offline RLHF benchmark: world -> sft.py -> reward_model.py -> ppo_tldr.py and dpo.py, judged by the gold judge.
 
-    python benchmark/pipeline.py                      # benchmark-sized world, ~35 min on 2 CPU cores
+    python benchmark/pipeline.py                      # benchmark-sized world, ~45 min on 2 CPU cores
     python benchmark/pipeline.py --quick              # test-sized world, a few minutes
 
 Every stage runs through its script's command line (no private shortcuts), with fixed seeds. Every policy is then
@@ -34,7 +34,7 @@ SETTINGS = {
              "--total-episodes", "64000"],
         reward_model=["--lr", "1e-4", "--batch-size", "32", "--local-micro-batch-size", "32",
                       "--num-normalization-samples", "2000"],
-        ppo=["--lr", "5e-5", "--total-episodes", "9600", "--batch-size", "64", "--local-micro-batch-size", "32",
+        ppo=["--lr", "5e-5", "--total-episodes", "6400", "--batch-size", "64", "--local-micro-batch-size", "32",
              "--local-rollout-forward-batch-size", "64", "--sample-table-every", "10"],
         dpo=["--lr", "1e-4", "--beta", "0.1", "--batch-size", "32", "--local-micro-batch-size", "16"],
     ),

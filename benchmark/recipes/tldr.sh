@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# See README.md "Recipes for real hardware": the paper's runs (SFT -> reward model -> PPO, and DPO) on GPUs.
+#
+#   bash benchmark/recipes/tldr.sh 1b 8          # Pythia-1B on 8 GPUs (the paper's set-up), the paper's four seeds
+#   bash benchmark/recipes/tldr.sh 1b 1          # Pythia-1B on 1 GPU: same global batches through accumulation
+#   bash benchmark/recipes/tldr.sh 2.8b 8        # SFT, reward model and DPO; PPO needs sharding (see below)
+#   SEEDS="44413" bash benchmark/recipes/tldr.sh 1b 8   # one seed
+#
+# Batch sizes are the paper's and global (independent of the GPU count); only the per-GPU micro-batches change.
+# Models land in models/{size}/{stage}__{seed}; each stage reads the previous stage's folder.
+set -euo pipefail
+size=${1:?usage: tldr.sh {1b|2.8b|6.9b} {8|1}}
+gpus=${2:?usage: tldr.sh {1b|2.8b|6.9b} {8|1}}
+seeds=${SEEDS:-"44413 55513 66613 77713"}  # the N+ paper's seeds
+cd "$(dirname "$0")/../.."
+
+case "$size" in
+  1b)   base=EleutherAI/pythia-1b-deduped;   sft_micro=16; rm_micro=8; dpo_micro=8; ppo_micro=16; ppo_rollout=64 ;;
+  2.8b) base=EleutherAI/pythia-2.8b-deduped; sft_micro=4;  rm_micro=4; dpo_micro=2; ppo_micro=4;  ppo_rollout=32 ;;
+  6.9b) base=EleutherAI/pythia-6.9b-deduped; sft_micro=2;  rm_micro=2; dpo_micro=1; ppo_micro=2;  ppo_rollout=16 ;;
+  *) echo "size must be 1b, 2.8b or 6.9b, got $size" >&2; exit 2 ;;
+esac
+case "$gpus" in
+  1) launch="python" ;;
+  8) launch="torchrun --nproc-per-node 8" ;;
+  *) echo "gpus must be 8 or 1, got $gpus" >&2; exit 2 ;;
+esac
+# Weights, gradients and AdamW states in fp32 take 16 bytes per trained parameter on every GPU (DDP replicates them):
+# 6.9B does not fit an 80 GB GPU for any stage, and PPO (policy + value trained, reference + reward frozen) does not
+# fit from 2.8B on. Those runs need parameter sharding, which these scripts do not have yet.
+if [ "$size" = "6.9b" ]; then
+  echo "6.9b needs parameter sharding (about 110 GB per GPU for SFT alone under DDP); not supported yet" >&2; exit 2
+fi
+
+for seed in $seeds; do
+  out=models/$size
+  $launch sft.py --seed "$seed" --base-model "$base" --local-micro-batch-size "$sft_micro" \
+      --output-dir "$out/sft__$seed"
+  $launch reward_model.py --seed "$seed" --sft-model-path "$out/sft__$seed" --local-micro-batch-size "$rm_micro" \
+      --output-dir "$out/reward_model__$seed"
+  $launch dpo.py --seed "$seed" --sft-model-path "$out/sft__$seed" --local-micro-batch-size "$dpo_micro" \
+      --output-dir "$out/dpo__$seed"
+  if [ "$size" = "1b" ]; then
+    $launch ppo_tldr.py --seed "$seed" --sft-model-path "$out/sft__$seed" \
+        --reward-model-path "$out/reward_model__$seed" --total-episodes 1000000 \
+        --local-micro-batch-size "$ppo_micro" --local-rollout-forward-batch-size "$ppo_rollout" \
+        --output-dir "$out/ppo__$seed"
+  else
+    echo "skipping PPO at $size: policy + value + reference + reward model need parameter sharding (not supported yet)" >&2
+  fi
+done
