@@ -55,7 +55,7 @@ class Args:
     """bf16 autocast on CUDA (weights stay fp32); runs on CPU are always fp32"""
     # ---- models and data ----
     sft_model_path: str = "cleanrl/EleutherAI_pythia-1b-deduped__sft__tldr"
-    """the SFT policy: initialises the policy and the frozen reference policy [D16]"""
+    """the SFT policy: initialises the policy and the frozen reference policy"""
     reward_model_path: str = "cleanrl/EleutherAI_pythia-1b-deduped__reward__tldr"
     """the reward model (value_head folder or AutoModelForSequenceClassification); also initialises the value model"""
     query_dataset: str = "vwxyzjn/summarize_from_feedback_tldr_3_filtered"
@@ -78,7 +78,7 @@ class Args:
     """queries per device per generation/scoring chunk (bounds the memory of rollouts and evaluation)"""
     # ---- optimisation ----
     lr: float = 3e-6
-    """learning rate, decayed linearly to 0 over the updates [D19]"""
+    """learning rate, decayed linearly to 0 over the updates"""
     eps: float = 1e-5
     """AdamW epsilon"""
     gradient_checkpointing: bool = False
@@ -266,7 +266,7 @@ def masked_var(values, mask, unbiased=True):
 
 def masked_whiten(values, mask, shift_mean=True):
     """(values - mean) / sqrt(var + 1e-8) over the valid positions, biased variance; the mean is added back
-    unless `shift_mean` [D22]."""
+    unless `shift_mean`."""
     mean, var = masked_mean(values, mask), masked_var(values, mask, unbiased=False)
     whitened = (values - mean) * torch.rsqrt(var + 1e-8)
     if not shift_mean:
@@ -291,7 +291,7 @@ def compute_rewards(scores, logprobs, ref_logprobs, sequence_lengths, kl_coef, s
 
 def compute_advantages(rewards, values, padding_mask, gamma, lam):
     """GAE (Schulman et al. 2016, eq. 16) backwards over the response, returns = advantages + values; then the
-    advantages are whitened over the valid tokens and zeroed where `padding_mask` is true [D22]."""
+    advantages are whitened over the valid tokens and zeroed where `padding_mask` is true."""
     lastgaelam = 0
     advantages_reversed = []
     gen_length = rewards.shape[1]
@@ -313,7 +313,7 @@ def logprobs_of(logits, tokens):
 
 
 class PolicyAndValueWrapper(nn.Module):
-    """Policy and value model as one module: one optimizer and one DDP wrapper over both [D16]."""
+    """Policy and value model as one module: one optimizer and one DDP wrapper over both."""
 
     def __init__(self, policy, value_model):
         super().__init__()
@@ -442,7 +442,7 @@ if __name__ == "__main__":
     validation_queries = tokenize_split(validation_rows)
     context_length = args.query_length
 
-    # ---- models: policy and reference from SFT, reward and value from the reward model [D16] ----
+    # ---- models: policy and reference from SFT, reward and value from the reward model ----
     policy = load_policy(args.sft_model_path, tokenizer, device)
     ref_policy = load_policy(args.sft_model_path, tokenizer, device)
     reward_model = ScalarModel.from_pretrained(args.reward_model_path, config=config_without_dropout(args.reward_model_path))
@@ -476,7 +476,7 @@ if __name__ == "__main__":
     global_step, optimizer_steps, start_time = 0, 0, time.time()
     for update in range(1, num_updates + 1):
         global_step += args.batch_size
-        optimizer.param_groups[0]["lr"] = (1.0 - (update - 1.0) / num_updates) * args.lr  # linear decay [D19]
+        optimizer.param_groups[0]["lr"] = (1.0 - (update - 1.0) / num_updates) * args.lr  # linear decay
         queries = train_queries[next(batches)].to(device)  # (b, Q)
         timer = {"generation": 0.0, "scoring": 0.0, "training": 0.0}
 
@@ -538,7 +538,7 @@ if __name__ == "__main__":
                 rewards = masked_whiten(rewards, ~padding_mask_p1, shift_mean=False)
                 rewards = torch.masked_fill(rewards, padding_mask_p1, 0)
 
-            # 5. GAE and advantage whitening (per process, as the reference does) [D22]
+            # 5. GAE and advantage whitening (per process, as the reference does)
             advantages, returns = compute_advantages(rewards, values, padding_mask, args.gamma, args.lam)
 
         # 6. PPO epochs over mini-batches and micro-batches: clipped policy and value losses

@@ -68,7 +68,7 @@ def test_gae_on_three_steps_by_hand():
     advantages, returns = compute_advantages(rewards, values, torch.zeros(1, 3, dtype=torch.bool), gamma=1.0, lam=0.95)
     assert returns.tolist()[0] == pytest.approx([a0 + 0.5, a1 + 0.6, a2 + 0.7])
     mean = (a0 + a1 + a2) / 3
-    std = (((a0 - mean) ** 2 + (a1 - mean) ** 2 + (a2 - mean) ** 2) / 3 + 1e-8) ** 0.5  # biased variance [D22]
+    std = (((a0 - mean) ** 2 + (a1 - mean) ** 2 + (a2 - mean) ** 2) / 3 + 1e-8) ** 0.5  # biased variance, eps 1e-8
     assert advantages.tolist()[0] == pytest.approx([(a - mean) / std for a in (a0, a1, a2)], rel=1e-4)
     # gamma 0.5, lambda 0: one-step TD errors
     advantages_td, returns_td = compute_advantages(rewards, values, torch.zeros(1, 3, dtype=torch.bool), 0.5, 0.0)
