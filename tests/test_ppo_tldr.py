@@ -174,3 +174,21 @@ def test_a_dataset_without_the_needed_columns_is_named(world, reward_model, tmp_
                                       "--query-dataset", str(broken)])
     with pytest.raises(ValueError, match=r"lacks the column\(s\) \['title'\]"):
         runpy.run_path("ppo_tldr.py", run_name="__main__")
+
+
+def test_torchrun_two_processes(world, reward_model, tmp_path):
+    """Two CPU processes (gloo): the global batch is split, statistics are gathered, evaluation rows are gathered,
+    and the optimizer takes the same number of steps per update as one process would."""
+    import os
+
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "ppo_tldr.py",
+                    *ppo_args(world, reward_model, out, "--total-episodes", "32", "--num-ppo-epochs", "2",
+                              "--local-rollout-forward-batch-size", "8", "--num-eval-samples", "6")],
+                   check=True, env=env)
+    updates = [m for m in read_metrics(out) if "ppo/episode" in m]
+    assert [m["ppo/episode"] for m in updates] == [16, 32]
+    assert [m["ppo/optimizer_steps"] for m in updates] == [2, 4]
+    rows = [json.loads(line) for line in (out / "eval_validation.jsonl").read_text().splitlines()]
+    assert len({r["id"] for r in rows}) == 6  # both processes' shares, gathered on rank 0
