@@ -5,10 +5,13 @@ One GPU (1B, the paper's global batch of 512 episodes through gradient accumulat
     python ppo_tldr.py --total-episodes 1000000
 Eight GPUs (the paper's set-up):
     torchrun --nproc-per-node 8 ppo_tldr.py --total-episodes 1000000 --local-micro-batch-size 16
-The tiny offline world (CPU, seconds; see README.md "The tiny offline TL;DR world"):
+The tiny offline world (CPU, about a minute; see README.md "The tiny offline TL;DR world"); the random base model
+stands in for the SFT policy and a reward model is trained first:
     python benchmark/offline_world.py --out-dir world --size tiny
-    python ppo_tldr.py --sft-model-path world/base_model --reward-model-path world/reward_model \
-        --query-dataset world/tldr_sft --query-length 128 --total-episodes 256 --batch-size 32 \
+    python reward_model.py --sft-model-path world/base_model --label-dataset world/tldr_preference \\
+        --query-dataset world/tldr_sft --query-length 128 --lr 3e-4 --batch-size 32 --output-dir world/reward_model
+    python ppo_tldr.py --sft-model-path world/base_model --reward-model-path world/reward_model \\
+        --query-dataset world/tldr_sft --query-length 128 --total-episodes 256 --batch-size 32 \\
         --local-micro-batch-size 16 --local-rollout-forward-batch-size 32 --lr 1e-4
 """
 
