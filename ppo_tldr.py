@@ -108,7 +108,7 @@ class Args:
     whiten_rewards: bool = False
     """whiten the per-token rewards before GAE (off in the reference)"""
     score_at_eos: bool = False
-    """add the score at the EOS token instead of one position after it, as the reference does"""
+    """add the score at the EOS token instead of one position after it (the reference's placement, the default)"""
     sample_table_every: int = 220
     """every this many updates (and at the first and last), save the validation batch's temperature-0.01 samples
     with their scores as a table"""
