@@ -19,10 +19,12 @@ import contextlib
 import json
 import os
 import random
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from typing import Optional
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -56,6 +58,14 @@ class Args:
     """evaluate after training and save the evaluation tables"""
     bf16: bool = True
     """bf16 autocast on CUDA (weights stay fp32); runs on CPU are always fp32"""
+    resume: bool = False
+    """continue the run in --output-dir from its newest complete checkpoint (same arguments; the result is the same
+    as an uninterrupted run's)"""
+    checkpoint_every: int = 100
+    """write a checkpoint (models, optimizer, schedule, random states, position) every this many optimizer
+    updates, and at the end; 0 = at the end only"""
+    keep_checkpoints: int = 1
+    """checkpoints kept in {output_dir}/checkpoints (the newest ones)"""
     # ---- models and data ----
     sft_model_path: str = "cleanrl/EleutherAI_pythia-1b-deduped__sft__tldr"
     """the SFT policy: initialises the policy and the frozen reference policy"""
@@ -155,11 +165,11 @@ def check_columns(dataset, columns, arg):
         raise ValueError(f"{arg}: the dataset lacks the column(s) {missing}; it has {dataset.column_names}")
 
 
-def load_tokenizer(path):
+def load_tokenizer(path, arg):
     """Tokenizer with a dedicated [PAD] token: EOS as pad would teach the policy never to stop."""
     tokenizer = AutoTokenizer.from_pretrained(path, padding_side="right")
     if tokenizer.eos_token_id is None:
-        raise ValueError(f"the tokenizer of {path} has no EOS token; responses must end with one [D3]")
+        raise ValueError(f"{arg} {path}: its tokenizer has no EOS token; responses must end with one [D3]")
     tokenizer.add_special_tokens({"pad_token": "[PAD]"})  # Pythia: new id 50277, inside the 50304 embedding rows
     return tokenizer
 
@@ -329,19 +339,34 @@ class PolicyAndValueWrapper(nn.Module):
 
 
 class Logger:
-    """metrics.jsonl in the output folder always; Weights & Biases under --track. Only rank 0 writes."""
+    """metrics.jsonl in the output folder always; Weights & Biases under --track. Only rank 0 writes. A resumed run
+    (`checkpoint` given) cuts metrics.jsonl back to what it held when the checkpoint was written and continues the
+    same wandb run."""
 
-    def __init__(self, args, run_name, output_dir, rank):
+    def __init__(self, args, run_name, output_dir, rank, checkpoint=None):
         self.rank, self.wandb = rank, None
         if rank != 0:
             return
         os.makedirs(output_dir, exist_ok=True)
-        self.file = open(os.path.join(output_dir, "metrics.jsonl"), "a")
+        path = os.path.join(output_dir, "metrics.jsonl")
+        if checkpoint is None:
+            self.file = open(path, "w")
+        else:  # drop the lines logged after the checkpoint: the resumed run logs them again
+            self.file = open(path, "r+")
+            self.file.truncate(checkpoint["metrics_bytes"])
+            self.file.seek(checkpoint["metrics_bytes"])
         if args.track:
             import wandb  # imported lazily: only --track needs it
 
             self.wandb = wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, name=run_name,
-                                    config=asdict(args), save_code=True)
+                                    config=asdict(args), save_code=True, resume="allow" if checkpoint else None,
+                                    id=checkpoint["wandb_id"] if checkpoint else None)
+
+    def state(self):
+        """What a checkpoint needs to resume the logs: the size of metrics.jsonl and the wandb run id."""
+        if self.rank != 0:
+            return {}
+        return dict(metrics_bytes=self.file.tell(), wandb_id=self.wandb.id if self.wandb is not None else None)
 
     def log(self, metrics, step):
         if self.rank != 0:
@@ -364,13 +389,108 @@ class Logger:
             self.wandb.log({name: wandb.Table(columns=list(rows[0]), data=[list(r.values()) for r in rows])})
 
 
-def progress(prefix, step, total, start_time, **values):
-    """One progress line: step, values, steps/s and ETA."""
+def progress(prefix, step, total, start_time, first_step=0, **values):
+    """One progress line: step, values, steps/s and ETA (counted from `first_step`, where a resumed run started)."""
     elapsed = time.time() - start_time
-    eta = elapsed / max(step, 1) * (total - step)
+    done = max(step - first_step, 1)
+    eta = elapsed / done * (total - step)
     shown = " | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in values.items())
-    print(f"[{prefix}] {step}/{total} | {shown} | {step / max(elapsed, 1e-9):.2f} it/s | "
+    print(f"[{prefix}] {step}/{total} | {shown} | {done / max(elapsed, 1e-9):.2f} it/s | "
           f"ETA {time.strftime('%H:%M:%S', time.gmtime(eta))}", flush=True)
+
+
+# ---- checkpoints: every --checkpoint-every updates and at the end, written atomically, resumed with --resume ----
+RESUMABLE_CHANGES = {"resume", "track", "wandb_project_name", "wandb_entity", "run_eval", "checkpoint_every",
+                     "keep_checkpoints"}  # arguments a resumed run may change; any other change is an error
+
+
+def find_checkpoint(args, output_dir, world_size):
+    """The checkpoint to resume from under --resume (the newest complete one, loaded lazily), else None. Refuses to
+    start a fresh run over another run's checkpoints, or to resume with other arguments. Runs before any model loads."""
+    root = os.path.join(output_dir, "checkpoints")
+    complete = sorted(n for n in os.listdir(root) if n.startswith("step_")) if os.path.isdir(root) else []
+    if not args.resume:
+        if complete:
+            raise ValueError(f"--output-dir {output_dir} holds the checkpoints of an earlier run ({complete[-1]}): "
+                             f"pass --resume to continue it, or choose another --output-dir")
+        return None
+    if args.output_dir is None:
+        raise ValueError("--resume needs the --output-dir of the run to continue")
+    if not complete:
+        raise ValueError(f"--resume: {root} holds no complete checkpoint")
+    checkpoint = torch.load(os.path.join(root, complete[-1], "state.pt"), map_location="cpu", weights_only=False,
+                            mmap=True)  # mmap: tensors are read when used, not all at once on every process
+    changed = [k for k, v in asdict(args).items() if k not in RESUMABLE_CHANGES and checkpoint["args"].get(k) != v]
+    if changed:
+        raise ValueError(f"--resume: these arguments differ from the checkpointed run's: "
+                         + ", ".join(f"--{k.replace('_', '-')} {checkpoint['args'].get(k)!r} -> {getattr(args, k)!r}"
+                                     for k in changed))
+    if len(checkpoint["rng"]) != world_size:
+        raise ValueError(f"--resume: the checkpoint was written by {len(checkpoint['rng'])} processes; this run has "
+                         f"{world_size} (the random streams are per process)")
+    return checkpoint
+
+
+def rng_states(world_size):
+    """The state of every random generator in use (python, numpy, torch, CUDA), of every process in rank order."""
+    state = dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state(),
+                 cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
+    if world_size == 1:
+        return [state]
+    gathered = [None] * world_size
+    dist.all_gather_object(gathered, state)
+    return gathered
+
+
+def set_rng_states(states, rank):
+    """Restore this process's generators from rng_states()."""
+    state = states[rank]
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None:
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(output_dir, step, state, keep):
+    """Write `state` to {output_dir}/checkpoints/step_{step:08d}/state.pt atomically: written and flushed to disk in
+    a tmp_ folder that is renamed only once complete, so a crash mid-write leaves no checkpoint that loads half (the
+    tmp_ folder is ignored, then removed). Keeps the newest `keep` checkpoints. Rank 0 only."""
+    root = os.path.join(output_dir, "checkpoints")
+    os.makedirs(root, exist_ok=True)
+    for name in os.listdir(root):
+        if name.startswith("tmp_"):
+            shutil.rmtree(os.path.join(root, name))  # left by a write that crashed
+    tmp, final = os.path.join(root, f"tmp_step_{step:08d}"), os.path.join(root, f"step_{step:08d}")
+    os.makedirs(tmp)
+    with open(os.path.join(tmp, "state.pt"), "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.rename(tmp, final)  # atomic on POSIX file systems
+    directory = os.open(root, os.O_RDONLY)
+    os.fsync(directory)  # make the rename itself durable
+    os.close(directory)
+    for name in sorted(n for n in os.listdir(root) if n.startswith("step_"))[:-keep]:
+        shutil.rmtree(os.path.join(root, name))
+    print(f"saved checkpoint {final}", flush=True)
+
+
+def check_finite(name, value, where, inspect, output_dir, rank, world_size):
+    """Stop, naming the quantity and the update, when `value` (a tensor) holds NaN or inf on any process; first each
+    process saves `inspect` (a dict of tensors) to {output_dir}/nonfinite/rank{rank}.pt. The last good checkpoint
+    is kept (none is written after this)."""
+    bad = (~torch.isfinite(value.detach())).any().float().reshape(1)
+    if world_size > 1:
+        dist.all_reduce(bad)
+    if bad.item() == 0:
+        return
+    path = os.path.join(output_dir, "nonfinite", f"rank{rank}.pt")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    torch.save({"quantity": name, "where": where, name: value.detach().cpu(),
+                **{k: v.detach().cpu() if torch.is_tensor(v) else v for k, v in inspect.items()}}, path)
+    raise FloatingPointError(f"{name} is NaN or inf at {where}: training stopped. What it was computed from is saved "
+                             f"in {os.path.dirname(path)}/; the last good checkpoint in {output_dir}/checkpoints is kept")
 
 
 def gather_mean(x, world_size):
@@ -424,18 +544,32 @@ if __name__ == "__main__":
             raise ValueError(f"--query-dataset {args.query_dataset} has no {split!r} split (it has {list(dataset)})")
         check_columns(dataset[split], ["id", "subreddit", "title", "post"] + (["summary"] if split != "train" else []),
                       f"--query-dataset ({split})")
+        if len(dataset[split]) == 0:
+            raise ValueError(f"--query-dataset {args.query_dataset}: the {split!r} split is empty")
     if len(dataset["train"]) < args.batch_size:
         raise ValueError(f"--query-dataset train has {len(dataset['train'])} posts, fewer than one --batch-size {args.batch_size}")
-
+    if args.checkpoint_every < 0 or args.keep_checkpoints < 1:
+        raise ValueError(f"--checkpoint-every must be >= 0 and --keep-checkpoints >= 1, got {args.checkpoint_every} "
+                         f"and {args.keep_checkpoints}")
+    tokenizer = load_tokenizer(args.sft_model_path, "--sft-model-path")
+    pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
+    reward_tokenizer = None  # the reward model reads the policy's token ids: its tokenizer must be the same
+    if os.path.isdir(args.reward_model_path) and not os.path.exists(os.path.join(args.reward_model_path, "tokenizer_config.json")):
+        print(f"[ppo] --reward-model-path {args.reward_model_path} holds no tokenizer: it cannot be checked against "
+              f"the policy's, so it is taken to be the same", flush=True)
+    else:
+        reward_tokenizer = load_tokenizer(args.reward_model_path, "--reward-model-path")
+    if reward_tokenizer is not None and (reward_tokenizer.get_vocab() != tokenizer.get_vocab()
+                                         or reward_tokenizer.eos_token_id != eos):
+        raise ValueError(f"--reward-model-path {args.reward_model_path}: its tokenizer differs from --sft-model-path's "
+                         f"({len(reward_tokenizer)} vs {len(tokenizer)} tokens, EOS {reward_tokenizer.eos_token_id} vs "
+                         f"{eos}); the reward model must read the policy's token ids")
     run_name = f"{args.exp_name}__{args.seed}__{int(time.time())}"
     output_dir = args.output_dir or os.path.join("runs", run_name)
-    seed_everything(args.seed + rank * 100003)
-    logger = Logger(args, run_name, output_dir, rank)
+    checkpoint = find_checkpoint(args, output_dir, world_size)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16 and device.type == "cuda")
 
     # ---- data: left-padded queries [D2.2]; validation's first batch is sampled every update ----
-    tokenizer = load_tokenizer(args.sft_model_path)
-    pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
 
     def tokenize_split(rows):  # (N, Q) left-padded query tokens
         return torch.tensor([left_pad(tokenize_query(tokenizer, r, args.query_length), args.query_length, pad) for r in rows])
@@ -444,6 +578,10 @@ if __name__ == "__main__":
     validation_rows = dataset["validation"].select(range(min(args.local_rollout_forward_batch_size, len(dataset["validation"]))))
     validation_queries = tokenize_split(validation_rows)
     context_length = args.query_length
+    if checkpoint is not None:
+        run_name = checkpoint["run_name"]
+    seed_everything(args.seed + rank * 100003)
+    logger = Logger(args, run_name, output_dir, rank, checkpoint)  # the first write into output_dir
 
     # ---- models: policy and reference from SFT, reward and value from the reward model ----
     policy = load_policy(args.sft_model_path, tokenizer, device)
@@ -459,28 +597,41 @@ if __name__ == "__main__":
     unwrapped = PolicyAndValueWrapper(policy, value_model)
     model = DDP(unwrapped) if world_size > 1 else unwrapped
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, eps=args.eps)  # one AdamW over policy and value
+    first_update, global_step, optimizer_steps = 0, 0, 0
+    if checkpoint is not None:  # resume: weights, AdamW moments, counters and every random stream
+        unwrapped.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        first_update, global_step, optimizer_steps = checkpoint["update"], checkpoint["episode"], checkpoint["optimizer_steps"]
+        set_rng_states(checkpoint["rng"], rank)
+        print(f"[ppo] resumed from update {first_update} of {output_dir}/checkpoints", flush=True)
+        del checkpoint
+
+    def write_checkpoint(update):
+        state = dict(rng=rng_states(world_size), update=update, episode=global_step, optimizer_steps=optimizer_steps)
+        if rank == 0:  # the prompt order is a function of the update counter: it is the data-loader position
+            save_checkpoint(output_dir, update, dict(state, model=unwrapped.state_dict(), optimizer=optimizer.state_dict(),
+                                                     args=asdict(args), run_name=run_name, **logger.state()),
+                            args.keep_checkpoints)
 
     print(f"[ppo] {num_updates} updates of {args.batch_size} episodes, {args.num_ppo_epochs} epochs x "
           f"{args.num_mini_batches} mini-batches, gradient accumulation {gradient_accumulation_steps}, "
           f"{world_size} process(es), {device}, output {output_dir}", flush=True)
 
-    def prompt_batches():
-        """Endless per-process batches of train queries, reshuffled each time the data is exhausted [D21]: one shared
-        shuffle (seeded with --seed, the same on every process), each global batch cut into per-process slices."""
-        epoch = 0
-        while True:
-            order = torch.randperm(len(train_queries), generator=torch.Generator().manual_seed(args.seed + epoch))
-            for start in range(0, len(order) - args.batch_size + 1, args.batch_size):  # drop the incomplete last batch
-                yield order[start + rank * local_batch_size : start + (rank + 1) * local_batch_size]
-            epoch += 1
+    def prompt_batch(update):
+        """This process's train queries for `update` (1-based), reshuffled each time the data is exhausted [D21]: one
+        shared shuffle per pass (seeded with --seed + pass, the same on every process), each global batch cut into
+        per-process slices; the incomplete last batch of a pass is dropped."""
+        batches_per_pass = len(train_queries) // args.batch_size
+        data_pass, start = divmod((update - 1) * args.batch_size, batches_per_pass * args.batch_size)
+        order = torch.randperm(len(train_queries), generator=torch.Generator().manual_seed(args.seed + data_pass))
+        return order[start + rank * local_batch_size : start + (rank + 1) * local_batch_size]
 
-    batches = prompt_batches()
     stats_shape = (args.num_ppo_epochs, args.num_mini_batches, gradient_accumulation_steps)
-    global_step, optimizer_steps, start_time = 0, 0, time.time()
-    for update in range(1, num_updates + 1):
+    start_time, first_step = time.time(), global_step
+    for update in range(first_update + 1, num_updates + 1):
         global_step += args.batch_size
         optimizer.param_groups[0]["lr"] = (1.0 - (update - 1.0) / num_updates) * args.lr  # linear decay
-        queries = train_queries[next(batches)].to(device)  # (b, Q)
+        queries = train_queries[prompt_batch(update)].to(device)  # (b, Q)
         timer = {"generation": 0.0, "scoring": 0.0, "training": 0.0}
 
         # ---- rollout, in chunks of local_rollout_forward_batch_size ----
@@ -527,6 +678,8 @@ if __name__ == "__main__":
             logprobs, ref_logprobs = torch.cat(logprobs).float(), torch.cat(ref_logprobs).float()  # (b, R)
             values, scores = torch.cat(values).float(), torch.cat(scores).float()  # (b, R), (b,)
             sequence_lengths = torch.cat(sequence_lengths)  # (b,)
+            check_finite("objective/scores", scores, f"update {update}", dict(query_responses=query_responses),
+                         output_dir, rank, world_size)
 
             # 4. masks and rewards: logprobs after the EOS are invalid, values are kept up to EOS+1
             response_idxs = torch.arange(args.response_length, device=device).repeat(local_batch_size, 1)
@@ -601,6 +754,9 @@ if __name__ == "__main__":
                         ratio_stats[idx] = masked_mean(ratio, valid)
                     del output, vpred_temp, logits, new_logprobs, loss
         timer["training"] += time.time() - t0
+        check_finite("ppo/loss", torch.stack([pg_loss_stats, vf_loss_stats]), f"update {update}",
+                     dict(query_responses=query_responses, scores=scores, advantages=advantages, returns=returns,
+                          pg_loss_stats=pg_loss_stats, vf_loss_stats=vf_loss_stats), output_dir, rank, world_size)
 
         # 7. logging (N+ metric names), the validation score (temperature 0.01) and sample tables
         with torch.no_grad(), autocast:
@@ -612,7 +768,7 @@ if __name__ == "__main__":
             num_eos_tokens = (responses == eos).sum().float()
             if world_size > 1:
                 dist.all_reduce(num_eos_tokens)  # summed over processes (deviation: the reference logged rank 0's)
-            eps = int(global_step / (time.time() - start_time))
+            eps = int((global_step - first_step) / (time.time() - start_time))
             metrics = {
                 "objective/kl": gather_mean(mean_kl, world_size).item(),
                 "objective/entropy": gather_mean(mean_entropy, world_size).item(),
@@ -637,7 +793,7 @@ if __name__ == "__main__":
             }
         logger.log(metrics, step=update)
         if rank == 0:
-            progress("ppo", update, num_updates, start_time, episode=global_step, eps=eps,
+            progress("ppo", update, num_updates, start_time, first_update, episode=global_step, eps=eps,
                      score=metrics["objective/scores"], kl=metrics["objective/kl"],
                      val_score=metrics["objective/validation_score"])
             if update == 1 or update % args.sample_table_every == 0 or update == num_updates:
@@ -648,6 +804,8 @@ if __name__ == "__main__":
                 logger.table(f"samples_update_{update}", rows, output_dir)
         del query_responses, responses, postprocessed_responses, logprobs, ref_logprobs, values, scores
         del rewards, non_score_reward, advantages, returns
+        if update == num_updates or (args.checkpoint_every and update % args.checkpoint_every == 0):
+            write_checkpoint(update)
 
     # ---- evaluation at temperature 0.01 on validation and test; reference summaries scored too ----
     if args.run_eval:

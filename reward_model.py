@@ -19,11 +19,13 @@ import json
 import math
 import os
 import random
+import shutil
 import time
 from collections import defaultdict
 from dataclasses import asdict, dataclass
 from typing import Optional
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -54,6 +56,14 @@ class Args:
     """evaluate after training and save the evaluation tables"""
     bf16: bool = True
     """bf16 autocast on CUDA (weights stay fp32); runs on CPU are always fp32"""
+    resume: bool = False
+    """continue the run in --output-dir from its newest complete checkpoint (same arguments; the result is the same
+    as an uninterrupted run's)"""
+    checkpoint_every: int = 100
+    """write a checkpoint (models, optimizer, schedule, random states, position) every this many optimizer
+    updates, and at the end; 0 = at the end only"""
+    keep_checkpoints: int = 1
+    """checkpoints kept in {output_dir}/checkpoints (the newest ones)"""
     # ---- end of the common block; then the script's model/data paths, lengths, batch sizes, optimiser, algorithm ----
     sft_model_path: str = "cleanrl/EleutherAI_pythia-1b-deduped__sft__tldr"
     """SFT checkpoint (hub id or local folder): its backbone and tokenizer start the reward model [D10]"""
@@ -109,11 +119,11 @@ def seed_everything(seed):
     torch.manual_seed(seed)  # also seeds every CUDA device
 
 
-def load_tokenizer(path):
+def load_tokenizer(path, arg):
     """Tokenizer with a dedicated [PAD] token: EOS as pad would teach the policy never to stop."""
     tokenizer = AutoTokenizer.from_pretrained(path, padding_side="right")
     if tokenizer.eos_token_id is None:
-        raise ValueError(f"the tokenizer of {path} has no EOS token; responses must end with one [D3]")
+        raise ValueError(f"{arg} {path}: its tokenizer has no EOS token; responses must end with one [D3]")
     tokenizer.add_special_tokens({"pad_token": "[PAD]"})  # Pythia: new id 50277, inside the 50304 embedding rows
     return tokenizer
 
@@ -169,19 +179,34 @@ def check_columns(dataset, columns, arg):
 
 
 class Logger:
-    """metrics.jsonl in the output folder always; Weights & Biases under --track. Only rank 0 writes."""
+    """metrics.jsonl in the output folder always; Weights & Biases under --track. Only rank 0 writes. A resumed run
+    (`checkpoint` given) cuts metrics.jsonl back to what it held when the checkpoint was written and continues the
+    same wandb run."""
 
-    def __init__(self, args, run_name, output_dir, rank):
+    def __init__(self, args, run_name, output_dir, rank, checkpoint=None):
         self.rank, self.wandb = rank, None
         if rank != 0:
             return
         os.makedirs(output_dir, exist_ok=True)
-        self.file = open(os.path.join(output_dir, "metrics.jsonl"), "a")
+        path = os.path.join(output_dir, "metrics.jsonl")
+        if checkpoint is None:
+            self.file = open(path, "w")
+        else:  # drop the lines logged after the checkpoint: the resumed run logs them again
+            self.file = open(path, "r+")
+            self.file.truncate(checkpoint["metrics_bytes"])
+            self.file.seek(checkpoint["metrics_bytes"])
         if args.track:
             import wandb  # imported lazily: only --track needs it
 
             self.wandb = wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, name=run_name,
-                                    config=asdict(args), save_code=True)
+                                    config=asdict(args), save_code=True, resume="allow" if checkpoint else None,
+                                    id=checkpoint["wandb_id"] if checkpoint else None)
+
+    def state(self):
+        """What a checkpoint needs to resume the logs: the size of metrics.jsonl and the wandb run id."""
+        if self.rank != 0:
+            return {}
+        return dict(metrics_bytes=self.file.tell(), wandb_id=self.wandb.id if self.wandb is not None else None)
 
     def log(self, metrics, step):
         if self.rank != 0:
@@ -204,13 +229,108 @@ class Logger:
             self.wandb.log({name: wandb.Table(columns=list(rows[0]), data=[list(r.values()) for r in rows])})
 
 
-def progress(prefix, step, total, start_time, **values):
-    """One progress line: step, values, steps/s and ETA."""
+def progress(prefix, step, total, start_time, first_step=0, **values):
+    """One progress line: step, values, steps/s and ETA (counted from `first_step`, where a resumed run started)."""
     elapsed = time.time() - start_time
-    eta = elapsed / max(step, 1) * (total - step)
+    done = max(step - first_step, 1)
+    eta = elapsed / done * (total - step)
     shown = " | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in values.items())
-    print(f"[{prefix}] {step}/{total} | {shown} | {step / max(elapsed, 1e-9):.2f} it/s | "
+    print(f"[{prefix}] {step}/{total} | {shown} | {done / max(elapsed, 1e-9):.2f} it/s | "
           f"ETA {time.strftime('%H:%M:%S', time.gmtime(eta))}", flush=True)
+
+
+# ---- checkpoints: every --checkpoint-every updates and at the end, written atomically, resumed with --resume ----
+RESUMABLE_CHANGES = {"resume", "track", "wandb_project_name", "wandb_entity", "run_eval", "checkpoint_every",
+                     "keep_checkpoints"}  # arguments a resumed run may change; any other change is an error
+
+
+def find_checkpoint(args, output_dir, world_size):
+    """The checkpoint to resume from under --resume (the newest complete one, loaded lazily), else None. Refuses to
+    start a fresh run over another run's checkpoints, or to resume with other arguments. Runs before any model loads."""
+    root = os.path.join(output_dir, "checkpoints")
+    complete = sorted(n for n in os.listdir(root) if n.startswith("step_")) if os.path.isdir(root) else []
+    if not args.resume:
+        if complete:
+            raise ValueError(f"--output-dir {output_dir} holds the checkpoints of an earlier run ({complete[-1]}): "
+                             f"pass --resume to continue it, or choose another --output-dir")
+        return None
+    if args.output_dir is None:
+        raise ValueError("--resume needs the --output-dir of the run to continue")
+    if not complete:
+        raise ValueError(f"--resume: {root} holds no complete checkpoint")
+    checkpoint = torch.load(os.path.join(root, complete[-1], "state.pt"), map_location="cpu", weights_only=False,
+                            mmap=True)  # mmap: tensors are read when used, not all at once on every process
+    changed = [k for k, v in asdict(args).items() if k not in RESUMABLE_CHANGES and checkpoint["args"].get(k) != v]
+    if changed:
+        raise ValueError(f"--resume: these arguments differ from the checkpointed run's: "
+                         + ", ".join(f"--{k.replace('_', '-')} {checkpoint['args'].get(k)!r} -> {getattr(args, k)!r}"
+                                     for k in changed))
+    if len(checkpoint["rng"]) != world_size:
+        raise ValueError(f"--resume: the checkpoint was written by {len(checkpoint['rng'])} processes; this run has "
+                         f"{world_size} (the random streams are per process)")
+    return checkpoint
+
+
+def rng_states(world_size):
+    """The state of every random generator in use (python, numpy, torch, CUDA), of every process in rank order."""
+    state = dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state(),
+                 cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
+    if world_size == 1:
+        return [state]
+    gathered = [None] * world_size
+    dist.all_gather_object(gathered, state)
+    return gathered
+
+
+def set_rng_states(states, rank):
+    """Restore this process's generators from rng_states()."""
+    state = states[rank]
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None:
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(output_dir, step, state, keep):
+    """Write `state` to {output_dir}/checkpoints/step_{step:08d}/state.pt atomically: written and flushed to disk in
+    a tmp_ folder that is renamed only once complete, so a crash mid-write leaves no checkpoint that loads half (the
+    tmp_ folder is ignored, then removed). Keeps the newest `keep` checkpoints. Rank 0 only."""
+    root = os.path.join(output_dir, "checkpoints")
+    os.makedirs(root, exist_ok=True)
+    for name in os.listdir(root):
+        if name.startswith("tmp_"):
+            shutil.rmtree(os.path.join(root, name))  # left by a write that crashed
+    tmp, final = os.path.join(root, f"tmp_step_{step:08d}"), os.path.join(root, f"step_{step:08d}")
+    os.makedirs(tmp)
+    with open(os.path.join(tmp, "state.pt"), "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.rename(tmp, final)  # atomic on POSIX file systems
+    directory = os.open(root, os.O_RDONLY)
+    os.fsync(directory)  # make the rename itself durable
+    os.close(directory)
+    for name in sorted(n for n in os.listdir(root) if n.startswith("step_"))[:-keep]:
+        shutil.rmtree(os.path.join(root, name))
+    print(f"saved checkpoint {final}", flush=True)
+
+
+def check_finite(name, value, where, inspect, output_dir, rank, world_size):
+    """Stop, naming the quantity and the update, when `value` (a tensor) holds NaN or inf on any process; first each
+    process saves `inspect` (a dict of tensors) to {output_dir}/nonfinite/rank{rank}.pt. The last good checkpoint
+    is kept (none is written after this)."""
+    bad = (~torch.isfinite(value.detach())).any().float().reshape(1)
+    if world_size > 1:
+        dist.all_reduce(bad)
+    if bad.item() == 0:
+        return
+    path = os.path.join(output_dir, "nonfinite", f"rank{rank}.pt")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    torch.save({"quantity": name, "where": where, name: value.detach().cpu(),
+                **{k: v.detach().cpu() if torch.is_tensor(v) else v for k, v in inspect.items()}}, path)
+    raise FloatingPointError(f"{name} is NaN or inf at {where}: training stopped. What it was computed from is saved "
+                             f"in {os.path.dirname(path)}/; the last good checkpoint in {output_dir}/checkpoints is kept")
 
 
 # -------------------------------------------------------- reward-model helpers ---------------------------------
@@ -356,10 +476,13 @@ if __name__ == "__main__":
     for name in ["total_episodes", "num_eval_samples", "num_normalization_samples"]:
         if getattr(args, name) is not None and getattr(args, name) <= 0:
             raise ValueError(f"--{name.replace('_', '-')} must be positive or None, got {getattr(args, name)}")
+    if args.checkpoint_every < 0 or args.keep_checkpoints < 1:
+        raise ValueError(f"--checkpoint-every must be >= 0 and --keep-checkpoints >= 1, got {args.checkpoint_every} "
+                         f"and {args.keep_checkpoints}")
     gradient_accumulation_steps = exact_div(args.batch_size, args.local_micro_batch_size * world_size,
                                             "--batch-size / (--local-micro-batch-size * number of processes)")
     check_model_path(args.sft_model_path, "--sft-model-path")
-    tokenizer = load_tokenizer(args.sft_model_path)
+    tokenizer = load_tokenizer(args.sft_model_path, "--sft-model-path")
     pad_token_id = tokenizer.pad_token_id
     label_splits = load_dataset(args.label_dataset)
     if "train" not in label_splits:
@@ -372,6 +495,8 @@ if __name__ == "__main__":
     seq_length = args.query_length + args.response_length
     pairs = {}
     for split in ["train"] + eval_splits:
+        if len(label_splits[split]) == 0:
+            raise ValueError(f"--label-dataset {args.label_dataset}: the {split!r} split is empty")
         fmt = preference_format(label_splits[split], f"--label-dataset {args.label_dataset} (split {split})")
         pairs[split], dropped = tokenize_pairs(tokenizer, label_splits[split], fmt, args.query_length, args.response_length)
         if rank == 0:
@@ -403,14 +528,26 @@ if __name__ == "__main__":
     # ---- 2. model: the SFT backbone without its LM head + a fresh scalar head [D10, D11], dropout off [D7] ----
     run_name = f"{args.exp_name}__{args.seed}__{int(time.time())}"
     output_dir = args.output_dir or os.path.join("runs", run_name)
+    checkpoint = find_checkpoint(args, output_dir, world_size)
+    if checkpoint is not None:
+        run_name = checkpoint["run_name"]
     seed_everything(args.seed + rank * 100003)
-    logger = Logger(args, run_name, output_dir, rank)
+    logger = Logger(args, run_name, output_dir, rank, checkpoint)  # the first write into output_dir
     model = ScalarModel.from_backbone(args.sft_model_path, config=config_without_dropout(args.sft_model_path))
     model = model.to(device)  # fp32 weights; [PAD] ids are replaced by 0 before the embedding, so no resize
     ddp_model = DDP(model) if world_size > 1 else model  # DDP broadcasts rank 0's head to the other ranks
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, eps=args.eps)  # weight decay 0.01, no clipping
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_to_zero(num_updates))
     autocast = dict(device_type=device.type, dtype=torch.bfloat16, enabled=args.bf16 and device.type == "cuda")
+    first_update = 0
+    if checkpoint is not None:  # resume: weights, AdamW moments, schedule, random streams; the data position is the
+        model.load_state_dict(checkpoint["model"])  # update counter (train_shards is fixed by --seed)
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scheduler.load_state_dict(checkpoint["scheduler"])
+        first_update = checkpoint["update"]
+        set_rng_states(checkpoint["rng"], rank)
+        print(f"resumed from update {first_update} of {output_dir}/checkpoints", flush=True)
+        del checkpoint
 
     # ---- 3. one shared shuffle, each global batch split into disjoint per-rank slices (fixes the reference) ----
     shards = train_shards(len(pairs["train"]), num_updates, args.batch_size, args.seed, rank, world_size)
@@ -424,6 +561,8 @@ if __name__ == "__main__":
     start_time = time.time()
     ddp_model.train()
     for update, shard in enumerate(shards, start=1):
+        if update <= first_update:
+            continue  # done before the checkpoint
         sums = torch.zeros(4, device=device)  # loss, accuracy, reward_chosen, reward_rejected (sums of micro means)
         micro_batches = [shard[i : i + args.local_micro_batch_size] for i in range(0, len(shard), args.local_micro_batch_size)]
         assert len(micro_batches) == gradient_accumulation_steps
@@ -447,12 +586,21 @@ if __name__ == "__main__":
         if world_size > 1:
             dist.all_reduce(means)
             means /= world_size
+        check_finite("train/loss", means[0], f"update {update}", dict(pair_indices=torch.tensor(shard)), output_dir,
+                     rank, world_size)
         loss, accuracy, reward_chosen, reward_rejected = means.tolist()
         logger.log({"train/loss": loss, "train/accuracy": accuracy, "train/reward_chosen": reward_chosen,
                     "train/reward_rejected": reward_rejected, "train/lr": lr,
                     "train/episode": update * args.batch_size}, step=update)
         if rank == 0:
-            progress("reward_model", update, num_updates, start_time, loss=loss, accuracy=accuracy, lr=lr)
+            progress("reward_model", update, num_updates, start_time, first_update, loss=loss, accuracy=accuracy, lr=lr)
+        if update == num_updates or (args.checkpoint_every and update % args.checkpoint_every == 0):
+            states = rng_states(world_size)  # every process takes part; rank 0 writes
+            if rank == 0:
+                save_checkpoint(output_dir, update, dict(
+                    model=model.state_dict(), optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
+                    update=update, rng=states, args=asdict(args), run_name=run_name, **logger.state()),
+                    args.keep_checkpoints)
 
     # ---- 5. normalise [D15]: the reference summaries' mean score becomes the bias; padding check [D14] ----
     model.eval()

@@ -74,7 +74,7 @@ def evaluate_policy(policy_path, rows, query_length, response_length, temperatur
     import ppo_tldr as p  # the helpers of the PPO script: query format, truncation, sampler
 
     torch.manual_seed(seed)
-    tokenizer = p.load_tokenizer(policy_path)
+    tokenizer = p.load_tokenizer(policy_path, "policy")
     policy = p.load_policy(policy_path, tokenizer, torch.device("cpu")).eval()
     queries = torch.tensor([p.left_pad(p.tokenize_query(tokenizer, r, query_length), query_length, tokenizer.pad_token_id)
                             for r in rows])

@@ -193,7 +193,7 @@ def prepare_queries(w, query_length, path):
 
         import ppo_tldr
 
-        tokenizer = ppo_tldr.load_tokenizer(w["base_model"])
+        tokenizer = ppo_tldr.load_tokenizer(w["base_model"], "--sft-model-path")
         rows = load_dataset(w["query_dataset"])["train"]
         queries = [ppo_tldr.left_pad(ppo_tldr.tokenize_query(tokenizer, r, query_length), query_length,
                                      tokenizer.pad_token_id) for r in rows]

@@ -111,7 +111,7 @@ def test_accuracy_counts_exact_ties_half():
 
 
 def test_policy_equal_to_reference_gives_log2_and_accuracy_half(world):
-    tokenizer = dpo.load_tokenizer(str(world / "base_model"))
+    tokenizer = dpo.load_tokenizer(str(world / "base_model"), "--sft-model-path")
     policy = dpo.load_policy(str(world / "base_model"), tokenizer, torch.device("cpu"))
     reference = dpo.load_policy(str(world / "base_model"), tokenizer, torch.device("cpu")).eval().requires_grad_(False)
     rows = datasets.load_dataset(str(world / "tldr_preference"), split="train").select(range(4))

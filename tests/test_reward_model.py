@@ -101,7 +101,7 @@ def test_reward_is_read_at_the_eos():
 
 @pytest.fixture(scope="module")
 def tokenizer(world):
-    return rm.load_tokenizer(str(world / "base_model"))
+    return rm.load_tokenizer(str(world / "base_model"), "--sft-model-path")
 
 
 def raw_row(choice, texts, post="my mom hid my keys.\ni feel sad."):
@@ -201,7 +201,7 @@ def test_smoke_run_trains_normalises_and_saves(world, tmp_path):
     # the saved model reloads, keeps its bias, and scores the reference summaries 0 on average [D15]
     model = ScalarModel.from_pretrained(str(out)).eval()
     assert model.bias == pytest.approx(final["normalization/bias"])
-    tokenizer = rm.load_tokenizer(str(out))
+    tokenizer = rm.load_tokenizer(str(out), "--sft-model-path")
     refs = datasets.load_dataset(str(world / "tldr_sft"), split="train").select(range(256))
     sequences = [rm.right_pad(rm.tokenize_query(tokenizer, r, 128) + tokenizer.encode(" " + r["summary"])
                               + [tokenizer.eos_token_id], 192, tokenizer.pad_token_id) for r in refs]

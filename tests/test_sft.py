@@ -81,7 +81,7 @@ def test_query_too_short_for_the_format():
 
 
 def test_response_format_and_sequence(world):
-    tokenizer = sft.load_tokenizer(str(world / "base_model"))
+    tokenizer = sft.load_tokenizer(str(world / "base_model"), "--base-model")
     row = info("my dad hid my wallet.\ni feel sad.")
     query, response = sft.tokenize_example(tokenizer, row, 128, prompt_completion=False)
     assert query == tokenizer.encode(sft.format_query(row))
@@ -156,7 +156,8 @@ def test_rank_shards_are_disjoint_and_cover_the_global_batch():
 
 def args_with(**kwargs):
     defaults = dict(query_length=512, response_length=53, num_train_epochs=1, local_eval_batch_size=16,
-                    total_episodes=None, num_eval_samples=None, batch_size=128, local_micro_batch_size=16)
+                    total_episodes=None, num_eval_samples=None, batch_size=128, local_micro_batch_size=16,
+                    checkpoint_every=100, keep_checkpoints=1)
     return SimpleNamespace(**{**defaults, **kwargs})
 
 
@@ -167,6 +168,8 @@ def test_check_args():
         sft.check_args(args_with(response_length=0), 1)
     with pytest.raises(ValueError, match="--total-episodes"):
         sft.check_args(args_with(total_episodes=0), 1)
+    with pytest.raises(ValueError, match="--keep-checkpoints >= 1"):
+        sft.check_args(args_with(keep_checkpoints=0), 1)
     with pytest.raises(ValueError, match="--batch-size.*128 is not divisible by 48"):
         sft.check_args(args_with(local_micro_batch_size=16), world_size=3)
 
