@@ -187,6 +187,16 @@ def right_pad(tokens, length, pad_token_id):
     return tokens + [pad_token_id] * (length - len(tokens))
 
 
+def load_data(path, arg, split=None):
+    """load_dataset(path, split=split), failing with the argument's name when the data cannot be read (the datasets
+    library refuses a local split without rows: 'Instruction "validation" corresponds to no data!')."""
+    try:
+        return load_dataset(path, split=split)
+    except ValueError as error:
+        problem = "a split is empty" if "corresponds to no data" in str(error) else "cannot be loaded"
+        raise ValueError(f"{arg} {path}: {problem} ({error})") from error
+
+
 def check_columns(dataset, columns, arg):
     """Fail before any training when a dataset lacks the columns this script needs."""
     missing = [c for c in columns if c not in dataset.column_names]
@@ -300,8 +310,8 @@ def progress(prefix, step, total, start_time, first_step=0, **values):
 
 
 # ---- checkpoints: every --checkpoint-every updates and at the end, written atomically, resumed with --resume ----
-RESUMABLE_CHANGES = {"resume", "track", "wandb_project_name", "wandb_entity", "run_eval", "checkpoint_every",
-                     "keep_checkpoints"}  # arguments a resumed run may change; any other change is an error
+RESUMABLE_CHANGES = {"resume", "output_dir", "track", "wandb_project_name", "wandb_entity", "run_eval",
+                     "checkpoint_every", "keep_checkpoints"}  # a resumed run may change these; any other change is an error
 
 
 def find_checkpoint(args, output_dir, world_size):
@@ -555,12 +565,12 @@ if __name__ == "__main__":
     args = tyro.cli(Args)
     rank, world_size, device = init_distributed()
     grad_accum = validate_args(args, world_size)
-    label_datasets = load_dataset(args.label_dataset)
+    label_datasets = load_data(args.label_dataset, "--label-dataset")
     if "train" not in label_datasets:
         raise ValueError(f"--label-dataset {args.label_dataset}: no 'train' split (has {list(label_datasets)})")
     data_format = preference_format(label_datasets["train"])
     if args.run_eval:
-        query_dataset = load_dataset(args.query_dataset, split="validation")
+        query_dataset = load_data(args.query_dataset, "--query-dataset", "validation")
         check_columns(query_dataset, SFT_COLUMNS, "--query-dataset")
         if args.num_eval_samples is not None:
             if args.num_eval_samples > len(query_dataset) and rank == 0:

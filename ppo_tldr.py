@@ -158,6 +158,16 @@ def check_model_path(path, arg):
         raise ValueError(f"{arg}: {path!r} is not a folder (expected a saved model folder or a hub id org/name)")
 
 
+def load_data(path, arg, split=None):
+    """load_dataset(path, split=split), failing with the argument's name when the data cannot be read (the datasets
+    library refuses a local split without rows: 'Instruction "validation" corresponds to no data!')."""
+    try:
+        return load_dataset(path, split=split)
+    except ValueError as error:
+        problem = "a split is empty" if "corresponds to no data" in str(error) else "cannot be loaded"
+        raise ValueError(f"{arg} {path}: {problem} ({error})") from error
+
+
 def check_columns(dataset, columns, arg):
     """Fail before any training when a dataset lacks the columns this script needs."""
     missing = [c for c in columns if c not in dataset.column_names]
@@ -400,8 +410,8 @@ def progress(prefix, step, total, start_time, first_step=0, **values):
 
 
 # ---- checkpoints: every --checkpoint-every updates and at the end, written atomically, resumed with --resume ----
-RESUMABLE_CHANGES = {"resume", "track", "wandb_project_name", "wandb_entity", "run_eval", "checkpoint_every",
-                     "keep_checkpoints"}  # arguments a resumed run may change; any other change is an error
+RESUMABLE_CHANGES = {"resume", "output_dir", "track", "wandb_project_name", "wandb_entity", "run_eval",
+                     "checkpoint_every", "keep_checkpoints"}  # a resumed run may change these; any other change is an error
 
 
 def find_checkpoint(args, output_dir, world_size):
@@ -538,7 +548,7 @@ if __name__ == "__main__":
         raise ValueError(f"--total-episodes {args.total_episodes} is smaller than one --batch-size {args.batch_size}")
     check_model_path(args.sft_model_path, "--sft-model-path")
     check_model_path(args.reward_model_path, "--reward-model-path")
-    dataset = load_dataset(args.query_dataset)
+    dataset = load_data(args.query_dataset, "--query-dataset")
     for split in ["train", "validation"] + (["test"] if args.run_eval else []):
         if split not in dataset:
             raise ValueError(f"--query-dataset {args.query_dataset} has no {split!r} split (it has {list(dataset)})")

@@ -171,6 +171,16 @@ def right_pad(tokens, length, pad_token_id):
     return tokens + [pad_token_id] * (length - len(tokens))
 
 
+def load_data(path, arg, split=None):
+    """load_dataset(path, split=split), failing with the argument's name when the data cannot be read (the datasets
+    library refuses a local split without rows: 'Instruction "validation" corresponds to no data!')."""
+    try:
+        return load_dataset(path, split=split)
+    except ValueError as error:
+        problem = "a split is empty" if "corresponds to no data" in str(error) else "cannot be loaded"
+        raise ValueError(f"{arg} {path}: {problem} ({error})") from error
+
+
 def check_columns(dataset, columns, arg):
     """Fail before any training when a dataset lacks the columns this script needs."""
     missing = [c for c in columns if c not in dataset.column_names]
@@ -240,8 +250,8 @@ def progress(prefix, step, total, start_time, first_step=0, **values):
 
 
 # ---- checkpoints: every --checkpoint-every updates and at the end, written atomically, resumed with --resume ----
-RESUMABLE_CHANGES = {"resume", "track", "wandb_project_name", "wandb_entity", "run_eval", "checkpoint_every",
-                     "keep_checkpoints"}  # arguments a resumed run may change; any other change is an error
+RESUMABLE_CHANGES = {"resume", "output_dir", "track", "wandb_project_name", "wandb_entity", "run_eval",
+                     "checkpoint_every", "keep_checkpoints"}  # a resumed run may change these; any other change is an error
 
 
 def find_checkpoint(args, output_dir, world_size):
@@ -484,11 +494,11 @@ if __name__ == "__main__":
     check_model_path(args.sft_model_path, "--sft-model-path")
     tokenizer = load_tokenizer(args.sft_model_path, "--sft-model-path")
     pad_token_id = tokenizer.pad_token_id
-    label_splits = load_dataset(args.label_dataset)
+    label_splits = load_data(args.label_dataset, "--label-dataset")
     if "train" not in label_splits:
         raise ValueError(f"--label-dataset {args.label_dataset}: no train split (it has {list(label_splits)})")
     eval_splits = [split for split in label_splits if split != "train"] if args.run_eval else []
-    query_rows = load_dataset(args.query_dataset, split="train")
+    query_rows = load_data(args.query_dataset, "--query-dataset", "train")
     check_columns(query_rows, QUERY_COLUMNS, f"--query-dataset {args.query_dataset}")
 
     # ---- 1. tokenize: query + chosen and query + rejected, right-padded at batching [D12] ----

@@ -180,6 +180,16 @@ def right_pad(tokens, length, pad_token_id):
     return tokens + [pad_token_id] * (length - len(tokens))
 
 
+def load_data(path, arg, split=None):
+    """load_dataset(path, split=split), failing with the argument's name when the data cannot be read (the datasets
+    library refuses a local split without rows: 'Instruction "validation" corresponds to no data!')."""
+    try:
+        return load_dataset(path, split=split)
+    except ValueError as error:
+        problem = "a split is empty" if "corresponds to no data" in str(error) else "cannot be loaded"
+        raise ValueError(f"{arg} {path}: {problem} ({error})") from error
+
+
 def check_columns(dataset, columns, arg):
     """Fail before any training when a dataset lacks the columns this script needs."""
     missing = [c for c in columns if c not in dataset.column_names]
@@ -293,8 +303,8 @@ def progress(prefix, step, total, start_time, first_step=0, **values):
 
 
 # ---- checkpoints: every --checkpoint-every updates and at the end, written atomically, resumed with --resume ----
-RESUMABLE_CHANGES = {"resume", "track", "wandb_project_name", "wandb_entity", "run_eval", "checkpoint_every",
-                     "keep_checkpoints"}  # arguments a resumed run may change; any other change is an error
+RESUMABLE_CHANGES = {"resume", "output_dir", "track", "wandb_project_name", "wandb_entity", "run_eval",
+                     "checkpoint_every", "keep_checkpoints"}  # a resumed run may change these; any other change is an error
 
 
 def find_checkpoint(args, output_dir, world_size):
@@ -522,7 +532,7 @@ if __name__ == "__main__":
     # 0. Check every argument and the dataset's columns before any model loads
     gradient_accumulation_steps = check_args(args, world_size)
     check_model_path(args.base_model, "--base-model")
-    dataset = load_dataset(args.query_dataset)
+    dataset = load_data(args.query_dataset, "--query-dataset")
     if "train" not in dataset:
         raise ValueError(f"--query-dataset: no train split; it has {list(dataset)}")
     prompt_completion = all(c in dataset["train"].column_names for c in PROMPT_COMPLETION_COLUMNS)

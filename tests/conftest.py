@@ -23,3 +23,20 @@ def world(tmp_path_factory):
     out_dir = tmp_path_factory.mktemp("world")
     offline_world.build(str(out_dir), size="tiny", seed=1, verbose=False)
     return out_dir
+
+
+@pytest.fixture(scope="session")
+def reward_model(world):
+    """A reward model on the tiny base model (random head) with the policy's tokenizer: enough to exercise every code
+    path of ppo_tldr.py."""
+    import torch
+
+    from ppo_tldr import load_tokenizer
+    from value_head import ScalarModel
+
+    path = world / "reward_model"
+    if not path.exists():
+        torch.manual_seed(0)
+        ScalarModel.from_backbone(str(world / "base_model")).save_pretrained(str(path))
+        load_tokenizer(str(world / "base_model"), "--sft-model-path").save_pretrained(str(path))
+    return path

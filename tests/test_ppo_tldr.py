@@ -87,18 +87,6 @@ def test_gae_whitens_over_valid_tokens_and_zeroes_padding():
 
 
 # ---------------------------------------------------------------- the real command line ------------------------
-@pytest.fixture(scope="module")
-def reward_model(world):
-    """A reward model on the tiny base model (random head): enough to exercise every code path."""
-    from value_head import ScalarModel
-
-    path = world / "reward_model"
-    if not path.exists():
-        torch.manual_seed(0)
-        ScalarModel.from_backbone(str(world / "base_model")).save_pretrained(str(path))
-    return path
-
-
 def ppo_args(world, reward_model, output_dir, *extra):
     return ["--sft-model-path", str(world / "base_model"), "--reward-model-path", str(reward_model),
             "--query-dataset", str(world / "tldr_sft"), "--query-length", "128", "--response-length", "24",

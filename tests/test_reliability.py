@@ -1,0 +1,295 @@
+"""Crash and resume, determinism, NaN/inf and bad input, with real subprocesses on the tiny offline world.
+
+A run killed with SIGKILL (during training, or half-way through writing a checkpoint) and resumed with --resume must
+end with the same weights, tables and metrics, byte for byte, as a run that was never interrupted. Timings (ppo/eps,
+time/*) are the only metrics left out of the comparison. Every process uses one thread: bit-identical results on
+CPU need the same thread count.
+"""
+
+import json
+import os
+import runpy
+import shutil
+import signal
+import subprocess
+import sys
+
+import datasets
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+TIMINGS = ("ppo/eps", "time/")
+
+# Runs a script with torch.save replaced by one that, for the checkpoint of the given step, writes half of the file,
+# flushes it to disk and SIGKILLs its own process: a crash in the middle of a checkpoint write, at a known moment.
+CRASH_IN_CHECKPOINT_WRITE = r"""
+import io, os, runpy, signal, sys
+import torch
+real_save = torch.save
+def save_half_then_die(obj, f, *args, **kwargs):
+    if os.environ["CRASH_IN"] in getattr(f, "name", ""):
+        buffer = io.BytesIO()
+        real_save(obj, buffer)
+        f.write(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+        f.flush()
+        os.fsync(f.fileno())
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real_save(obj, f, *args, **kwargs)
+torch.save = save_half_then_die
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def ppo_command(world, reward_model, out, *extra):
+    """5 updates of 16 episodes, a checkpoint every 2 updates (2, 4) and at the end (5)."""
+    return ["ppo_tldr.py", "--sft-model-path", str(world / "base_model"), "--reward-model-path", str(reward_model),
+            "--query-dataset", str(world / "tldr_sft"), "--query-length", "128", "--response-length", "16",
+            "--total-episodes", "80", "--batch-size", "16", "--local-micro-batch-size", "8",
+            "--local-rollout-forward-batch-size", "16", "--num-ppo-epochs", "2", "--lr", "1e-3",
+            "--sample-table-every", "2", "--num-eval-samples", "8", "--checkpoint-every", "2", "--keep-checkpoints", "2",
+            "--output-dir", str(out), *extra]
+
+
+def sft_command(world, reward_model, out, *extra):
+    """8 updates of 16 sequences, a checkpoint every 2 updates and at the end."""
+    return ["sft.py", "--base-model", str(world / "base_model"), "--query-dataset", str(world / "tldr_sft"),
+            "--query-length", "128", "--batch-size", "16", "--local-micro-batch-size", "8", "--lr", "3e-3",
+            "--total-episodes", "128", "--num-eval-samples", "8", "--checkpoint-every", "2", "--keep-checkpoints", "2",
+            "--output-dir", str(out), *extra]
+
+
+SCRIPTS = {  # name -> (command, progress line printed after the update the run is killed in, step of the 2nd checkpoint)
+    "ppo": (ppo_command, "[ppo] 3/5", "step_00000004"),
+    "sft": (sft_command, "[sft] 5/8", "step_00000004"),
+}
+
+
+def run(command, **kwargs):
+    result = subprocess.run([sys.executable, *command], cwd=ROOT, env={**ENV, **kwargs.pop("env", {})},
+                            capture_output=True, text=True, timeout=300, **kwargs)
+    return result
+
+
+def run_ok(command):
+    result = run(command)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def kill_after_line(command, prefix):
+    """Start the run, SIGKILL it as soon as it prints a line starting with `prefix` (training is under way)."""
+    process = subprocess.Popen([sys.executable, *command], cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+    for line in process.stdout:
+        if line.startswith(prefix):
+            process.send_signal(signal.SIGKILL)
+            break
+    process.wait(timeout=300)
+    assert process.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+
+
+def metrics(out):
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in row.items() if not k.startswith(TIMINGS)} for row in rows]
+
+
+def outputs(out):
+    """Every file a finished run leaves, bytes included, except its checkpoints and metrics.jsonl (compared without
+    timings)."""
+    return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*"))
+            if p.is_file() and p.relative_to(out).parts[0] != "checkpoints" and p.name != "metrics.jsonl"}
+
+
+def checkpoints(out):
+    return sorted(os.listdir(out / "checkpoints"))
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(world, reward_model, tmp_path_factory):
+    """name -> output folder of an uninterrupted run of each script."""
+    runs = {}
+    for name, (command, _, _) in SCRIPTS.items():
+        runs[name] = tmp_path_factory.mktemp(name) / "uninterrupted"
+        run_ok(command(world, reward_model, runs[name]))
+    return runs
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_killed_during_training_then_resumed_is_bit_identical(name, world, reward_model, uninterrupted, tmp_path):
+    command, line, _ = SCRIPTS[name]
+    out = tmp_path / "run"
+    kill_after_line(command(world, reward_model, out), line)
+    assert checkpoints(out), "a checkpoint was written before the kill"
+    assert len(metrics(out)) < len(metrics(uninterrupted[name]))
+    result = run_ok(command(world, reward_model, out, "--resume"))
+    assert "resumed from update" in result.stdout
+    assert metrics(out) == metrics(uninterrupted[name])
+    assert outputs(out) == outputs(uninterrupted[name])  # weights, value model, eval and sample tables
+    assert checkpoints(out) == checkpoints(uninterrupted[name])  # the newest --keep-checkpoints 2
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_killed_while_writing_a_checkpoint_then_resumed_is_bit_identical(name, world, reward_model, uninterrupted,
+                                                                         tmp_path):
+    command, _, crash_in = SCRIPTS[name]
+    out = tmp_path / "run"
+    result = run(["-c", CRASH_IN_CHECKPOINT_WRITE, *command(world, reward_model, out)], env={"CRASH_IN": crash_in})
+    assert result.returncode == -signal.SIGKILL
+    assert checkpoints(out) == ["step_00000002", f"tmp_{crash_in}"]  # the half-written one was never renamed
+    with pytest.raises(Exception):
+        torch.load(out / "checkpoints" / f"tmp_{crash_in}" / "state.pt", weights_only=False)  # it is half a file
+    run_ok(command(world, reward_model, out, "--resume"))  # resumes from step 2, ignoring the half-written one
+    assert metrics(out) == metrics(uninterrupted[name])
+    assert outputs(out) == outputs(uninterrupted[name])
+    assert checkpoints(out) == checkpoints(uninterrupted[name])  # the tmp_ folder was cleared at the next write
+
+
+def test_same_seed_same_metrics_different_seed_different_samples(world, reward_model, uninterrupted, tmp_path):
+    run_ok(ppo_command(world, reward_model, tmp_path / "again"))
+    assert metrics(tmp_path / "again") == metrics(uninterrupted["ppo"])
+    run_ok(ppo_command(world, reward_model, tmp_path / "seed2", "--seed", "2"))
+    samples = [[json.loads(line)["response"] for line in (out / "samples_update_2.jsonl").read_text().splitlines()]
+               for out in (uninterrupted["ppo"], tmp_path / "seed2")]
+    assert samples[0] != samples[1]
+    assert metrics(tmp_path / "seed2") != metrics(uninterrupted["ppo"])
+
+
+@pytest.mark.parametrize("script, command", [
+    ("reward_model.py", ["--sft-model-path", "{world}/base_model", "--label-dataset", "{world}/tldr_preference",
+                         "--query-dataset", "{world}/tldr_sft", "--query-length", "128", "--batch-size", "16",
+                         "--local-micro-batch-size", "8", "--lr", "3e-4", "--total-episodes", "64",
+                         "--num-eval-samples", "16", "--checkpoint-every", "1", "--keep-checkpoints", "4"]),
+    ("dpo.py", ["--sft-model-path", "{world}/base_model", "--label-dataset", "{world}/tldr_preference",
+                "--query-dataset", "{world}/tldr_sft", "--query-length", "128", "--batch-size", "16",
+                "--local-micro-batch-size", "8", "--lr", "3e-4", "--total-episodes", "64", "--num-eval-samples", "4",
+                "--checkpoint-every", "1", "--keep-checkpoints", "4"]),
+])
+def test_resume_from_an_earlier_checkpoint_reproduces_the_run(script, command, world, tmp_path):
+    """The reward model and DPO: roll a finished run back to its update-2 checkpoint and resume it."""
+    command = [script] + [c.format(world=world) for c in command]
+    finished, rolled_back = tmp_path / "finished", tmp_path / "rolled_back"
+    run_ok(command + ["--output-dir", str(finished)])
+    assert checkpoints(finished) == [f"step_0000000{i}" for i in (1, 2, 3, 4)]
+    shutil.copytree(finished, rolled_back)
+    for name in ["step_00000003", "step_00000004"]:
+        shutil.rmtree(rolled_back / "checkpoints" / name)
+    for name in outputs(rolled_back):  # only the checkpoints and metrics.jsonl are left to resume from
+        os.remove(rolled_back / name)
+    result = run_ok(command + ["--output-dir", str(rolled_back), "--resume"])
+    assert "resumed from update 2" in result.stdout
+    assert metrics(rolled_back) == metrics(finished)
+    assert outputs(rolled_back) == outputs(finished)
+
+
+# ------------------------------------------------------------ NaN / inf ------------------------------------------
+def test_a_nan_score_stops_ppo_naming_it_and_the_update(world, reward_model, tmp_path):
+    from value_head import ScalarModel
+
+    broken = tmp_path / "nan_reward_model"
+    model = ScalarModel.from_pretrained(str(reward_model))
+    with torch.no_grad():
+        model.scalar_head.weight.fill_(float("nan"))
+    model.save_pretrained(str(broken))
+    for name in ["tokenizer.json", "tokenizer_config.json"]:
+        shutil.copy(reward_model / name, broken / name)
+    out = tmp_path / "run"
+    result = run(ppo_command(world, broken, out, "--missing-eos-score", "None"))  # every score is the model's
+    assert result.returncode != 0
+    assert "objective/scores is NaN or inf at update 1" in result.stderr
+    saved = torch.load(out / "nonfinite" / "rank0.pt", weights_only=False)
+    assert saved["quantity"] == "objective/scores" and saved["query_responses"].shape == (16, 128 + 16)
+    assert not (out / "checkpoints").exists() and not (out / "model.safetensors").exists()
+
+
+def test_a_nan_loss_stops_sft_and_keeps_the_last_good_checkpoint(world, reward_model, tmp_path):
+    out = tmp_path / "run"
+    result = run(sft_command(world, reward_model, out, "--lr", "1e30", "--checkpoint-every", "1"))
+    assert result.returncode != 0
+    assert "train/loss is NaN or inf at update 2" in result.stderr
+    assert checkpoints(out) == ["step_00000001"]
+    assert (out / "nonfinite" / "rank0.pt").exists() and not (out / "model.safetensors").exists()
+
+
+# ------------------------------------------------------------ bad input ------------------------------------------
+def script_arguments(script, world, reward_model, out):
+    common = ["--query-length", "128", "--batch-size", "16", "--local-micro-batch-size", "8", "--output-dir", str(out)]
+    if script == "sft.py":
+        return ["--base-model", str(world / "base_model"), "--query-dataset", str(world / "tldr_sft"), *common]
+    if script == "ppo_tldr.py":
+        return ["--sft-model-path", str(world / "base_model"), "--reward-model-path", str(reward_model),
+                "--query-dataset", str(world / "tldr_sft"), "--local-rollout-forward-batch-size", "16",
+                "--total-episodes", "32", *common]
+    return ["--sft-model-path", str(world / "base_model"), "--label-dataset", str(world / "tldr_preference"),
+            "--query-dataset", str(world / "tldr_sft"), *common]
+
+
+@pytest.fixture(scope="module")
+def bad_inputs(world, reward_model, tmp_path_factory):
+    """A model whose tokenizer has no EOS, a reward model with another tokenizer, datasets with an empty split."""
+    root = tmp_path_factory.mktemp("bad_inputs")
+    shutil.copytree(world / "base_model", root / "no_eos")
+    config = json.loads((root / "no_eos" / "tokenizer_config.json").read_text())
+    del config["eos_token"]
+    (root / "no_eos" / "tokenizer_config.json").write_text(json.dumps(config))
+    shutil.copytree(reward_model, root / "other_tokenizer")
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(reward_model))
+    tokenizer.add_tokens(["zyzzyva"])
+    tokenizer.save_pretrained(str(root / "other_tokenizer"))
+    for name, split in [("tldr_sft", "validation"), ("tldr_preference", "train")]:
+        for s in datasets.load_dataset(str(world / name)):
+            rows = datasets.load_dataset(str(world / name), split=s)
+            rows = rows.select([]) if s == split else rows
+            rows.to_parquet(str(root / f"{name}_empty" / "data" / f"{s}-00000-of-00001.parquet"))
+    return root
+
+
+BAD_INPUTS = [  # (scripts, extra arguments, what the message must say)
+    ("sft.py ppo_tldr.py reward_model.py dpo.py", ["{model_arg}", "{bad}/no_eos"], "its tokenizer has no EOS token"),
+    ("sft.py ppo_tldr.py reward_model.py dpo.py", ["{model_arg}", "/no/such/model"], "is not a folder"),
+    ("sft.py ppo_tldr.py reward_model.py dpo.py", ["--response-length", "0"], "--response-length must be positive"),
+    ("sft.py ppo_tldr.py reward_model.py dpo.py", ["--batch-size", "12"], "not divisible"),
+    ("sft.py ppo_tldr.py reward_model.py dpo.py", ["--query-length", "4"], "--query-length 4 is too short"),
+    ("sft.py ppo_tldr.py", ["--query-dataset", "{bad}/tldr_sft_empty"], "split is empty"),
+    ("reward_model.py dpo.py", ["--label-dataset", "{bad}/tldr_preference_empty"], "split is empty"),
+    ("ppo_tldr.py", ["--reward-model-path", "{bad}/other_tokenizer"], "its tokenizer differs from --sft-model-path's"),
+    ("sft.py ppo_tldr.py reward_model.py dpo.py", ["--resume"], "holds no complete checkpoint"),
+]
+
+
+@pytest.mark.parametrize("script, extra, message", [(s, e, m) for scripts, e, m in BAD_INPUTS for s in scripts.split()])
+def test_bad_input_fails_fast_and_leaves_a_good_output_alone(script, extra, message, world, reward_model, bad_inputs,
+                                                             tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text('{"step": 1, "good": true}\n')  # the output of an earlier, good run
+    model_arg = "--base-model" if script == "sft.py" else "--sft-model-path"
+    extra = [e.format(model_arg=model_arg, bad=bad_inputs) for e in extra]
+    argv = [script, *script_arguments(script, world, reward_model, out), *extra]
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        runpy.run_path(os.path.join(ROOT, script), run_name="__main__")
+    assert os.listdir(out) == ["metrics.jsonl"] and "good" in (out / "metrics.jsonl").read_text()
+
+
+def test_bad_input_exits_non_zero_with_the_message(world, reward_model, bad_inputs, tmp_path):
+    result = run(["ppo_tldr.py", *script_arguments("ppo_tldr.py", world, reward_model, tmp_path / "run"),
+                  "--sft-model-path", str(bad_inputs / "no_eos")])
+    assert result.returncode != 0 and "--sft-model-path" in result.stderr and "has no EOS token" in result.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_fresh_run_refuses_to_overwrite_checkpoints_and_resume_refuses_other_arguments(world, reward_model,
+                                                                                         uninterrupted, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(uninterrupted["sft"], out)
+    before = outputs(out)
+    result = run(sft_command(world, reward_model, out))
+    assert result.returncode != 0 and "pass --resume to continue it" in result.stderr
+    result = run(sft_command(world, reward_model, out, "--resume", "--lr", "1e-3"))
+    assert result.returncode != 0 and "--lr 0.003 -> 0.001" in result.stderr
+    assert outputs(out) == before
