@@ -15,6 +15,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -208,6 +209,8 @@ def main():
     seconds["world"] = time.time() - start
     common = ["--seed", str(cli.seed), "--query-length", str(settings["query_length"])]
     sft_dir, rm_dir, ppo_dir, dpo_dir = (os.path.join(work, n) for n in ["sft", "reward_model", "ppo", "dpo"])
+    for stage_dir in (sft_dir, rm_dir, ppo_dir, dpo_dir):  # every stage starts afresh (a script refuses to start a
+        shutil.rmtree(stage_dir, ignore_errors=True)  # fresh run over an earlier run's checkpoints)
     seconds["sft"] = run_stage("sft", ["sft.py", "--base-model", f"{world}/base_model", "--query-dataset",
                                        f"{world}/tldr_sft", "--output-dir", sft_dir, "--num-eval-samples",
                                        str(settings["eval_posts"]), *common, *settings["sft"]], work)

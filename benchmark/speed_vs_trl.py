@@ -235,7 +235,7 @@ def thread_env(threads):
 
 
 def run_ours(c, w, run_dir):
-    shutil.rmtree(run_dir, ignore_errors=True)  # metrics.jsonl is appended to: start each run afresh
+    shutil.rmtree(run_dir, ignore_errors=True)  # a fresh run refuses a folder with checkpoints: start afresh
     cmd = [sys.executable, "ppo_tldr.py", "--sft-model-path", w["base_model"], "--reward-model-path", w["reward_model"],
            "--query-dataset", w["query_dataset"], "--query-length", c["query_length"],
            "--response-length", c["response_length"], "--total-episodes", c["updates"] * c["batch_size"],
