@@ -117,6 +117,9 @@ class Args:
     """score that replaces the reward of a response without EOS [D23.3]; None keeps the reward model's score"""
     whiten_rewards: bool = False
     """whiten the per-token rewards before GAE (off in the reference)"""
+    global_advantage_whitening: bool = False
+    """whiten the advantages with the mean and variance of the whole batch over all processes (all-reduced); off:
+    each process whitens its own share, as the reference does (the same thing with one process)"""
     score_at_eos: bool = False
     """add the score at the EOS token instead of one position after it (the reference's placement, the default)"""
     sample_table_every: int = 220
@@ -297,6 +300,18 @@ def masked_whiten(values, mask, shift_mean=True):
     return whitened
 
 
+def global_masked_whiten(values, mask, world_size):
+    """masked_whiten with the mean and (biased) variance over the valid positions of every process's `values`."""
+    if world_size == 1:
+        return masked_whiten(values, mask)
+    sums = torch.stack([(values * mask).sum(), mask.sum().to(values.dtype)])
+    dist.all_reduce(sums)
+    mean = sums[0] / sums[1]
+    squares = ((values - mean) ** 2 * mask).sum()
+    dist.all_reduce(squares)
+    return (values - mean) * torch.rsqrt(squares / sums[1] + 1e-8)
+
+
 def compute_rewards(scores, logprobs, ref_logprobs, sequence_lengths, kl_coef, score_at_eos=False):
     """Per-token rewards (B, R): the KL penalty -kl_coef * (logprob - ref_logprob) (k1 estimator) at every token,
     plus the score one position after the EOS as the reference does (at the EOS when it is the last token or
@@ -312,9 +327,10 @@ def compute_rewards(scores, logprobs, ref_logprobs, sequence_lengths, kl_coef, s
     return rewards, non_score_reward
 
 
-def compute_advantages(rewards, values, padding_mask, gamma, lam):
+def compute_advantages(rewards, values, padding_mask, gamma, lam, whiten=masked_whiten):
     """GAE (Schulman et al. 2016, eq. 16) backwards over the response, returns = advantages + values; then the
-    advantages are whitened over the valid tokens and zeroed where `padding_mask` is true."""
+    advantages are whitened over the valid tokens (by `whiten(values, mask)`) and zeroed where `padding_mask` is
+    true."""
     lastgaelam = 0
     advantages_reversed = []
     gen_length = rewards.shape[1]
@@ -325,7 +341,7 @@ def compute_advantages(rewards, values, padding_mask, gamma, lam):
         advantages_reversed.append(lastgaelam)
     advantages = torch.stack(advantages_reversed[::-1], dim=1)  # (B, R)
     returns = advantages + values
-    advantages = masked_whiten(advantages, ~padding_mask)
+    advantages = whiten(advantages, ~padding_mask)
     advantages = torch.masked_fill(advantages, padding_mask, 0)
     return advantages, returns
 
@@ -704,8 +720,11 @@ if __name__ == "__main__":
                 rewards = masked_whiten(rewards, ~padding_mask_p1, shift_mean=False)
                 rewards = torch.masked_fill(rewards, padding_mask_p1, 0)
 
-            # 5. GAE and advantage whitening (per process, as the reference does)
-            advantages, returns = compute_advantages(rewards, values, padding_mask, args.gamma, args.lam)
+            # 5. GAE and advantage whitening (per process as the reference does, or over all processes)
+            def whiten(v, m):
+                return global_masked_whiten(v, m, world_size) if args.global_advantage_whitening else masked_whiten(v, m)
+
+            advantages, returns = compute_advantages(rewards, values, padding_mask, args.gamma, args.lam, whiten)
 
         # 6. PPO epochs over mini-batches and micro-batches: clipped policy and value losses
         model.train()

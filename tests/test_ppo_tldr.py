@@ -180,3 +180,41 @@ def test_torchrun_two_processes(world, reward_model, tmp_path):
     assert [m["ppo/optimizer_steps"] for m in updates] == [2, 4]
     rows = [json.loads(line) for line in (out / "eval_validation.jsonl").read_text().splitlines()]
     assert len({r["id"] for r in rows}) == 6  # both processes' shares, gathered on rank 0
+
+
+
+def _whiten_in_a_process_group(rank, world_size, port, values, mask, results):
+    import os
+
+    import torch.distributed as dist
+
+    from ppo_tldr import global_masked_whiten
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    share = slice(rank * 2, (rank + 1) * 2)
+    results[rank] = global_masked_whiten(values[share], mask[share], world_size)
+    dist.destroy_process_group()
+
+
+def test_global_advantage_whitening_uses_the_statistics_of_every_process():
+    """Two gloo processes holding 2 rows each whiten exactly as one process holding all 4 rows; per-process
+    whitening (the reference's) would not."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    from ppo_tldr import global_masked_whiten
+
+    values = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0], [10.0, 20.0, 30.0], [0.0, -1.0, 7.0]])
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1], [1, 0, 0], [1, 1, 1]], dtype=torch.bool)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    results = mp.Manager().dict()
+    mp.spawn(_whiten_in_a_process_group, args=(2, port, values, mask, results), nprocs=2)
+    together = torch.cat([results[0], results[1]])
+    expected = masked_whiten(values, mask)
+    assert torch.allclose(together[mask], expected[mask], atol=1e-6)
+    assert torch.equal(global_masked_whiten(values, mask, 1), expected)
+    assert not torch.allclose(masked_whiten(values[:2], mask[:2])[mask[:2]], expected[:2][mask[:2]], atol=1e-3)
