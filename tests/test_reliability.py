@@ -157,27 +157,39 @@ def test_same_seed_same_metrics_different_seed_different_samples(world, reward_m
     assert metrics(tmp_path / "seed2") != metrics(uninterrupted["ppo"])
 
 
-@pytest.mark.parametrize("script, command", [
-    ("reward_model.py", ["--sft-model-path", "{world}/base_model", "--label-dataset", "{world}/tldr_preference",
-                         "--query-dataset", "{world}/tldr_sft", "--query-length", "128", "--batch-size", "16",
-                         "--local-micro-batch-size", "8", "--lr", "3e-4", "--total-episodes", "64",
-                         "--num-eval-samples", "16", "--checkpoint-every", "1", "--keep-checkpoints", "4"]),
-    ("dpo.py", ["--sft-model-path", "{world}/base_model", "--label-dataset", "{world}/tldr_preference",
-                "--query-dataset", "{world}/tldr_sft", "--query-length", "128", "--batch-size", "16",
-                "--local-micro-batch-size", "8", "--lr", "3e-4", "--total-episodes", "64", "--num-eval-samples", "4",
-                "--checkpoint-every", "1", "--keep-checkpoints", "4"]),
-])
-def test_resume_from_an_earlier_checkpoint_reproduces_the_run(script, command, world, tmp_path):
-    """The reward model and DPO: roll a finished run back to its update-2 checkpoint and resume it."""
-    command = [script] + [c.format(world=world) for c in command]
+ROLLBACK_RUNS = {  # name -> (launcher, script, arguments): 4 updates, a checkpoint after each
+    "reward_model": ([], "reward_model.py", [
+        "--sft-model-path", "{world}/base_model", "--label-dataset", "{world}/tldr_preference", "--query-dataset",
+        "{world}/tldr_sft", "--query-length", "128", "--batch-size", "16", "--local-micro-batch-size", "8", "--lr",
+        "3e-4", "--total-episodes", "64", "--num-eval-samples", "16"]),
+    "dpo": ([], "dpo.py", [
+        "--sft-model-path", "{world}/base_model", "--label-dataset", "{world}/tldr_preference", "--query-dataset",
+        "{world}/tldr_sft", "--query-length", "128", "--batch-size", "16", "--local-micro-batch-size", "8", "--lr",
+        "3e-4", "--total-episodes", "64", "--num-eval-samples", "4"]),
+    "ppo_torchrun": (["-m", "torch.distributed.run", "--nproc-per-node", "2"], "ppo_tldr.py", [
+        "--sft-model-path", "{world}/base_model", "--reward-model-path", "{reward_model}", "--query-dataset",
+        "{world}/tldr_sft", "--query-length", "128", "--response-length", "16", "--total-episodes", "64",
+        "--batch-size", "16", "--local-micro-batch-size", "8", "--local-rollout-forward-batch-size", "8",
+        "--num-ppo-epochs", "2", "--lr", "1e-3", "--num-eval-samples", "6"]),
+}
+
+
+@pytest.mark.parametrize("name", ROLLBACK_RUNS)
+def test_resume_from_an_earlier_checkpoint_reproduces_the_run(name, world, reward_model, tmp_path):
+    """The reward model, DPO, and PPO under torchrun (2 processes: per-process random states): roll a finished run
+    back to its update-2 checkpoint, delete its outputs, resume it; everything comes back the same."""
+    launcher, script, arguments = ROLLBACK_RUNS[name]
+    command = [*launcher, script, *[a.format(world=world, reward_model=reward_model) for a in arguments],
+               "--checkpoint-every", "1", "--keep-checkpoints", "4"]
     finished, rolled_back = tmp_path / "finished", tmp_path / "rolled_back"
     run_ok(command + ["--output-dir", str(finished)])
     assert checkpoints(finished) == [f"step_0000000{i}" for i in (1, 2, 3, 4)]
     shutil.copytree(finished, rolled_back)
     for name in ["step_00000003", "step_00000004"]:
         shutil.rmtree(rolled_back / "checkpoints" / name)
-    for name in outputs(rolled_back):  # only the checkpoints and metrics.jsonl are left to resume from
-        os.remove(rolled_back / name)
+    for name in outputs(rolled_back):  # left to resume from: the checkpoints, metrics.jsonl, update 1's samples
+        if name != "samples_update_1.jsonl":
+            os.remove(rolled_back / name)
     result = run_ok(command + ["--output-dir", str(rolled_back), "--resume"])
     assert "resumed from update 2" in result.stdout
     assert metrics(rolled_back) == metrics(finished)
