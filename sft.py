@@ -61,8 +61,8 @@ class Args:
     """continue the run in --output-dir from its newest complete checkpoint (same arguments; the result is the same
     as an uninterrupted run's)"""
     checkpoint_every: int = 100
-    """write a checkpoint (models, optimizer, schedule, random states, position) every this many optimizer
-    updates, and at the end; 0 = at the end only"""
+    """write a checkpoint (models, optimizer, schedule, random states, position) every this many updates (PPO: PPO
+    updates of --batch-size episodes; the others: optimizer updates), and at the end; 0 = at the end only"""
     keep_checkpoints: int = 1
     """checkpoints kept in {output_dir}/checkpoints (the newest ones)"""
     # ---- end of the common block; then the script's model/data paths, lengths, batch sizes, optimiser, algorithm ----
