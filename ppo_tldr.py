@@ -580,7 +580,7 @@ if __name__ == "__main__":
     tokenizer = load_tokenizer(args.sft_model_path, "--sft-model-path")
     pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
     reward_tokenizer = None  # the reward model reads the policy's token ids: its tokenizer must be the same
-    if os.path.isdir(args.reward_model_path) and not os.path.exists(os.path.join(args.reward_model_path, "tokenizer_config.json")):
+    if os.path.isdir(args.reward_model_path) and not os.path.isfile(f"{args.reward_model_path}/tokenizer_config.json"):
         print(f"[ppo] --reward-model-path {args.reward_model_path} holds no tokenizer: it cannot be checked against "
               f"the policy's, so it is taken to be the same", flush=True)
     else:
@@ -596,7 +596,6 @@ if __name__ == "__main__":
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16 and device.type == "cuda")
 
     # ---- data: left-padded queries [D2.2]; validation's first batch is sampled every update ----
-
     def tokenize_split(rows):  # (N, Q) left-padded query tokens
         return torch.tensor([left_pad(tokenize_query(tokenizer, r, args.query_length), args.query_length, pad) for r in rows])
 
@@ -651,6 +650,9 @@ if __name__ == "__main__":
         data_pass, start = divmod((update - 1) * args.batch_size, batches_per_pass * args.batch_size)
         order = torch.randperm(len(train_queries), generator=torch.Generator().manual_seed(args.seed + data_pass))
         return order[start + rank * local_batch_size : start + (rank + 1) * local_batch_size]
+
+    def whiten(values, mask):  # the advantages' whitening: per process (the reference's) or over all processes
+        return global_masked_whiten(values, mask, world_size) if args.global_advantage_whitening else masked_whiten(values, mask)
 
     stats_shape = (args.num_ppo_epochs, args.num_mini_batches, gradient_accumulation_steps)
     start_time, first_step = time.time(), global_step
@@ -721,9 +723,6 @@ if __name__ == "__main__":
                 rewards = torch.masked_fill(rewards, padding_mask_p1, 0)
 
             # 5. GAE and advantage whitening (per process as the reference does, or over all processes)
-            def whiten(v, m):
-                return global_masked_whiten(v, m, world_size) if args.global_advantage_whitening else masked_whiten(v, m)
-
             advantages, returns = compute_advantages(rewards, values, padding_mask, args.gamma, args.lam, whiten)
 
         # 6. PPO epochs over mini-batches and micro-batches: clipped policy and value losses
