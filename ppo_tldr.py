@@ -17,6 +17,7 @@ stands in for the SFT policy and a reward model is trained first:
 
 import contextlib
 import json
+import math
 import os
 import random
 import shutil
@@ -31,6 +32,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 import tyro
 from datasets import load_dataset
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict, set_state_dict
+from torch.distributed.fsdp import fully_shard
 from torch.nn.parallel import DistributedDataParallel as DDP
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -96,6 +99,10 @@ class Args:
     """AdamW epsilon"""
     gradient_checkpointing: bool = False
     """recompute activations in the backward pass of policy and value model (for large models)"""
+    fsdp: bool = False
+    """shard the four models' parameters (and the trained ones' gradients and AdamW states) over the processes with
+    PyTorch FSDP2 `fully_shard` instead of replicating them with DDP: for the 2.8B and 6.9B runs (see README.md
+    "Multi-GPU and memory"); needs torchrun"""
     # ---- PPO ----
     num_ppo_epochs: int = 4
     """passes over each batch of episodes"""
@@ -519,6 +526,17 @@ def check_finite(name, value, where, inspect, output_dir, rank, world_size):
                              f"in {os.path.dirname(path)}/; the last good checkpoint in {output_dir}/checkpoints is kept")
 
 
+def shard_model(model):
+    """FSDP2: each transformer block, then the whole model, sharded over the processes; a forward gathers a block's
+    parameters just before it runs and frees them after, so every process must run the same forwards."""
+    block_types = set(getattr(model, "backbone", model)._no_split_modules)  # e.g. {"GPTNeoXLayer"}
+    for module in model.modules():
+        if type(module).__name__ in block_types:
+            fully_shard(module)
+    fully_shard(model)
+    return model
+
+
 def gather_mean(x, world_size):
     """Mean of a scalar tensor over all processes."""
     x = x.detach().float().clone()
@@ -577,6 +595,8 @@ if __name__ == "__main__":
     if args.checkpoint_every < 0 or args.keep_checkpoints < 1:
         raise ValueError(f"--checkpoint-every must be >= 0 and --keep-checkpoints >= 1, got {args.checkpoint_every} "
                          f"and {args.keep_checkpoints}")
+    if args.fsdp and world_size == 1:
+        raise ValueError("--fsdp shards the models over processes: launch with torchrun --nproc-per-node N (N > 1)")
     tokenizer = load_tokenizer(args.sft_model_path, "--sft-model-path")
     pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
     reward_tokenizer = None  # the reward model reads the policy's token ids: its tokenizer must be the same
@@ -619,22 +639,31 @@ if __name__ == "__main__":
     if args.gradient_checkpointing:
         policy.gradient_checkpointing_enable()
         value_model.backbone.gradient_checkpointing_enable()
+    if args.fsdp:  # four sharded models (frozen ones too); the trained two get their gradients reduce-scattered
+        for m in (policy, ref_policy, reward_model, value_model):
+            shard_model(m)
     unwrapped = PolicyAndValueWrapper(policy, value_model)
-    model = DDP(unwrapped) if world_size > 1 else unwrapped
+    model = DDP(unwrapped) if world_size > 1 and not args.fsdp else unwrapped
+    if args.fsdp:
+        held = sum(p.to_local().numel() for p in unwrapped.parameters())  # this process's shards
+        print(f"[ppo] rank {rank}: FSDP holds {held} of the {sum(p.numel() for p in unwrapped.parameters())} trained "
+              f"parameters", flush=True)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, eps=args.eps)  # one AdamW over policy and value
     first_update, global_step, optimizer_steps = 0, 0, 0
+    full_state = StateDictOptions(full_state_dict=True, cpu_offload=True)  # whole tensors on CPU, sharded or not
     if checkpoint is not None:  # resume: weights, AdamW moments, counters and every random stream
-        unwrapped.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
+        set_state_dict(unwrapped, optimizer, model_state_dict=checkpoint["model"],
+                       optim_state_dict=checkpoint["optimizer"], options=full_state)
         first_update, global_step, optimizer_steps = checkpoint["update"], checkpoint["episode"], checkpoint["optimizer_steps"]
         set_rng_states(checkpoint["rng"], rank)
         print(f"[ppo] resumed from update {first_update} of {output_dir}/checkpoints", flush=True)
         del checkpoint
 
     def write_checkpoint(update):
+        model_state, optimizer_state = get_state_dict(unwrapped, optimizer, options=full_state)  # gathers FSDP shards
         state = dict(rng=rng_states(world_size), update=update, episode=global_step, optimizer_steps=optimizer_steps)
         if rank == 0:  # the prompt order is a function of the update counter: it is the data-loader position
-            save_checkpoint(output_dir, update, dict(state, model=unwrapped.state_dict(), optimizer=optimizer.state_dict(),
+            save_checkpoint(output_dir, update, dict(state, model=model_state, optimizer=optimizer_state,
                                                      args=asdict(args), run_name=run_name, **logger.state()),
                             args.keep_checkpoints)
 
@@ -740,8 +769,11 @@ if __name__ == "__main__":
                     mb_advantage, mb_return, mb_values = advantages[mb_inds], returns[mb_inds], values[mb_inds]
                     mb_logprobs, mb_padding_mask, mb_padding_mask_p1 = logprobs[mb_inds], padding_mask[mb_inds], padding_mask_p1[mb_inds]
                     last_micro_batch = gradient_accumulation_idx == gradient_accumulation_steps - 1
-                    no_sync = model.no_sync() if world_size > 1 and not last_micro_batch else contextlib.nullcontext()
-                    with no_sync, autocast:  # under DDP, gradients are all-reduced on the last micro-batch only
+                    no_sync = model.no_sync() if world_size > 1 and not args.fsdp and not last_micro_batch else contextlib.nullcontext()
+                    if args.fsdp:
+                        for m in (policy, value_model):
+                            m.set_requires_gradient_sync(last_micro_batch)
+                    with no_sync, autocast:  # gradients are all-reduced (reduce-scattered) on the last micro-batch only
                         output, vpred_temp = forward(model, query_responses[mb_inds], pad)
                         logits = output.logits[:, context_length - 1 : -1].float() / (args.temperature + 1e-7)
                         new_logprobs = logprobs_of(logits, responses[mb_inds])
@@ -842,9 +874,11 @@ if __name__ == "__main__":
             rows = dataset[split]
             if args.num_eval_samples is not None:
                 rows = rows.select(range(min(args.num_eval_samples, len(rows))))
-            shard = range(rank, len(rows), world_size)  # each process evaluates its share; rank 0 gathers
-            eval_queries = tokenize_split(rows.select(shard)).to(device)
-            references = [tokenizer.encode(" " + rows[i]["summary"]) + [eos] for i in shard]
+            shard = list(range(rank, len(rows), world_size))  # each process evaluates its share; rank 0 gathers
+            # every process runs the same number of forwards (FSDP needs it): the shorter shares repeat a row
+            padded = shard + (shard or [0])[-1:] * (math.ceil(len(rows) / world_size) - len(shard))
+            eval_queries = tokenize_split(rows.select(padded)).to(device)
+            references = [tokenizer.encode(" " + rows[i]["summary"]) + [eos] for i in padded]
             references = torch.tensor([r + [pad] * (max(map(len, references)) - len(r)) for r in references], device=device)
             with torch.no_grad(), autocast:
                 eval_responses, eval_scores = rollout_scores(policy, reward_model, eval_queries, tokenizer, args, 0.01)
@@ -874,10 +908,12 @@ if __name__ == "__main__":
                         f"eval/{split}/eos_rate": sum(r["has_eos"] for r in table) / len(table)}, step=num_updates)
 
     # ---- save the policy (AutoModelForCausalLM-loadable) and the value model ----
+    policy_state = get_model_state_dict(policy, options=full_state)  # whole tensors, also under FSDP (a collective)
+    value_state = get_model_state_dict(value_model, options=full_state)
     if rank == 0:
-        policy.save_pretrained(output_dir)
+        policy.save_pretrained(output_dir, state_dict=policy_state)
         tokenizer.save_pretrained(output_dir)
-        value_model.save_pretrained(os.path.join(output_dir, "value_model"))
+        value_model.save_pretrained(os.path.join(output_dir, "value_model"), state_dict=value_state)
         print(f"[ppo] saved the policy to {output_dir} and the value model to {output_dir}/value_model", flush=True)
     if world_size > 1:
         dist.destroy_process_group()

@@ -46,11 +46,15 @@ class ScalarModel(nn.Module):
                                use_cache=False).last_hidden_state  # (B, T, d)
         return self.scalar_head(hidden).squeeze(-1) - self.bias  # (B, T)
 
-    def save_pretrained(self, folder):
+    def save_pretrained(self, folder, state_dict=None):
+        """Backbone (save_pretrained) + head + bias. `state_dict`: this model's full state dict, when the module's own
+        parameters are not whole (sharded with FSDP)."""
+        state_dict = self.state_dict() if state_dict is None else state_dict
         os.makedirs(folder, exist_ok=True)
-        self.backbone.save_pretrained(folder)
-        save_file({k: v.detach().contiguous().cpu() for k, v in self.scalar_head.state_dict().items()},
-                  os.path.join(folder, HEAD_WEIGHTS))
+        self.backbone.save_pretrained(folder, state_dict={k[len("backbone."):]: v for k, v in state_dict.items()
+                                                          if k.startswith("backbone.")})
+        save_file({k[len("scalar_head."):]: v.detach().contiguous().cpu() for k, v in state_dict.items()
+                   if k.startswith("scalar_head.")}, os.path.join(folder, HEAD_WEIGHTS))
         with open(os.path.join(folder, HEAD_CONFIG), "w") as f:
             json.dump({"hidden_size": self.config.hidden_size, "bias": float(self.bias)}, f, indent=2)
 

@@ -142,6 +142,7 @@ def test_smoke_run_saves_a_loadable_policy_and_counts_optimizer_steps(world, rew
     (["--response-length", "0"], "--response-length must be positive"),
     (["--total-episodes", "8"], "smaller than one --batch-size"),
     (["--sft-model-path", "/no/such/model"], "--sft-model-path"),
+    (["--fsdp"], "--fsdp shards the models over processes: launch with torchrun"),
 ])
 def test_bad_arguments_fail_before_loading_models(world, reward_model, tmp_path, monkeypatch, extra, message):
     out = tmp_path / "run"
@@ -218,3 +219,49 @@ def test_global_advantage_whitening_uses_the_statistics_of_every_process():
     assert torch.allclose(together[mask], expected[mask], atol=1e-6)
     assert torch.equal(global_masked_whiten(values, mask, 1), expected)
     assert not torch.allclose(masked_whiten(values[:2], mask[:2])[mask[:2]], expected[:2][mask[:2]], atol=1e-3)
+
+
+def test_fsdp_shards_and_matches_ddp_and_resumes(world, reward_model, tmp_path):
+    """--fsdp on two gloo processes: each holds about half of the trained parameters; the run (rollouts, updates,
+    evaluation with uneven shares of 7 posts, saved policy and value model) matches the DDP run with the same seeds;
+    rolled back to its update-1 checkpoint and resumed, it ends the same."""
+    import os
+    import re
+    import shutil
+
+    from safetensors.torch import load_file
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "ppo_tldr.py"]
+    common = ["--total-episodes", "32", "--num-ppo-epochs", "2", "--local-micro-batch-size", "4", "--response-length",
+              "16", "--local-rollout-forward-batch-size", "8", "--num-eval-samples", "7", "--checkpoint-every", "1",
+              "--keep-checkpoints", "2"]
+    ddp, fsdp, resumed = tmp_path / "ddp", tmp_path / "fsdp", tmp_path / "resumed"
+    subprocess.run([*torchrun, *ppo_args(world, reward_model, ddp, *common)], check=True, env=env)
+    result = subprocess.run([*torchrun, *ppo_args(world, reward_model, fsdp, *common, "--fsdp")], check=True, env=env,
+                            capture_output=True, text=True)
+    held = [tuple(map(int, m)) for m in re.findall(r"FSDP holds (\d+) of the (\d+)", result.stdout)]
+    assert len(held) == 2 and sum(h for h, _ in held) == held[0][1] and all(h < total for h, total in held)
+
+    def comparable(out):
+        return [{k: v for k, v in m.items() if not k.startswith(("time/", "ppo/eps"))} for m in read_metrics(out)]
+
+    def weights(out):
+        return {f: load_file(str(out / f)) for f in ["model.safetensors", "value_model/model.safetensors",
+                                                      "value_model/value_head.safetensors"]}
+
+    assert len(comparable(fsdp)) == len(comparable(ddp)) == 4  # 2 updates, then validation and test evaluation
+    for m_fsdp, m_ddp in zip(comparable(fsdp), comparable(ddp)):
+        assert m_fsdp == pytest.approx(m_ddp, rel=1e-5, abs=1e-6)
+    for f, tensors in weights(fsdp).items():
+        assert max((tensors[k] - weights(ddp)[f][k]).abs().max().item() for k in tensors) < 1e-5, f
+    rows = [json.loads(line)["id"] for line in (fsdp / "eval_validation.jsonl").read_text().splitlines()]
+    assert len(rows) == len(set(rows)) == 7
+
+    shutil.copytree(fsdp, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "step_00000002")
+    (resumed / "model.safetensors").unlink()
+    subprocess.run([*torchrun, *ppo_args(world, reward_model, resumed, *common, "--fsdp", "--resume")], check=True,
+                   env=env)
+    assert comparable(resumed) == comparable(fsdp)
+    assert (resumed / "model.safetensors").read_bytes() == (fsdp / "model.safetensors").read_bytes()
