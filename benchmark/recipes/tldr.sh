@@ -3,7 +3,7 @@
 #
 #   bash benchmark/recipes/tldr.sh 1b 8          # Pythia-1B on 8 GPUs (the paper's set-up), the paper's four seeds
 #   bash benchmark/recipes/tldr.sh 1b 1          # Pythia-1B on 1 GPU: same global batches through accumulation
-#   bash benchmark/recipes/tldr.sh 2.8b 8        # SFT, reward model and DPO; PPO needs sharding (see below)
+#   bash benchmark/recipes/tldr.sh 2.8b 8        # SFT, reward model, DPO, and PPO sharded with --fsdp
 #   SEEDS="44413" bash benchmark/recipes/tldr.sh 1b 8   # one seed
 #
 # Batch sizes are the paper's and global (independent of the GPU count); only the per-GPU micro-batches change.
@@ -27,9 +27,10 @@ case "$gpus" in
 esac
 # Weights, gradients and AdamW states in fp32 take 16 bytes per trained parameter on every GPU (DDP replicates them):
 # 6.9B does not fit an 80 GB GPU for any stage, and PPO (policy + value trained, reference + reward frozen) does not
-# fit from 2.8B on. Those runs need parameter sharding, which these scripts do not have yet.
+# fit from 2.8B on. ppo_tldr.py shards with --fsdp (on 8 GPUs); sft.py, reward_model.py and dpo.py do not shard yet,
+# so 6.9B cannot be run.
 if [ "$size" = "6.9b" ]; then
-  echo "6.9b needs parameter sharding (about 110 GB per GPU for SFT alone under DDP); not supported yet" >&2; exit 2
+  echo "6.9b needs parameter sharding in sft.py (about 110 GB per GPU under DDP); only ppo_tldr.py has --fsdp" >&2; exit 2
 fi
 
 for seed in $seeds; do
@@ -40,12 +41,13 @@ for seed in $seeds; do
       --output-dir "$out/reward_model__$seed"
   $launch dpo.py --seed "$seed" --sft-model-path "$out/sft__$seed" --local-micro-batch-size "$dpo_micro" \
       --output-dir "$out/dpo__$seed"
-  if [ "$size" = "1b" ]; then
+  if [ "$size" = "1b" ] || [ "$gpus" = "8" ]; then
+    shard=$([ "$size" = "1b" ] && echo "" || echo "--fsdp")  # 2.8B: the four models sharded over the 8 GPUs
     $launch ppo_tldr.py --seed "$seed" --sft-model-path "$out/sft__$seed" \
         --reward-model-path "$out/reward_model__$seed" --total-episodes 1000000 \
         --local-micro-batch-size "$ppo_micro" --local-rollout-forward-batch-size "$ppo_rollout" \
-        --output-dir "$out/ppo__$seed"
+        --output-dir "$out/ppo__$seed" $shard
   else
-    echo "skipping PPO at $size: policy + value + reference + reward model need parameter sharding (not supported yet)" >&2
+    echo "skipping PPO at $size on 1 GPU: it needs --fsdp over several GPUs (about 111 GB under DDP)" >&2
   fi
 done
