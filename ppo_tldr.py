@@ -33,7 +33,7 @@ import torch.nn.functional as F
 import tyro
 from datasets import load_dataset
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict, set_state_dict
-from torch.distributed.fsdp import fully_shard
+from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.nn.parallel import DistributedDataParallel as DDP
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -537,6 +537,74 @@ def shard_model(model):
     return model
 
 
+def ppo_update(model, optimizer, rollout, args, context_length, pad_token_id, gradient_accumulation_steps, autocast):
+    """Step 6 of an update: --num-ppo-epochs passes over this process's episodes, each pass in --num-mini-batches
+    mini-batches (one optimizer step each) of micro-batches whose gradients accumulate; under DDP or FSDP gradients are
+    reduced over the processes on the last micro-batch only. `rollout`: query_responses (b, Q + R), responses,
+    logprobs, values, advantages, returns, padding_mask, padding_mask_p1 (b, R). Returns the statistics, each
+    (epochs, mini-batches, micro-batches), and the number of optimizer steps taken."""
+    local_batch_size = rollout["responses"].size(0)
+    local_mini_batch_size = local_batch_size // args.num_mini_batches
+    stats = {name: torch.zeros(args.num_ppo_epochs, args.num_mini_batches, gradient_accumulation_steps)
+             for name in ["approxkl", "pg_clipfrac", "pg_loss", "vf_loss", "vf_clipfrac", "entropy", "ratio"]}
+    sharded = [m for m in model.children() if isinstance(m, FSDPModule)]  # policy and value model under --fsdp
+    optimizer_steps = 0
+    for ppo_epoch_idx in range(args.num_ppo_epochs):
+        b_inds = torch.randperm(local_batch_size)
+        for minibatch_idx, mini_batch_start in enumerate(range(0, local_batch_size, local_mini_batch_size)):
+            mini_batch_inds = b_inds[mini_batch_start : mini_batch_start + local_mini_batch_size]
+            for gradient_accumulation_idx, micro_batch_start in enumerate(range(0, local_mini_batch_size, args.local_micro_batch_size)):
+                mb_inds = mini_batch_inds[micro_batch_start : micro_batch_start + args.local_micro_batch_size]
+                mb_advantage, mb_return = rollout["advantages"][mb_inds], rollout["returns"][mb_inds]
+                mb_values, mb_logprobs = rollout["values"][mb_inds], rollout["logprobs"][mb_inds]
+                mb_padding_mask, mb_padding_mask_p1 = rollout["padding_mask"][mb_inds], rollout["padding_mask_p1"][mb_inds]
+                last_micro_batch = gradient_accumulation_idx == gradient_accumulation_steps - 1
+                no_sync = model.no_sync() if isinstance(model, DDP) and not last_micro_batch else contextlib.nullcontext()
+                for m in sharded:  # FSDP: the same, by switching the reduce-scatter off
+                    m.set_requires_gradient_sync(last_micro_batch)
+                with no_sync, autocast:  # gradients are all-reduced (reduce-scattered) on the last micro-batch only
+                    output, vpred_temp = forward(model, rollout["query_responses"][mb_inds], pad_token_id)
+                    logits = output.logits[:, context_length - 1 : -1].float() / (args.temperature + 1e-7)
+                    new_logprobs = logprobs_of(logits, rollout["responses"][mb_inds])
+                    new_logprobs = torch.masked_fill(new_logprobs, mb_padding_mask, INVALID_LOGPROB)
+                    vpred = vpred_temp[:, context_length - 1 : -1].float()
+                    vpred = torch.masked_fill(vpred, mb_padding_mask_p1, 0)
+                    # clipped value loss (Schulman et al. 2017 PPO; the N+ / lm-human-preferences form)
+                    vpredclipped = torch.clamp(vpred, mb_values - args.cliprange_value, mb_values + args.cliprange_value)
+                    vf_losses1 = torch.square(vpred - mb_return)
+                    vf_losses2 = torch.square(vpredclipped - mb_return)
+                    vf_loss_max = torch.max(vf_losses1, vf_losses2)
+                    vf_loss = 0.5 * masked_mean(vf_loss_max, ~mb_padding_mask_p1)
+                    # clipped surrogate objective (Schulman et al. 2017, eq. 7)
+                    logprobs_diff = new_logprobs - mb_logprobs
+                    ratio = torch.exp(logprobs_diff)
+                    pg_losses = -mb_advantage * ratio
+                    pg_losses2 = -mb_advantage * torch.clamp(ratio, 1.0 - args.cliprange, 1.0 + args.cliprange)
+                    pg_loss_max = torch.max(pg_losses, pg_losses2)
+                    pg_loss = masked_mean(pg_loss_max, ~mb_padding_mask)
+                    loss = pg_loss + args.vf_coef * vf_loss
+                    assert loss.dim() == 0
+                    (loss / gradient_accumulation_steps).backward()
+                if last_micro_batch:
+                    optimizer.step()
+                    optimizer.zero_grad()
+                    optimizer_steps += 1
+                with torch.no_grad():  # statistics over valid tokens only (deviation: the reference's were unmasked)
+                    valid = ~mb_padding_mask
+                    idx = (ppo_epoch_idx, minibatch_idx, gradient_accumulation_idx)
+                    prob_dist = F.softmax(logits, dim=-1)
+                    entropy = torch.logsumexp(logits, dim=-1) - torch.sum(prob_dist * logits, dim=-1)
+                    stats["approxkl"][idx] = 0.5 * masked_mean(logprobs_diff**2, valid)
+                    stats["pg_clipfrac"][idx] = masked_mean((pg_losses2 > pg_losses).float(), valid)
+                    stats["pg_loss"][idx] = pg_loss
+                    stats["vf_loss"][idx] = vf_loss
+                    stats["vf_clipfrac"][idx] = masked_mean((vf_losses2 > vf_losses1).float(), ~mb_padding_mask_p1)
+                    stats["entropy"][idx] = masked_mean(entropy, valid)
+                    stats["ratio"][idx] = masked_mean(ratio, valid)
+                del output, vpred_temp, logits, new_logprobs, loss
+    return stats, optimizer_steps
+
+
 def gather_mean(x, world_size):
     """Mean of a scalar tensor over all processes."""
     x = x.detach().float().clone()
@@ -683,7 +751,6 @@ if __name__ == "__main__":
     def whiten(values, mask):  # the advantages' whitening: per process (the reference's) or over all processes
         return global_masked_whiten(values, mask, world_size) if args.global_advantage_whitening else masked_whiten(values, mask)
 
-    stats_shape = (args.num_ppo_epochs, args.num_mini_batches, gradient_accumulation_steps)
     start_time, first_step = time.time(), global_step
     for update in range(first_update + 1, num_updates + 1):
         global_step += args.batch_size
@@ -757,66 +824,15 @@ if __name__ == "__main__":
         # 6. PPO epochs over mini-batches and micro-batches: clipped policy and value losses
         model.train()
         t0 = time.time()
-        approxkl_stats, pg_clipfrac_stats, pg_loss_stats = torch.zeros(stats_shape), torch.zeros(stats_shape), torch.zeros(stats_shape)
-        vf_loss_stats, vf_clipfrac_stats, entropy_stats = torch.zeros(stats_shape), torch.zeros(stats_shape), torch.zeros(stats_shape)
-        ratio_stats = torch.zeros(stats_shape)
-        for ppo_epoch_idx in range(args.num_ppo_epochs):
-            b_inds = torch.randperm(local_batch_size)
-            for minibatch_idx, mini_batch_start in enumerate(range(0, local_batch_size, local_mini_batch_size)):
-                mini_batch_inds = b_inds[mini_batch_start : mini_batch_start + local_mini_batch_size]
-                for gradient_accumulation_idx, micro_batch_start in enumerate(range(0, local_mini_batch_size, args.local_micro_batch_size)):
-                    mb_inds = mini_batch_inds[micro_batch_start : micro_batch_start + args.local_micro_batch_size]
-                    mb_advantage, mb_return, mb_values = advantages[mb_inds], returns[mb_inds], values[mb_inds]
-                    mb_logprobs, mb_padding_mask, mb_padding_mask_p1 = logprobs[mb_inds], padding_mask[mb_inds], padding_mask_p1[mb_inds]
-                    last_micro_batch = gradient_accumulation_idx == gradient_accumulation_steps - 1
-                    no_sync = model.no_sync() if world_size > 1 and not args.fsdp and not last_micro_batch else contextlib.nullcontext()
-                    if args.fsdp:
-                        for m in (policy, value_model):
-                            m.set_requires_gradient_sync(last_micro_batch)
-                    with no_sync, autocast:  # gradients are all-reduced (reduce-scattered) on the last micro-batch only
-                        output, vpred_temp = forward(model, query_responses[mb_inds], pad)
-                        logits = output.logits[:, context_length - 1 : -1].float() / (args.temperature + 1e-7)
-                        new_logprobs = logprobs_of(logits, responses[mb_inds])
-                        new_logprobs = torch.masked_fill(new_logprobs, mb_padding_mask, INVALID_LOGPROB)
-                        vpred = vpred_temp[:, context_length - 1 : -1].float()
-                        vpred = torch.masked_fill(vpred, mb_padding_mask_p1, 0)
-                        # clipped value loss (Schulman et al. 2017 PPO; the N+ / lm-human-preferences form)
-                        vpredclipped = torch.clamp(vpred, mb_values - args.cliprange_value, mb_values + args.cliprange_value)
-                        vf_losses1 = torch.square(vpred - mb_return)
-                        vf_losses2 = torch.square(vpredclipped - mb_return)
-                        vf_loss_max = torch.max(vf_losses1, vf_losses2)
-                        vf_loss = 0.5 * masked_mean(vf_loss_max, ~mb_padding_mask_p1)
-                        # clipped surrogate objective (Schulman et al. 2017, eq. 7)
-                        logprobs_diff = new_logprobs - mb_logprobs
-                        ratio = torch.exp(logprobs_diff)
-                        pg_losses = -mb_advantage * ratio
-                        pg_losses2 = -mb_advantage * torch.clamp(ratio, 1.0 - args.cliprange, 1.0 + args.cliprange)
-                        pg_loss_max = torch.max(pg_losses, pg_losses2)
-                        pg_loss = masked_mean(pg_loss_max, ~mb_padding_mask)
-                        loss = pg_loss + args.vf_coef * vf_loss
-                        assert loss.dim() == 0
-                        (loss / gradient_accumulation_steps).backward()
-                    if last_micro_batch:
-                        optimizer.step()
-                        optimizer.zero_grad()
-                        optimizer_steps += 1
-                    with torch.no_grad():  # statistics over valid tokens only (deviation: the reference's were unmasked)
-                        valid = ~mb_padding_mask
-                        idx = (ppo_epoch_idx, minibatch_idx, gradient_accumulation_idx)
-                        prob_dist = F.softmax(logits, dim=-1)
-                        entropy = torch.logsumexp(logits, dim=-1) - torch.sum(prob_dist * logits, dim=-1)
-                        approxkl_stats[idx] = 0.5 * masked_mean(logprobs_diff**2, valid)
-                        pg_clipfrac_stats[idx] = masked_mean((pg_losses2 > pg_losses).float(), valid)
-                        pg_loss_stats[idx] = pg_loss
-                        vf_loss_stats[idx] = vf_loss
-                        vf_clipfrac_stats[idx] = masked_mean((vf_losses2 > vf_losses1).float(), ~mb_padding_mask_p1)
-                        entropy_stats[idx] = masked_mean(entropy, valid)
-                        ratio_stats[idx] = masked_mean(ratio, valid)
-                    del output, vpred_temp, logits, new_logprobs, loss
+        rollout = dict(query_responses=query_responses, responses=responses, logprobs=logprobs, values=values,
+                       advantages=advantages, returns=returns, padding_mask=padding_mask, padding_mask_p1=padding_mask_p1)
+        stats, steps = ppo_update(model, optimizer, rollout, args, context_length, pad, gradient_accumulation_steps,
+                                  autocast)
+        optimizer_steps += steps
         timer["training"] += time.time() - t0
-        check_finite("ppo/loss", torch.stack([pg_loss_stats, vf_loss_stats]), f"update {update}",
-                     dict(query_responses=query_responses, scores=scores, advantages=advantages, returns=returns,
-                          pg_loss_stats=pg_loss_stats, vf_loss_stats=vf_loss_stats), output_dir, rank, world_size)
+        check_finite("ppo/loss", torch.stack([stats["pg_loss"], stats["vf_loss"]]), f"update {update}",
+                     dict(rollout, scores=scores, pg_loss_stats=stats["pg_loss"], vf_loss_stats=stats["vf_loss"]),
+                     output_dir, rank, world_size)
 
         # 7. logging (N+ metric names), the validation score (temperature 0.01) and sample tables
         with torch.no_grad(), autocast:
@@ -836,14 +852,14 @@ if __name__ == "__main__":
                 "objective/rlhf_reward": gather_mean(mean_non_score_reward + scores.mean(), world_size).item(),
                 "objective/scores": gather_mean(scores.mean(), world_size).item(),
                 "objective/validation_score": gather_mean(validation_score.mean(), world_size).item(),
-                "ppo/policy/approxkl_avg": gather_mean(approxkl_stats.mean(), world_size).item(),
-                "ppo/policy/clipfrac_avg": gather_mean(pg_clipfrac_stats.mean(), world_size).item(),
-                "ppo/loss/policy_avg": gather_mean(pg_loss_stats.mean(), world_size).item(),
-                "ppo/loss/value_avg": gather_mean(vf_loss_stats.mean(), world_size).item(),
-                "ppo/val/clipfrac_avg": gather_mean(vf_clipfrac_stats.mean(), world_size).item(),
-                "ppo/policy/entropy_avg": gather_mean(entropy_stats.mean(), world_size).item(),
-                "ppo/val/ratio": gather_mean(ratio_stats.mean(), world_size).item(),
-                "ppo/val/ratio_var": gather_mean(ratio_stats.var(unbiased=False), world_size).item(),
+                "ppo/policy/approxkl_avg": gather_mean(stats["approxkl"].mean(), world_size).item(),
+                "ppo/policy/clipfrac_avg": gather_mean(stats["pg_clipfrac"].mean(), world_size).item(),
+                "ppo/loss/policy_avg": gather_mean(stats["pg_loss"].mean(), world_size).item(),
+                "ppo/loss/value_avg": gather_mean(stats["vf_loss"].mean(), world_size).item(),
+                "ppo/val/clipfrac_avg": gather_mean(stats["vf_clipfrac"].mean(), world_size).item(),
+                "ppo/policy/entropy_avg": gather_mean(stats["entropy"].mean(), world_size).item(),
+                "ppo/val/ratio": gather_mean(stats["ratio"].mean(), world_size).item(),
+                "ppo/val/ratio_var": gather_mean(stats["ratio"].var(unbiased=False), world_size).item(),
                 "ppo/val/num_eos_tokens": num_eos_tokens.item(),
                 "ppo/lr": optimizer.param_groups[0]["lr"],
                 "ppo/episode": global_step,
@@ -863,7 +879,7 @@ if __name__ == "__main__":
                         for row, q, r, s in zip(validation_rows, validation_queries, validation_responses, validation_score)]
                 logger.table(f"samples_update_{update}", rows, output_dir)
         del query_responses, responses, postprocessed_responses, logprobs, ref_logprobs, values, scores
-        del rewards, non_score_reward, advantages, returns
+        del rewards, non_score_reward, advantages, returns, rollout
         if update == num_updates or (args.checkpoint_every and update % args.checkpoint_every == 0):
             write_checkpoint(update)
 

@@ -265,3 +265,99 @@ def test_fsdp_shards_and_matches_ddp_and_resumes(world, reward_model, tmp_path):
                    env=env)
     assert comparable(resumed) == comparable(fsdp)
     assert (resumed / "model.safetensors").read_bytes() == (fsdp / "model.safetensors").read_bytes()
+
+
+def _policy_and_value(model_path):
+    """The tiny base model as policy and as value backbone, the value head seeded: the same on every process."""
+    from ppo_tldr import PolicyAndValueWrapper, config_without_dropout
+    from transformers import AutoModelForCausalLM
+
+    from value_head import ScalarModel
+
+    torch.manual_seed(0)
+    policy = AutoModelForCausalLM.from_pretrained(model_path, config=config_without_dropout(model_path))
+    return policy, ScalarModel.from_backbone(model_path, config=config_without_dropout(model_path))
+
+
+UPDATE_ARGS = dict(num_ppo_epochs=1, num_mini_batches=1, temperature=0.7, cliprange=0.2, cliprange_value=0.2,
+                   vf_coef=0.1)
+
+
+def _update(model, wrapper, rollout, micro_batch_size, accumulation):
+    """One ppo_update with plain SGD (AdamW's first step is lr * sign(gradient): it would amplify float noise)."""
+    import contextlib
+    from types import SimpleNamespace
+
+    from ppo_tldr import ppo_update
+
+    optimizer = torch.optim.SGD(wrapper.parameters(), lr=0.1)
+    args = SimpleNamespace(**UPDATE_ARGS, local_micro_batch_size=micro_batch_size)
+    stats, steps = ppo_update(model, optimizer, rollout, args, 6, 10_000, accumulation, contextlib.nullcontext())
+    assert steps == 1
+    return stats
+
+
+def _update_in_a_process_group(rank, world_size, port, mode, model_path, rollout, results):
+    import os
+
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from ppo_tldr import PolicyAndValueWrapper, gather_mean, shard_model
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    policy, value_model = _policy_and_value(model_path)
+    if mode == "fsdp":
+        shard_model(policy), shard_model(value_model)
+    wrapper = PolicyAndValueWrapper(policy, value_model)
+    model = DDP(wrapper) if mode == "ddp" else wrapper
+    share = {k: v[rank * 8 : (rank + 1) * 8] for k, v in rollout.items()}  # this process's 8 of the 16 episodes
+    stats = _update(model, wrapper, share, 4, 2)  # 2 micro-batches of 4: the sync on the last one only
+    state = get_model_state_dict(wrapper, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    losses = [gather_mean(stats[k].mean(), world_size).item() for k in ("pg_loss", "vf_loss")]
+    if rank == 0:
+        results[mode] = (state, losses)
+    dist.destroy_process_group()
+
+
+def test_ppo_update_on_two_processes_equals_one_process(world):
+    """The PPO update (step 6) on a fixed batch of 16 episodes: one process with 2 micro-batches of 8 and two processes
+    with 2 micro-batches of 4 each, under DDP and under FSDP, end with the same weights and losses (every response
+    has the same number of valid tokens, so the per-micro-batch means average to the batch mean)."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    from ppo_tldr import PolicyAndValueWrapper, forward, logprobs_of
+
+    model_path = str(world / "base_model")
+    generator = torch.Generator().manual_seed(1)
+    query_responses = torch.randint(1, 700, (16, 6 + 5), generator=generator)  # no pad: 5 valid tokens each
+    policy, value_model = _policy_and_value(model_path)
+    with torch.no_grad():
+        logits = forward(policy, query_responses, 10_000).logits[:, 5:-1] / (0.7 + 1e-7)
+    no_padding = torch.zeros(16, 5, dtype=torch.bool)
+    rollout = dict(query_responses=query_responses, responses=query_responses[:, 6:],
+                   logprobs=logprobs_of(logits, query_responses[:, 6:]) - 0.1 * torch.rand(16, 5, generator=generator),
+                   values=torch.randn(16, 5, generator=generator), returns=torch.randn(16, 5, generator=generator),
+                   advantages=torch.randn(16, 5, generator=generator), padding_mask=no_padding,
+                   padding_mask_p1=no_padding)
+    wrapper = PolicyAndValueWrapper(policy, value_model)
+    stats = _update(wrapper, wrapper, rollout, 8, 2)
+    expected_state = wrapper.state_dict()
+    expected_losses = [stats[k].mean().item() for k in ("pg_loss", "vf_loss")]
+
+    results = mp.Manager().dict()
+    for mode in ["ddp", "fsdp"]:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        mp.spawn(_update_in_a_process_group, args=(2, port, mode, model_path, rollout, results), nprocs=2)
+    initial = PolicyAndValueWrapper(*_policy_and_value(model_path)).state_dict()
+    assert max((expected_state[k] - initial[k]).abs().max().item() for k in initial) > 1e-3  # the update moved
+    for mode in ["ddp", "fsdp"]:
+        state, losses = results[mode]
+        assert losses == pytest.approx(expected_losses, rel=1e-5), mode
+        assert max((state[k] - expected_state[k]).abs().max().item() for k in expected_state) < 1e-5, mode
