@@ -614,6 +614,18 @@ def gather_mean(x, world_size):
     return x
 
 
+def prompt_indices(num_queries, batch_size, update, rank, world_size, seed):
+    """This process's train queries for `update` (1-based), reshuffled each time the data is exhausted [D21]: one
+    shuffle per pass over the data (seeded with seed + pass, the same on every process), each global batch cut into
+    disjoint per-process slices; the incomplete last batch of a pass is dropped. A function of the update counter, so
+    a resumed run continues where it stopped."""
+    batches_per_pass = num_queries // batch_size
+    data_pass, start = divmod((update - 1) * batch_size, batches_per_pass * batch_size)
+    order = torch.randperm(num_queries, generator=torch.Generator().manual_seed(seed + data_pass))
+    local_batch_size = batch_size // world_size
+    return order[start + rank * local_batch_size : start + (rank + 1) * local_batch_size]
+
+
 @torch.no_grad()
 def rollout_scores(policy, reward_model, queries, tokenizer, args, temperature):
     """Sample responses to `queries` in chunks and score them as in the rollout [D23.2, D23.3] (evaluation only).
@@ -739,15 +751,6 @@ if __name__ == "__main__":
           f"{args.num_mini_batches} mini-batches, gradient accumulation {gradient_accumulation_steps}, "
           f"{world_size} process(es), {device}, output {output_dir}", flush=True)
 
-    def prompt_batch(update):
-        """This process's train queries for `update` (1-based), reshuffled each time the data is exhausted [D21]: one
-        shared shuffle per pass (seeded with --seed + pass, the same on every process), each global batch cut into
-        per-process slices; the incomplete last batch of a pass is dropped."""
-        batches_per_pass = len(train_queries) // args.batch_size
-        data_pass, start = divmod((update - 1) * args.batch_size, batches_per_pass * args.batch_size)
-        order = torch.randperm(len(train_queries), generator=torch.Generator().manual_seed(args.seed + data_pass))
-        return order[start + rank * local_batch_size : start + (rank + 1) * local_batch_size]
-
     def whiten(values, mask):  # the advantages' whitening: per process (the reference's) or over all processes
         return global_masked_whiten(values, mask, world_size) if args.global_advantage_whitening else masked_whiten(values, mask)
 
@@ -755,7 +758,8 @@ if __name__ == "__main__":
     for update in range(first_update + 1, num_updates + 1):
         global_step += args.batch_size
         optimizer.param_groups[0]["lr"] = (1.0 - (update - 1.0) / num_updates) * args.lr  # linear decay
-        queries = train_queries[prompt_batch(update)].to(device)  # (b, Q)
+        indices = prompt_indices(len(train_queries), args.batch_size, update, rank, world_size, args.seed)
+        queries = train_queries[indices].to(device)  # (b, Q)
         timer = {"generation": 0.0, "scoring": 0.0, "training": 0.0}
 
         # ---- rollout, in chunks of local_rollout_forward_batch_size ----

@@ -8,7 +8,7 @@ import torch
 
 from ppo_tldr import (
     INVALID_LOGPROB, compute_advantages, compute_rewards, first_true_indices, masked_mean, masked_var, masked_whiten,
-    truncate_response,
+    prompt_indices, truncate_response,
 )
 
 EOS, PAD = 0, 9
@@ -361,3 +361,16 @@ def test_ppo_update_on_two_processes_equals_one_process(world):
         state, losses = results[mode]
         assert losses == pytest.approx(expected_losses, rel=1e-5), mode
         assert max((state[k] - expected_state[k]).abs().max().item() for k in expected_state) < 1e-5, mode
+
+
+def test_prompt_shards_are_disjoint_cover_the_global_batch_and_reshuffle_each_pass():
+    """20 queries, global batch 8: 2 updates per pass (4 queries dropped), 2 processes of 4."""
+    seen = []
+    for update in (1, 2):
+        shards = [prompt_indices(20, 8, update, rank, 2, seed=7).tolist() for rank in range(2)]
+        assert not set(shards[0]) & set(shards[1])
+        assert shards[0] + shards[1] == prompt_indices(20, 8, update, 0, 1, seed=7).tolist()  # as one process
+        seen += shards[0] + shards[1]
+    assert len(set(seen)) == 16  # no query twice within a pass
+    second_pass = torch.randperm(20, generator=torch.Generator().manual_seed(8)).tolist()
+    assert prompt_indices(20, 8, 3, 0, 1, seed=7).tolist() == second_pass[:8]  # the next pass: seed + 1
