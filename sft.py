@@ -34,6 +34,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 import tyro
 from datasets import load_dataset
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict, set_state_dict
+from torch.distributed.fsdp import fully_shard
 from torch.nn.parallel import DistributedDataParallel as DDP
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -91,6 +93,9 @@ class Args:
     """AdamW learning rate at the first update; decays to 0 along a cosine, no warm-up"""
     eps: float = 1e-5
     """AdamW epsilon"""
+    fsdp: bool = False
+    """shard the model's parameters, gradients and AdamW states over the processes with PyTorch FSDP2 `fully_shard`
+    instead of replicating them with DDP: for the 6.9B run (see README.md "Multi-GPU and memory"); needs torchrun"""
     num_eval_samples: Optional[int] = None
     """evaluate on the first N rows (sequences) of validation and of test; None = the whole splits"""
 
@@ -402,6 +407,26 @@ PROMPT_COMPLETION_COLUMNS = ["prompt", "completion"]
 EVAL_SPLITS = {"validation": ("val/loss", "eval/"), "test": ("test/loss", "test/")}  # split -> loss, ROUGE names
 
 
+def shard_model(model):
+    """FSDP2: each transformer block, then the whole model, sharded over the processes; a forward gathers a block's
+    parameters just before it runs and frees them after, so every process must run the same forwards."""
+    block_types = set(getattr(model, "backbone", model)._no_split_modules)  # e.g. {"GPTNeoXLayer"}
+    for module in model.modules():
+        if type(module).__name__ in block_types:
+            fully_shard(module)
+    fully_shard(model)
+    return model
+
+
+def eval_chunks(share, size, longest_share, filler):
+    """This process's `share` of an evaluation set in chunks of `size`, as many chunks as the longest share on any
+    process makes: under FSDP every process must run the same forwards, so a shorter share ends with chunks of one
+    `filler` item whose results are dropped. Yields (chunk, keep)."""
+    for start in range(0, longest_share, size):
+        chunk = share[start : start + size]
+        yield (chunk, True) if chunk else ([filler], False)
+
+
 def check_args(args, world_size):
     """Every numeric argument checked before anything loads; returns the gradient accumulation steps."""
     for name in ["query_length", "response_length", "num_train_epochs", "local_eval_batch_size"]:
@@ -413,6 +438,8 @@ def check_args(args, world_size):
     if args.checkpoint_every < 0 or args.keep_checkpoints < 1:
         raise ValueError(f"--checkpoint-every must be >= 0 and --keep-checkpoints >= 1, got {args.checkpoint_every} "
                          f"and {args.keep_checkpoints}")
+    if args.fsdp and world_size == 1:
+        raise ValueError("--fsdp shards the model over processes: launch with torchrun --nproc-per-node N (N > 1)")
     return exact_div(args.batch_size, args.local_micro_batch_size * world_size,
                      f"--batch-size / (--local-micro-batch-size {args.local_micro_batch_size} x {world_size} "
                      f"processes)")
@@ -504,14 +531,15 @@ def evaluate(model, examples, tokenizer, args, device, rank, world_size):
     local = examples[rank * shard:(rank + 1) * shard]
     loss_stats = torch.zeros(2, device=device)  # sum of token losses, number of tokens
     rows = []
-    for start in range(0, len(local), args.local_eval_batch_size):
-        batch = local[start:start + args.local_eval_batch_size]
+    for batch, keep in eval_chunks(local, args.local_eval_batch_size, shard, examples[0]):
         query_responses = torch.tensor([right_pad(e["query"] + e["response"], args.query_length + args.response_length,
                                                   pad) for e in batch], device=device)  # (B, Q + R)
         queries = torch.tensor([left_pad(e["query"], args.query_length, pad) for e in batch], device=device)  # (B, Q)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16 and device.type == "cuda"):
             loss_sum, num_tokens = sft_loss(forward(model, query_responses, pad).logits, query_responses, pad)
             generated, _ = generate(model, queries, pad, args.response_length, temperature=0.01)  # [D9]
+        if not keep:
+            continue
         loss_stats += torch.stack([loss_sum, num_tokens.float()])
         responses = generated[:, args.query_length:]  # (B, R)
         has_eos = (responses == eos).any(dim=1)
@@ -584,15 +612,23 @@ if __name__ == "__main__":
     seed_everything(args.seed + rank * 100003)
     logger = Logger(args, run_name, output_dir, rank, checkpoint)  # the first write into output_dir
     policy = load_policy(args.base_model, tokenizer, device)
-    model = DDP(policy, device_ids=[device.index] if device.type == "cuda" else None) if world_size > 1 else policy
+    if args.fsdp:  # sharded parameters, gradients and AdamW states; gradients reduce-scattered
+        shard_model(policy)
+        print(f"rank {rank}: FSDP holds {sum(p.to_local().numel() for p in policy.parameters())} of the "
+              f"{sum(p.numel() for p in policy.parameters())} parameters", flush=True)
+    if world_size > 1 and not args.fsdp:
+        model = DDP(policy, device_ids=[device.index] if device.type == "cuda" else None)
+    else:
+        model = policy
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, eps=args.eps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(  # lr factor 1 at the first update, 0 after the last [D9]
         optimizer, lambda u: 0.5 * (1.0 + math.cos(math.pi * u / num_updates)))
     pad, micro_size = tokenizer.pad_token_id, args.local_micro_batch_size
     first_update = 0
+    full_state = StateDictOptions(full_state_dict=True, cpu_offload=True)  # whole tensors on CPU, sharded or not
     if checkpoint is not None:  # resume: weights, AdamW moments, schedule, random streams; the data position is the
-        policy.load_state_dict(checkpoint["model"])  # update counter (rank_batch_indices is a function of it)
-        optimizer.load_state_dict(checkpoint["optimizer"])
+        set_state_dict(policy, optimizer, model_state_dict=checkpoint["model"],  # update counter (rank_batch_indices
+                       optim_state_dict=checkpoint["optimizer"], options=full_state)  # is a function of it)
         scheduler.load_state_dict(checkpoint["scheduler"])
         first_update = checkpoint["update"]
         set_rng_states(checkpoint["rng"], rank)
@@ -617,7 +653,9 @@ if __name__ == "__main__":
             query_responses = torch.tensor([right_pad(e["query"] + e["response"], longest, pad) for e in batch],
                                            device=device)  # (B, <= Q + R)
             sync = micro == gradient_accumulation_steps - 1 or world_size == 1
-            with nullcontext() if sync else model.no_sync():  # all-reduce gradients only on the last micro-batch
+            if args.fsdp:  # FSDP: the same, by switching the reduce-scatter off
+                policy.set_requires_gradient_sync(sync)
+            with nullcontext() if sync or args.fsdp else model.no_sync():  # all-reduce gradients on the last micro-batch
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16 and device.type == "cuda"):
                     loss_sum, num_tokens = sft_loss(forward(model, query_responses, pad).logits, query_responses, pad)
                     loss = loss_sum / num_tokens / gradient_accumulation_steps
@@ -639,15 +677,17 @@ if __name__ == "__main__":
                      episode=episode)
         if update + 1 == num_updates or (args.checkpoint_every and (update + 1) % args.checkpoint_every == 0):
             states = rng_states(world_size)  # every process takes part; rank 0 writes
+            model_state, optimizer_state = get_state_dict(policy, optimizer, options=full_state)  # gathers FSDP shards
             if rank == 0:
                 save_checkpoint(output_dir, update + 1, dict(
-                    model=policy.state_dict(), optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
+                    model=model_state, optimizer=optimizer_state, scheduler=scheduler.state_dict(),
                     update=update + 1, rng=states, args=asdict(args), run_name=run_name, **logger.state()),
                     args.keep_checkpoints)
 
     # 4. Save (rank 0), then evaluate: val/test loss, generations at temperature 0.01, ROUGE [D9]
+    policy_state = get_model_state_dict(policy, options=full_state)  # whole tensors, also under FSDP (a collective)
     if rank == 0:
-        policy.save_pretrained(output_dir)
+        policy.save_pretrained(output_dir, state_dict=policy_state)
         tokenizer.save_pretrained(output_dir)
     policy.eval()
     for split in eval_splits:

@@ -157,7 +157,7 @@ def test_rank_shards_are_disjoint_and_cover_the_global_batch():
 def args_with(**kwargs):
     defaults = dict(query_length=512, response_length=53, num_train_epochs=1, local_eval_batch_size=16,
                     total_episodes=None, num_eval_samples=None, batch_size=128, local_micro_batch_size=16,
-                    checkpoint_every=100, keep_checkpoints=1)
+                    checkpoint_every=100, keep_checkpoints=1, fsdp=False)
     return SimpleNamespace(**{**defaults, **kwargs})
 
 
@@ -172,6 +172,8 @@ def test_check_args():
         sft.check_args(args_with(keep_checkpoints=0), 1)
     with pytest.raises(ValueError, match="--batch-size.*128 is not divisible by 48"):
         sft.check_args(args_with(local_micro_batch_size=16), world_size=3)
+    with pytest.raises(ValueError, match="--fsdp shards the model over processes: launch with torchrun"):
+        sft.check_args(args_with(fsdp=True), world_size=1)
 
 
 # ------------------------------------------------------------ bad input (the real command line) ----------------
@@ -256,3 +258,44 @@ def test_torchrun_two_processes_match_one(world, smoke_run, tmp_path):
         torch.testing.assert_close(weights_two[name], tensor, rtol=1e-4, atol=1e-5, msg=name)  # seen: 1e-7
     rows_one, rows_two = read_jsonl(single / "eval_test.jsonl"), read_jsonl(out / "eval_test.jsonl")
     assert [r["id"] for r in rows_two] == [r["id"] for r in rows_one]  # gathered in dataset order
+
+
+def test_fsdp_shards_and_matches_ddp_and_resumes(world, tmp_path):
+    """--fsdp on two gloo processes: each holds about half of the parameters; training (with accumulation) and the
+    evaluation with uneven shares of 7 rows match the DDP run; rolled back to its update-2 checkpoint and resumed, it
+    ends with the same bytes."""
+    import re
+    import shutil
+
+    from safetensors.torch import load_file
+
+    common = ["--base-model", str(world / "base_model"), "--query-dataset", str(world / "tldr_sft"), "--query-length",
+              "128", "--batch-size", "32", "--local-micro-batch-size", "8", "--lr", "3e-3", "--total-episodes", "96",
+              "--num-eval-samples", "7", "--checkpoint-every", "2", "--keep-checkpoints", "2"]
+    ddp, fsdp, resumed = tmp_path / "ddp", tmp_path / "fsdp", tmp_path / "resumed"
+    result = run_sft(*common, "--output-dir", str(ddp), torchrun=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    result = run_sft(*common, "--output-dir", str(fsdp), "--fsdp", torchrun=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    held = [tuple(map(int, m)) for m in re.findall(r"FSDP holds (\d+) of the (\d+)", result.stdout)]
+    assert len(held) == 2 and sum(h for h, _ in held) == held[0][1] and all(h < total for h, total in held)
+
+    one, two = read_jsonl(ddp / "metrics.jsonl"), read_jsonl(fsdp / "metrics.jsonl")
+    assert len(one) == len(two) == 5  # 3 updates, then validation and test
+    for a, b in zip(one, two):
+        assert b == pytest.approx(a, rel=1e-5, abs=1e-6)
+    weights_ddp, weights_fsdp = load_file(str(ddp / "model.safetensors")), load_file(str(fsdp / "model.safetensors"))
+    assert max((weights_fsdp[k] - weights_ddp[k]).abs().max().item() for k in weights_ddp) < 1e-5
+    for split in ["validation", "test"]:
+        rows = read_jsonl(fsdp / f"eval_{split}.jsonl")
+        assert [r["id"] for r in rows] == [r["id"] for r in read_jsonl(ddp / f"eval_{split}.jsonl")]
+        assert len({r["id"] for r in rows}) == 7
+
+    shutil.copytree(fsdp, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "step_00000003")
+    (resumed / "model.safetensors").unlink()
+    result = run_sft(*common, "--output-dir", str(resumed), "--fsdp", "--resume", torchrun=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "resumed from update 2" in result.stdout
+    assert (resumed / "model.safetensors").read_bytes() == (fsdp / "model.safetensors").read_bytes()
+    assert read_jsonl(resumed / "metrics.jsonl") == two
