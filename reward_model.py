@@ -31,6 +31,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 import tyro
 from datasets import load_dataset
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict, set_state_dict
+from torch.distributed.fsdp import fully_shard
 from torch.nn.parallel import DistributedDataParallel as DDP
 from transformers import AutoConfig, AutoTokenizer
 
@@ -92,6 +94,9 @@ class Args:
     """learning rate of AdamW, decayed to 0 by a cosine over the updates, no warm-up"""
     eps: float = 1e-5
     """epsilon of AdamW"""
+    fsdp: bool = False
+    """shard the model's parameters, gradients and AdamW states over the processes with PyTorch FSDP2 `fully_shard`
+    instead of replicating them with DDP: for the 6.9B run (see README.md "Multi-GPU and memory"); needs torchrun"""
 
 
 # -------------------------------------------------------- helpers (copied verbatim from the common code) -------
@@ -343,6 +348,26 @@ def check_finite(name, value, where, inspect, output_dir, rank, world_size):
                              f"in {os.path.dirname(path)}/; the last good checkpoint in {output_dir}/checkpoints is kept")
 
 
+def shard_model(model):
+    """FSDP2: each transformer block, then the whole model, sharded over the processes; a forward gathers a block's
+    parameters just before it runs and frees them after, so every process must run the same forwards."""
+    block_types = set(getattr(model, "backbone", model)._no_split_modules)  # e.g. {"GPTNeoXLayer"}
+    for module in model.modules():
+        if type(module).__name__ in block_types:
+            fully_shard(module)
+    fully_shard(model)
+    return model
+
+
+def eval_chunks(share, size, longest_share, filler):
+    """This process's `share` of an evaluation set in chunks of `size`, as many chunks as the longest share on any
+    process makes: under FSDP every process must run the same forwards, so a shorter share ends with chunks of one
+    `filler` item whose results are dropped. Yields (chunk, keep)."""
+    for start in range(0, longest_share, size):
+        chunk = share[start : start + size]
+        yield (chunk, True) if chunk else ([filler], False)
+
+
 # -------------------------------------------------------- reward-model helpers ---------------------------------
 OPENAI_COLUMNS = ["info", "summaries", "choice", "batch", "split", "extra"]  # OpenAI's comparisons, as on the hub
 STANDARD_COLUMNS = ["prompt", "chosen", "rejected"]  # the standard preference format
@@ -489,6 +514,8 @@ if __name__ == "__main__":
     if args.checkpoint_every < 0 or args.keep_checkpoints < 1:
         raise ValueError(f"--checkpoint-every must be >= 0 and --keep-checkpoints >= 1, got {args.checkpoint_every} "
                          f"and {args.keep_checkpoints}")
+    if args.fsdp and world_size == 1:
+        raise ValueError("--fsdp shards the model over processes: launch with torchrun --nproc-per-node N (N > 1)")
     gradient_accumulation_steps = exact_div(args.batch_size, args.local_micro_batch_size * world_size,
                                             "--batch-size / (--local-micro-batch-size * number of processes)")
     check_model_path(args.sft_model_path, "--sft-model-path")
@@ -545,14 +572,21 @@ if __name__ == "__main__":
     logger = Logger(args, run_name, output_dir, rank, checkpoint)  # the first write into output_dir
     model = ScalarModel.from_backbone(args.sft_model_path, config=config_without_dropout(args.sft_model_path))
     model = model.to(device)  # fp32 weights; [PAD] ids are replaced by 0 before the embedding, so no resize
-    ddp_model = DDP(model) if world_size > 1 else model  # DDP broadcasts rank 0's head to the other ranks
+    if args.fsdp:  # every process drew its own head: take rank 0's (DDP does that itself), then shard
+        for tensor in model.state_dict().values():
+            dist.broadcast(tensor, src=0)
+        shard_model(model)
+        print(f"rank {rank}: FSDP holds {sum(p.to_local().numel() for p in model.parameters())} of the "
+              f"{sum(p.numel() for p in model.parameters())} parameters", flush=True)
+    ddp_model = DDP(model) if world_size > 1 and not args.fsdp else model  # DDP broadcasts rank 0's head to the others
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, eps=args.eps)  # weight decay 0.01, no clipping
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_to_zero(num_updates))
     autocast = dict(device_type=device.type, dtype=torch.bfloat16, enabled=args.bf16 and device.type == "cuda")
     first_update = 0
+    full_state = StateDictOptions(full_state_dict=True, cpu_offload=True)  # whole tensors on CPU, sharded or not
     if checkpoint is not None:  # resume: weights, AdamW moments, schedule, random streams; the data position is the
-        model.load_state_dict(checkpoint["model"])  # update counter (train_shards is fixed by --seed)
-        optimizer.load_state_dict(checkpoint["optimizer"])
+        set_state_dict(model, optimizer, model_state_dict=checkpoint["model"],  # update counter (train_shards is
+                       optim_state_dict=checkpoint["optimizer"], options=full_state)  # fixed by --seed)
         scheduler.load_state_dict(checkpoint["scheduler"])
         first_update = checkpoint["update"]
         set_rng_states(checkpoint["rng"], rank)
@@ -580,7 +614,9 @@ if __name__ == "__main__":
             micro_pairs = [pairs["train"][i] for i in micro]
             query_responses = pair_batch(micro_pairs, longest(micro_pairs), pad_token_id).to(device)  # (2b, T)
             last = m == len(micro_batches) - 1
-            with contextlib.nullcontext() if last or world_size == 1 else ddp_model.no_sync():  # all-reduce once
+            if args.fsdp:  # FSDP: the same, by switching the reduce-scatter off
+                model.set_requires_gradient_sync(last)
+            with contextlib.nullcontext() if last or world_size == 1 or args.fsdp else ddp_model.no_sync():  # reduce once
                 with torch.autocast(**autocast):
                     _, scores, _ = get_reward(ddp_model, query_responses, pad_token_id, context_length=0)  # at EOS [D12]
                 chosen_rewards, rejected_rewards = scores.float().chunk(2)  # (b,), (b,)
@@ -606,9 +642,10 @@ if __name__ == "__main__":
             progress("reward_model", update, num_updates, start_time, first_update, loss=loss, accuracy=accuracy, lr=lr)
         if update == num_updates or (args.checkpoint_every and update % args.checkpoint_every == 0):
             states = rng_states(world_size)  # every process takes part; rank 0 writes
+            model_state, optimizer_state = get_state_dict(model, optimizer, options=full_state)  # gathers FSDP shards
             if rank == 0:
                 save_checkpoint(output_dir, update, dict(
-                    model=model.state_dict(), optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
+                    model=model_state, optimizer=optimizer_state, scheduler=scheduler.state_dict(),
                     update=update, rng=states, args=asdict(args), run_name=run_name, **logger.state()),
                     args.keep_checkpoints)
 
@@ -617,8 +654,7 @@ if __name__ == "__main__":
     my_norm = list(range(rank, len(norm_queries), world_size))
     norm_scores, padding_diffs = [], []
     with torch.no_grad():
-        for start in range(0, len(my_norm), args.local_eval_batch_size):
-            idxs = my_norm[start : start + args.local_eval_batch_size]
+        for idxs, keep in eval_chunks(my_norm, args.local_eval_batch_size, math.ceil(len(norm_queries) / world_size), 0):
             right_padded = torch.tensor([right_pad(norm_queries[i] + norm_responses[i], seq_length, pad_token_id)
                                          for i in idxs], device=device)  # (B, T), as in training
             left_padded = torch.tensor([left_pad(norm_queries[i], args.query_length, pad_token_id)
@@ -627,6 +663,8 @@ if __name__ == "__main__":
             with torch.autocast(**autocast):
                 _, scores, _ = get_reward(model, right_padded, pad_token_id, context_length=0)
                 _, left_scores, _ = get_reward(model, left_padded, pad_token_id, context_length=args.query_length)
+            if not keep:
+                continue
             norm_scores += scores.float().tolist()
             padding_diffs.append((scores.float() - left_scores.float()).abs().max().item())
     bias, stats = normalization_stats(gather_lists(norm_scores, world_size))
@@ -634,10 +672,11 @@ if __name__ == "__main__":
     padding_diff = max(gather_lists(padding_diffs, world_size))
     logger.log({"normalization/bias": bias, **{f"normalization/{k}": v for k, v in stats.items()},
                 "eval/left_right_padding_diff": padding_diff}, step=num_updates)
+    model_state = get_model_state_dict(model, options=full_state)  # whole tensors, also under FSDP (a collective)
     if rank == 0:
         print(f"normalisation: bias {bias:.4g}, normalised mean {stats['mean']:.3g} std {stats['std']:.4g} "
               f"min {stats['min']:.4g} max {stats['max']:.4g}; left- vs right-padding max |diff| {padding_diff:.3g}")
-        model.save_pretrained(output_dir)  # value_head format: backbone + head + bias, read by ppo_tldr.py
+        model.save_pretrained(output_dir, state_dict=model_state)  # value_head format: backbone + head + bias, read by ppo_tldr.py
         tokenizer.save_pretrained(output_dir)
 
     # ---- 6. evaluate every validation split (normalised rewards), one table row per pair ----
@@ -649,11 +688,13 @@ if __name__ == "__main__":
             continue
         mine, rows = split_pairs[rank::world_size], []
         with torch.no_grad():
-            for start in range(0, len(mine), args.local_eval_batch_size):
-                batch = mine[start : start + args.local_eval_batch_size]
+            for batch, keep in eval_chunks(mine, args.local_eval_batch_size, math.ceil(len(split_pairs) / world_size),
+                                           split_pairs[0]):
                 with torch.autocast(**autocast):
                     _, scores, _ = get_reward(model, pair_batch(batch, longest(batch), pad_token_id).to(device),
                                               pad_token_id, context_length=0)
+                if not keep:
+                    continue
                 chosen_rewards, rejected_rewards = scores.float().chunk(2)
                 for p, r_chosen, r_rejected in zip(batch, chosen_rewards.tolist(), rejected_rewards.tolist()):
                     rows.append(dict(index=p["index"], id=p["id"], query=p["query"], chosen=p["chosen"],

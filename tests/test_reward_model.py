@@ -5,6 +5,7 @@ import json
 import math
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -155,6 +156,7 @@ def test_train_shards_are_disjoint_and_share_one_shuffle():
 @pytest.mark.parametrize("extra, message", [
     (["--batch-size", "24", "--local-micro-batch-size", "16"], "--batch-size / (--local-micro-batch-size"),
     (["--response-length", "0"], "--response-length must be positive"),
+    (["--fsdp"], "--fsdp shards the model over processes: launch with torchrun"),
     (["--sft-model-path", "/nonexistent/sft"], "--sft-model-path"),
 ])
 def test_bad_arguments_fail_fast(world, tmp_path, extra, message):
@@ -226,3 +228,48 @@ def test_torchrun_two_processes(world, tmp_path):
     assert sum("train/loss" in m for m in metrics) == 2  # 64 pairs / 32 per update, logged once (rank 0)
     assert len((out / "eval_validation.jsonl").read_text().splitlines()) == 8  # both ranks' rows, gathered
     assert (out / "value_head.json").exists()
+
+
+def test_fsdp_shards_and_matches_ddp_and_resumes(world, tmp_path):
+    """--fsdp on two gloo processes: each holds about half of the parameters; training, the normalisation (33
+    summaries: 3 chunks on one process, 2 on the other) and the evaluation (7 pairs) match the DDP run, head and bias
+    included; rolled back to its update-2 checkpoint and resumed, it ends with the same bytes."""
+    from safetensors.torch import load_file
+
+    def cli(out, *extra):
+        return world_cli(world, out, "--lr", "3e-4", "--batch-size", "32", "--local-micro-batch-size", "8",
+                         "--local-eval-batch-size", "8", "--total-episodes", "96", "--num-eval-samples", "7",
+                         "--num-normalization-samples", "33", "--checkpoint-every", "2", "--keep-checkpoints", "2",
+                         *extra)
+
+    def read(out):
+        metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        weights = {**load_file(str(out / "model.safetensors")), **load_file(str(out / "value_head.safetensors"))}
+        return metrics, weights, json.loads((out / "value_head.json").read_text())["bias"]
+
+    ddp, fsdp, resumed = tmp_path / "ddp", tmp_path / "fsdp", tmp_path / "resumed"
+    result = run_script(*cli(ddp), torchrun=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    result = run_script(*cli(fsdp, "--fsdp"), torchrun=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    held = [tuple(map(int, m)) for m in re.findall(r"FSDP holds (\d+) of the (\d+)", result.stdout)]
+    assert len(held) == 2 and sum(h for h, _ in held) == held[0][1] and all(h < total for h, total in held)
+
+    (metrics_ddp, weights_ddp, bias_ddp), (metrics_fsdp, weights_fsdp, bias_fsdp) = read(ddp), read(fsdp)
+    assert len(metrics_fsdp) == len(metrics_ddp) == 6  # 3 updates, normalisation, 2 validation splits
+    for a, b in zip(metrics_ddp, metrics_fsdp):
+        assert b == pytest.approx(a, rel=1e-5, abs=1e-6)
+    assert set(weights_fsdp) == set(weights_ddp)
+    assert max((weights_fsdp[k] - weights_ddp[k]).abs().max().item() for k in weights_ddp) < 1e-5
+    assert bias_fsdp == pytest.approx(bias_ddp, rel=1e-5)
+    rows = [json.loads(line)["id"] for line in (fsdp / "eval_validation.jsonl").read_text().splitlines()]
+    assert len(set(rows)) == 7
+
+    shutil.copytree(fsdp, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "step_00000003")
+    (resumed / "model.safetensors").unlink()
+    result = run_script(*cli(resumed, "--fsdp", "--resume"), torchrun=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "resumed from update 2" in result.stdout
+    assert (resumed / "model.safetensors").read_bytes() == (fsdp / "model.safetensors").read_bytes()
+    assert read(resumed)[0] == metrics_fsdp
