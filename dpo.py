@@ -30,6 +30,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 import tyro
 from datasets import load_dataset
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict, set_state_dict
+from torch.distributed.fsdp import fully_shard
 from torch.nn.parallel import DistributedDataParallel as DDP
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -98,6 +100,10 @@ class Args:
     precompute_ref_logprobs: bool = False
     """compute the reference's sequence log-probs once before training and free the reference (saves memory and
     one forward per micro-batch); False computes them on the fly"""
+    fsdp: bool = False
+    """shard the policy's parameters, gradients and AdamW states, and the reference's parameters, over the processes
+    with PyTorch FSDP2 `fully_shard` instead of replicating them with DDP: for the 6.9B run (see README.md "Multi-GPU
+    and memory"); needs torchrun"""
     num_eval_samples: Optional[int] = None
     """number of SFT validation posts (the first ones) generated for in the evaluation; None = the whole split"""
 
@@ -403,6 +409,26 @@ def check_finite(name, value, where, inspect, output_dir, rank, world_size):
                              f"in {os.path.dirname(path)}/; the last good checkpoint in {output_dir}/checkpoints is kept")
 
 
+def shard_model(model):
+    """FSDP2: each transformer block, then the whole model, sharded over the processes; a forward gathers a block's
+    parameters just before it runs and frees them after, so every process must run the same forwards."""
+    block_types = set(getattr(model, "backbone", model)._no_split_modules)  # e.g. {"GPTNeoXLayer"}
+    for module in model.modules():
+        if type(module).__name__ in block_types:
+            fully_shard(module)
+    fully_shard(model)
+    return model
+
+
+def eval_chunks(share, size, longest_share, filler):
+    """This process's `share` of an evaluation set in chunks of `size`, as many chunks as the longest share on any
+    process makes: under FSDP every process must run the same forwards, so a shorter share ends with chunks of one
+    `filler` item whose results are dropped. Yields (chunk, keep)."""
+    for start in range(0, longest_share, size):
+        chunk = share[start : start + size]
+        yield (chunk, True) if chunk else ([filler], False)
+
+
 # -------------------------------------------------------- DPO helpers --------------------------------------------
 OPENAI_COLUMNS = ["info", "summaries", "choice", "batch", "split", "extra"]
 STANDARD_COLUMNS = ["prompt", "chosen", "rejected"]
@@ -430,6 +456,8 @@ def validate_args(args, world_size):
     if args.checkpoint_every < 0 or args.keep_checkpoints < 1:
         raise ValueError(f"--checkpoint-every must be >= 0 and --keep-checkpoints >= 1, got {args.checkpoint_every} "
                          f"and {args.keep_checkpoints}")
+    if args.fsdp and world_size == 1:
+        raise ValueError("--fsdp shards the model over processes: launch with torchrun --nproc-per-node N (N > 1)")
     check_model_path(args.sft_model_path, "--sft-model-path")
     for arg, path in [("--label-dataset", args.label_dataset), ("--query-dataset", args.query_dataset)]:
         if path.startswith(("/", ".")) and not os.path.exists(path):
@@ -642,11 +670,20 @@ if __name__ == "__main__":
         """This process's contiguous shard of an evaluation set's indices."""
         return torch.arange(len(dataset)).tensor_split(world_size)[rank].tolist()
 
+    def eval_longest(dataset):
+        """The largest shard's length (tensor_split's first shards are the longer ones)."""
+        return math.ceil(len(dataset) / world_size)
+
     # Policy and frozen reference, both from the SFT checkpoint, dropout off [D7].
     policy = load_policy(args.sft_model_path, tokenizer, device)
     policy.train()
     ref_model = load_policy(args.sft_model_path, tokenizer, device)
     ref_model.eval().requires_grad_(False)
+    if args.fsdp:  # both sharded; the policy's gradients reduce-scattered
+        for m in (policy, ref_model):
+            shard_model(m)
+        print(f"[rank {rank}] FSDP holds {sum(p.to_local().numel() for p in policy.parameters())} of the "
+              f"{sum(p.numel() for p in policy.parameters())} parameters", flush=True)
 
     @torch.no_grad()
     def reference_logprobs(dataset, indices):
@@ -660,8 +697,8 @@ if __name__ == "__main__":
         # The same micro-batches as training, so the numbers match the on-the-fly ones; then free the reference.
         jobs = [("train", train_dataset, micro) for batch in local_batches
                 for micro in chunks(batch, args.local_micro_batch_size)]
-        jobs += [(split, ds, micro) for split, ds in eval_splits.items()
-                 for micro in chunks(eval_shard(ds), args.local_eval_batch_size)]
+        jobs += [(split, ds, micro) for split, ds in eval_splits.items()  # with the evaluation's filler chunks
+                 for micro, _ in eval_chunks(eval_shard(ds), args.local_eval_batch_size, eval_longest(ds), 0)]
         start_time = time.time()
         for step, (split, dataset, micro) in enumerate(jobs, 1):
             ref_chosen, ref_rejected = reference_logprobs(dataset, micro)
@@ -679,14 +716,18 @@ if __name__ == "__main__":
             return torch.stack([c for c, _ in ref]), torch.stack([r for _, r in ref])
         return reference_logprobs(dataset, indices)
 
-    model = DDP(policy, device_ids=[device.index] if device.type == "cuda" else None) if world_size > 1 else policy
+    if world_size > 1 and not args.fsdp:
+        model = DDP(policy, device_ids=[device.index] if device.type == "cuda" else None)
+    else:
+        model = policy
     optimizer = torch.optim.AdamW(policy.parameters(), lr=args.lr, eps=args.eps)  # weight decay 0.01 (torch default)
     scheduler = torch.optim.lr_scheduler.LambdaLR(  # cosine to 0 over the updates, no warm-up
         optimizer, lambda update: 0.5 * (1.0 + math.cos(math.pi * update / num_updates)))
     first_update = 0
+    full_state = StateDictOptions(full_state_dict=True, cpu_offload=True)  # whole tensors on CPU, sharded or not
     if checkpoint is not None:  # resume: weights, AdamW moments, schedule, random streams; the data position is the
-        policy.load_state_dict(checkpoint["model"])  # update counter (local_batches is fixed by --seed)
-        optimizer.load_state_dict(checkpoint["optimizer"])
+        set_state_dict(policy, optimizer, model_state_dict=checkpoint["model"],  # update counter (local_batches is
+                       optim_state_dict=checkpoint["optimizer"], options=full_state)  # fixed by --seed)
         scheduler.load_state_dict(checkpoint["scheduler"])
         first_update = checkpoint["update"]
         set_rng_states(checkpoint["rng"], rank)
@@ -704,7 +745,9 @@ if __name__ == "__main__":
             chosen, rejected, query_lengths, _ = collate(train_dataset, micro)  # (b, T), (b, T), (b,)
             ref_chosen, ref_rejected = get_reference("train", train_dataset, micro)  # (b,), (b,)
             sync = micro_step == grad_accum or world_size == 1
-            with contextlib.nullcontext() if sync else model.no_sync():  # DDP all-reduces on the last micro-batch
+            if args.fsdp:  # FSDP: the same, by switching the reduce-scatter off
+                policy.set_requires_gradient_sync(sync)
+            with contextlib.nullcontext() if sync or args.fsdp else model.no_sync():  # DDP: on the last micro-batch
                 with autocast:
                     pi_chosen, pi_rejected = concatenated_logprobs(model, chosen, rejected, query_lengths, pad_token_id)
                     loss, chosen_rewards, rejected_rewards = dpo_loss(pi_chosen, pi_rejected, ref_chosen, ref_rejected,
@@ -736,14 +779,16 @@ if __name__ == "__main__":
                      margin=stats[4], lr=lr)
         if update == num_updates or (args.checkpoint_every and update % args.checkpoint_every == 0):
             states = rng_states(world_size)  # every process takes part; rank 0 writes
+            model_state, optimizer_state = get_state_dict(policy, optimizer, options=full_state)  # gathers FSDP shards
             if rank == 0:
                 save_checkpoint(output_dir, update, dict(
-                    model=policy.state_dict(), optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
+                    model=model_state, optimizer=optimizer_state, scheduler=scheduler.state_dict(),
                     update=update, rng=states, args=asdict(args), run_name=run_name, **logger.state()),
                     args.keep_checkpoints)
 
+    policy_state = get_model_state_dict(policy, options=full_state)  # whole tensors, also under FSDP (a collective)
     if rank == 0:
-        policy.save_pretrained(output_dir)
+        policy.save_pretrained(output_dir, state_dict=policy_state)
         tokenizer.save_pretrained(output_dir)
         print(f"saved the policy and tokenizer to {output_dir}", flush=True)
 
@@ -752,12 +797,14 @@ if __name__ == "__main__":
         # 1. Implicit-reward accuracy on the preference validation splits, by split, batch and confidence.
         for split, dataset in eval_splits.items():
             rows = []
-            for micro in chunks(eval_shard(dataset), args.local_eval_batch_size):
+            for micro, keep in eval_chunks(eval_shard(dataset), args.local_eval_batch_size, eval_longest(dataset), 0):
                 chosen, rejected, query_lengths, data = collate(dataset, micro)
                 ref_chosen, ref_rejected = get_reference(split, dataset, micro)
                 with torch.no_grad(), autocast:
                     pi_chosen, pi_rejected = concatenated_logprobs(policy, chosen, rejected, query_lengths,
                                                                    pad_token_id)
+                if not keep:
+                    continue
                 _, chosen_rewards, rejected_rewards = dpo_loss(pi_chosen.float(), pi_rejected.float(), ref_chosen,
                                                                ref_rejected, args.beta, args.loss_type,
                                                                args.label_smoothing)
@@ -780,13 +827,15 @@ if __name__ == "__main__":
         # 2. Generations on the SFT validation posts: eval_response_length tokens at temperature 0.01, cut at EOS.
         rows = []
         shard = eval_shard(query_dataset)
-        for micro in chunks(shard, args.local_eval_batch_size):
+        for micro, keep in eval_chunks(shard, args.local_eval_batch_size, eval_longest(query_dataset), 0):
             data = query_dataset[micro]
             infos = [{k: data[k][j] for k in SFT_COLUMNS} for j in range(len(micro))]
             query_tokens = [tokenize_query(tokenizer, info, args.query_length) for info in infos]
             queries = torch.tensor([left_pad(q, args.query_length, pad_token_id) for q in query_tokens], device=device)
             with autocast:
                 query_responses, _ = generate(policy, queries, pad_token_id, args.eval_response_length, 0.01)
+            if not keep:
+                continue
             responses = truncate_response(eos_token_id, pad_token_id, query_responses[:, args.query_length:])  # (b, R)
             has_eos = (responses == eos_token_id).any(1)
             response_tokens = torch.clamp(first_true_indices(responses == eos_token_id) + 1, max=responses.size(1))
