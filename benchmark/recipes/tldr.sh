@@ -4,6 +4,7 @@
 #   bash benchmark/recipes/tldr.sh 1b 8          # Pythia-1B on 8 GPUs (the paper's set-up), the paper's four seeds
 #   bash benchmark/recipes/tldr.sh 1b 1          # Pythia-1B on 1 GPU: same global batches through accumulation
 #   bash benchmark/recipes/tldr.sh 2.8b 8        # SFT, reward model, DPO, and PPO sharded with --fsdp
+#   bash benchmark/recipes/tldr.sh 6.9b 8        # every stage sharded with --fsdp
 #   SEEDS="44413" bash benchmark/recipes/tldr.sh 1b 8   # one seed
 #
 # Batch sizes are the paper's and global (independent of the GPU count); only the per-GPU micro-batches change.
@@ -27,26 +28,27 @@ case "$gpus" in
 esac
 # Weights, gradients and AdamW states in fp32 take 16 bytes per trained parameter on every GPU (DDP replicates them):
 # 6.9B does not fit an 80 GB GPU for any stage, and PPO (policy + value trained, reference + reward frozen) does not
-# fit from 2.8B on. ppo_tldr.py shards with --fsdp (on 8 GPUs); sft.py, reward_model.py and dpo.py do not shard yet,
-# so 6.9B cannot be run.
-if [ "$size" = "6.9b" ]; then
-  echo "6.9b needs parameter sharding in sft.py (about 110 GB per GPU under DDP); only ppo_tldr.py has --fsdp" >&2; exit 2
+# fit from 2.8B on. --fsdp shards them over the GPUs (README.md "Multi-GPU and memory"): PPO from 2.8B on, every
+# stage at 6.9B; it needs several GPUs.
+if [ "$size" = "6.9b" ] && [ "$gpus" = "1" ]; then
+  echo "6.9b needs --fsdp over several GPUs for every stage (SFT alone is about 110 GB on one GPU)" >&2; exit 2
 fi
+shard=$([ "$size" = "6.9b" ] && echo "--fsdp" || echo "")             # SFT, reward model and DPO
+ppo_shard=$([ "$size" = "1b" ] && echo "" || echo "--fsdp")            # PPO: the four models sharded from 2.8B on
 
 for seed in $seeds; do
   out=models/$size
   $launch sft.py --seed "$seed" --base-model "$base" --local-micro-batch-size "$sft_micro" \
-      --output-dir "$out/sft__$seed"
+      --output-dir "$out/sft__$seed" $shard
   $launch reward_model.py --seed "$seed" --sft-model-path "$out/sft__$seed" --local-micro-batch-size "$rm_micro" \
-      --output-dir "$out/reward_model__$seed"
+      --output-dir "$out/reward_model__$seed" $shard
   $launch dpo.py --seed "$seed" --sft-model-path "$out/sft__$seed" --local-micro-batch-size "$dpo_micro" \
-      --output-dir "$out/dpo__$seed"
+      --output-dir "$out/dpo__$seed" $shard
   if [ "$size" = "1b" ] || [ "$gpus" = "8" ]; then
-    shard=$([ "$size" = "1b" ] && echo "" || echo "--fsdp")  # 2.8B: the four models sharded over the 8 GPUs
     $launch ppo_tldr.py --seed "$seed" --sft-model-path "$out/sft__$seed" \
         --reward-model-path "$out/reward_model__$seed" --total-episodes 1000000 \
         --local-micro-batch-size "$ppo_micro" --local-rollout-forward-batch-size "$ppo_rollout" \
-        --output-dir "$out/ppo__$seed" $shard
+        --output-dir "$out/ppo__$seed" $ppo_shard
   else
     echo "skipping PPO at $size on 1 GPU: it needs --fsdp over several GPUs (about 111 GB under DDP)" >&2
   fi
