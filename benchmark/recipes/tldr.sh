@@ -6,14 +6,17 @@
 #   bash benchmark/recipes/tldr.sh 2.8b 8        # SFT, reward model, DPO, and PPO sharded with --fsdp
 #   bash benchmark/recipes/tldr.sh 6.9b 8        # every stage sharded with --fsdp
 #   SEEDS="44413" bash benchmark/recipes/tldr.sh 1b 8   # one seed
+#   DRY_RUN=1 bash benchmark/recipes/tldr.sh 6.9b 8     # print the commands instead of running them
 #
 # Batch sizes are the paper's and global (independent of the GPU count); only the per-GPU micro-batches change.
 # Models land in models/{size}/{stage}__{seed}; each stage reads the previous stage's folder.
 set -euo pipefail
-size=${1:?usage: tldr.sh {1b|2.8b|6.9b} {8|1}}
-gpus=${2:?usage: tldr.sh {1b|2.8b|6.9b} {8|1}}
+usage="usage: tldr.sh SIZE GPUS (SIZE 1b, 2.8b or 6.9b; GPUS 8 or 1)"
+size=${1:?$usage}
+gpus=${2:?$usage}
 seeds=${SEEDS:-"44413 55513 66613 77713"}  # the N+ paper's seeds
 cd "$(dirname "$0")/../.."
+run() { if [ -n "${DRY_RUN:-}" ]; then echo "$@"; else "$@"; fi; }
 
 case "$size" in
   1b)   base=EleutherAI/pythia-1b-deduped;   sft_micro=16; rm_micro=8; dpo_micro=8; ppo_micro=16; ppo_rollout=64 ;;
@@ -38,14 +41,14 @@ ppo_shard=$([ "$size" = "1b" ] && echo "" || echo "--fsdp")            # PPO: th
 
 for seed in $seeds; do
   out=models/$size
-  $launch sft.py --seed "$seed" --base-model "$base" --local-micro-batch-size "$sft_micro" \
+  run $launch sft.py --seed "$seed" --base-model "$base" --local-micro-batch-size "$sft_micro" \
       --output-dir "$out/sft__$seed" $shard
-  $launch reward_model.py --seed "$seed" --sft-model-path "$out/sft__$seed" --local-micro-batch-size "$rm_micro" \
+  run $launch reward_model.py --seed "$seed" --sft-model-path "$out/sft__$seed" --local-micro-batch-size "$rm_micro" \
       --output-dir "$out/reward_model__$seed" $shard
-  $launch dpo.py --seed "$seed" --sft-model-path "$out/sft__$seed" --local-micro-batch-size "$dpo_micro" \
+  run $launch dpo.py --seed "$seed" --sft-model-path "$out/sft__$seed" --local-micro-batch-size "$dpo_micro" \
       --output-dir "$out/dpo__$seed" $shard
   if [ "$size" = "1b" ] || [ "$gpus" = "8" ]; then
-    $launch ppo_tldr.py --seed "$seed" --sft-model-path "$out/sft__$seed" \
+    run $launch ppo_tldr.py --seed "$seed" --sft-model-path "$out/sft__$seed" \
         --reward-model-path "$out/reward_model__$seed" --total-episodes 1000000 \
         --local-micro-batch-size "$ppo_micro" --local-rollout-forward-batch-size "$ppo_rollout" \
         --output-dir "$out/ppo__$seed" $ppo_shard
