@@ -677,11 +677,12 @@ if __name__ == "__main__":
     # Policy and frozen reference, both from the SFT checkpoint, dropout off [D7].
     policy = load_policy(args.sft_model_path, tokenizer, device)
     policy.train()
+    if args.fsdp:  # sharded before the reference loads (two whole 6.9B models would not fit one GPU)
+        shard_model(policy)  # its gradients are reduce-scattered
     ref_model = load_policy(args.sft_model_path, tokenizer, device)
     ref_model.eval().requires_grad_(False)
-    if args.fsdp:  # both sharded; the policy's gradients reduce-scattered
-        for m in (policy, ref_model):
-            shard_model(m)
+    if args.fsdp:
+        shard_model(ref_model)
         print(f"[rank {rank}] FSDP holds {sum(p.to_local().numel() for p in policy.parameters())} of the "
               f"{sum(p.numel() for p in policy.parameters())} parameters", flush=True)
 

@@ -709,19 +709,22 @@ if __name__ == "__main__":
     logger = Logger(args, run_name, output_dir, rank, checkpoint)  # the first write into output_dir
 
     # ---- models: policy and reference from SFT, reward and value from the reward model ----
-    policy = load_policy(args.sft_model_path, tokenizer, device)
-    ref_policy = load_policy(args.sft_model_path, tokenizer, device)
-    reward_model = ScalarModel.from_pretrained(args.reward_model_path, config=config_without_dropout(args.reward_model_path))
-    value_model = ScalarModel.from_pretrained(args.reward_model_path, config=config_without_dropout(args.reward_model_path))
-    reward_model, value_model = reward_model.to(device), value_model.to(device)
-    for frozen in (ref_policy, reward_model):
-        frozen.eval().requires_grad_(False)
-    if args.gradient_checkpointing:
-        policy.gradient_checkpointing_enable()
-        value_model.backbone.gradient_checkpointing_enable()
-    if args.fsdp:  # four sharded models (frozen ones too); the trained two get their gradients reduce-scattered
-        for m in (policy, ref_policy, reward_model, value_model):
-            shard_model(m)
+    def prepare(model, frozen):
+        """Frozen models in eval mode without gradients; gradient checkpointing on the trained ones if asked. Under
+        --fsdp each model is sharded as soon as it is loaded: the four whole 6.9B models would not fit one GPU."""
+        if frozen:
+            model.eval().requires_grad_(False)
+        elif args.gradient_checkpointing:
+            getattr(model, "backbone", model).gradient_checkpointing_enable()
+        return shard_model(model) if args.fsdp else model  # trained ones: gradients reduce-scattered
+
+    policy = prepare(load_policy(args.sft_model_path, tokenizer, device), frozen=False)
+    ref_policy = prepare(load_policy(args.sft_model_path, tokenizer, device), frozen=True)
+    scalar_config = config_without_dropout(args.reward_model_path)
+    reward_model = ScalarModel.from_pretrained(args.reward_model_path, config=scalar_config).to(device)
+    reward_model = prepare(reward_model, frozen=True)
+    value_model = ScalarModel.from_pretrained(args.reward_model_path, config=scalar_config).to(device)
+    value_model = prepare(value_model, frozen=False)
     unwrapped = PolicyAndValueWrapper(policy, value_model)
     model = DDP(unwrapped) if world_size > 1 and not args.fsdp else unwrapped
     if args.fsdp:
