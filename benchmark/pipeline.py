@@ -30,7 +30,7 @@ import offline_world  # noqa: E402
 # paper's lr 3e-6 is for a pre-trained 1B model). Shared flags first, then each stage's own.
 SETTINGS = {
     "small": dict(
-        size="small", query_length=128, eval_posts=200,
+        size="small", query_length=128, eval_posts=200, judge_posts=1000,  # judged: all validation posts
         sft=["--lr", "1e-3", "--batch-size", "32", "--local-micro-batch-size", "32", "--num-train-epochs", "4",
              "--total-episodes", "80000"],  # 2,500 updates: 2,000 had not yet learnt to copy, 3,000 won 0.50
         reward_model=["--lr", "1e-4", "--batch-size", "32", "--local-micro-batch-size", "32",
@@ -41,7 +41,7 @@ SETTINGS = {
              "--local-eval-batch-size", "32", "--total-episodes", "12800"],  # 400 of the 625 updates of one epoch
     ),
     "quick": dict(
-        size="tiny", query_length=128, eval_posts=64,
+        size="tiny", query_length=128, eval_posts=64, judge_posts=64,
         sft=["--lr", "3e-3", "--batch-size", "32", "--local-micro-batch-size", "32", "--num-train-epochs", "20",
              "--total-episodes", "9600"],
         reward_model=["--lr", "3e-4", "--batch-size", "32", "--local-micro-batch-size", "32"],
@@ -168,7 +168,7 @@ def write_markdown(results, command, out_dir):
     lines = [f"Command: `{command}`  ", f"Machine: {results['machine']}  ",
              f"World: size {results['world']['size']}, {results['world']['parameters']:,} parameters, "
              f"labels agree with the gold judge {results['world']['label_agreement_with_gold_judge']['validation']:.3f} "
-             f"(validation)  ", f"Evaluated on the first {results['eval_posts']} SFT validation posts.", "",
+             f"(validation)  ", f"Judged on the first {results['judge_posts']} SFT validation posts.", "",
              "| policy | temperature | win rate vs reference | gold score | response tokens | EOS rate |",
              "|---|---|---|---|---|---|",
              f"| reference summaries | - | 0.500 | {results['reference_gold_score']:.3f} | - | - |"]
@@ -231,7 +231,7 @@ def main():
 
     start = time.time()
     validation = datasets.load_dataset(f"{world}/tldr_sft", split="validation")
-    rows = [validation[i] for i in range(settings["eval_posts"])]
+    rows = [validation[i] for i in range(min(settings["judge_posts"], len(validation)))]
     policies = {}
     for stage, path in [("sft", sft_dir), ("ppo", ppo_dir), ("dpo", dpo_dir)]:
         policies[stage] = {str(t): evaluate_policy(path, rows, settings["query_length"], 53, t, cli.seed)
@@ -246,7 +246,7 @@ def main():
 
     results = dict(
         machine=f"{platform.machine()}, {os.cpu_count()} cores, torch threads {__import__('torch').get_num_threads()}",
-        world=stats, eval_posts=settings["eval_posts"],
+        world=stats, judge_posts=len(rows),
         reference_gold_score=sum(offline_world.score(r["post"], r["summary"]) for r in rows) / len(rows),
         policies=policies, reward_model=dict(accuracy_labels=accuracy_labels, accuracy_gold_judge=accuracy_gold),
         ppo_curves=curves, seconds=seconds,
