@@ -855,4 +855,5 @@ if __name__ == "__main__":
                   f"{sum(r['has_eos'] for r in rows)} ended with EOS", flush=True)
 
     if world_size > 1:
+        dist.barrier()  # every process done with its collectives before any tears the group down (gloo can abort)
         dist.destroy_process_group()

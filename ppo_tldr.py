@@ -939,4 +939,5 @@ if __name__ == "__main__":
         value_model.save_pretrained(os.path.join(output_dir, "value_model"), state_dict=value_state)
         print(f"[ppo] saved the policy to {output_dir} and the value model to {output_dir}/value_model", flush=True)
     if world_size > 1:
+        dist.barrier()  # every process done with its collectives before any tears the group down (gloo can abort)
         dist.destroy_process_group()

@@ -708,4 +708,5 @@ if __name__ == "__main__":
             print(f"eval {split}: accuracy {metrics[f'eval/{split}/accuracy']:.4f} over {len(rows)} pairs")
 
     if world_size > 1:
+        dist.barrier()  # every process done with its collectives before any tears the group down (gloo can abort)
         dist.destroy_process_group()

@@ -704,4 +704,5 @@ if __name__ == "__main__":
         if rank == 0:
             print(f"{split}: " + " | ".join(f"{k} {v:.4f}" for k, v in metrics.items()), flush=True)
     if world_size > 1:
+        dist.barrier()  # every process done with its collectives before any tears the group down (gloo can abort)
         dist.destroy_process_group()
