@@ -573,7 +573,7 @@ if __name__ == "__main__":
     model = ScalarModel.from_backbone(args.sft_model_path, config=config_without_dropout(args.sft_model_path))
     model = model.to(device)  # fp32 weights; [PAD] ids are replaced by 0 before the embedding, so no resize
     if args.fsdp:  # every process drew its own head: take rank 0's (DDP does that itself), then shard
-        for tensor in model.state_dict().values():
+        for tensor in model.scalar_head.state_dict().values():  # the backbone is the same SFT checkpoint everywhere
             dist.broadcast(tensor, src=0)
         shard_model(model)
         print(f"rank {rank}: FSDP holds {sum(p.to_local().numel() for p in model.parameters())} of the "
