@@ -248,13 +248,16 @@ def truncate_response(stop_token_id, pad_token_id, responses):
     return torch.masked_fill(responses, idxs > trunc_idxs, pad_token_id)
 
 
-def forward(model, query_responses, pad_token_id):
+def forward(model, query_responses, pad_token_id, logits_to_keep=0):
     """Causal-LM forward on left/right-padded ids, position ids from the attention mask (deviation: the reference
-    passed none; with absolute positions that is a bug, with rotary a numerical difference)."""
+    passed none; with absolute positions that is a bug, with rotary a numerical difference). `logits_to_keep` = k > 0
+    computes the LM head's logits at the last k positions only (0 = all): PPO needs them at the response positions
+    alone, and at the query positions they would cost a (B, Q, vocab) tensor for nothing."""
     attention_mask = query_responses != pad_token_id
     position_ids = attention_mask.cumsum(1) - attention_mask.long()
     input_ids = torch.masked_fill(query_responses, ~attention_mask, 0)
-    return model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+    return model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
+                 logits_to_keep=logits_to_keep)
 
 
 @torch.no_grad()
@@ -366,9 +369,9 @@ class PolicyAndValueWrapper(nn.Module):
         self.policy = policy
         self.value_model = value_model
 
-    def forward(self, input_ids, attention_mask, position_ids, use_cache=False):
+    def forward(self, input_ids, attention_mask, position_ids, use_cache=False, logits_to_keep=0):
         kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
-        return self.policy(**kwargs, use_cache=use_cache), self.value_model(**kwargs)
+        return self.policy(**kwargs, use_cache=use_cache, logits_to_keep=logits_to_keep), self.value_model(**kwargs)
 
 
 class Logger:
@@ -563,8 +566,10 @@ def ppo_update(model, optimizer, rollout, args, context_length, pad_token_id, gr
                 for m in sharded:  # FSDP: the same, by switching the reduce-scatter off
                     m.set_requires_gradient_sync(last_micro_batch)
                 with no_sync, autocast:  # gradients are all-reduced (reduce-scattered) on the last micro-batch only
-                    output, vpred_temp = forward(model, rollout["query_responses"][mb_inds], pad_token_id)
-                    logits = output.logits[:, context_length - 1 : -1].float() / (args.temperature + 1e-7)
+                    # logits at the positions that predict the response tokens: the last R + 1 positions but one
+                    output, vpred_temp = forward(model, rollout["query_responses"][mb_inds], pad_token_id,
+                                                 logits_to_keep=rollout["responses"].shape[1] + 1)
+                    logits = output.logits[:, :-1].float() / (args.temperature + 1e-7)
                     new_logprobs = logprobs_of(logits, rollout["responses"][mb_inds])
                     new_logprobs = torch.masked_fill(new_logprobs, mb_padding_mask, INVALID_LOGPROB)
                     vpred = vpred_temp[:, context_length - 1 : -1].float()
@@ -782,7 +787,7 @@ if __name__ == "__main__":
 
                 # 2. reference logprobs (same temperature) and values of the untruncated response
                 t0 = time.time()
-                ref_logits = forward(ref_policy, query_response, pad).logits[:, context_length - 1 : -1]
+                ref_logits = forward(ref_policy, query_response, pad, logits_to_keep=args.response_length + 1).logits[:, :-1]
                 ref_logprob = logprobs_of(ref_logits / (args.temperature + 1e-7), response)
                 del ref_logits
                 full_value, _, _ = get_reward(value_model, query_response, pad, context_length)

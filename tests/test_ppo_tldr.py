@@ -98,6 +98,23 @@ def read_metrics(output_dir):
     return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+def test_logits_kept_at_the_response_positions_only_equal_the_full_forwards(world):
+    """forward(..., logits_to_keep=R + 1).logits[:, :-1] is the slice [Q - 1 : -1] of the full logits: the same
+    positions (those that predict the R response tokens), left-padded queries and right-padded responses included."""
+    from ppo_tldr import forward
+
+    policy, _ = _policy_and_value(str(world / "base_model"))
+    query_responses = torch.randint(1, 700, (3, 6 + 5), generator=torch.Generator().manual_seed(1))
+    query_responses[0, :2] = 10_000  # a left-padded query
+    query_responses[1, -2:] = 10_000  # a response that ended early
+    with torch.no_grad():
+        full = forward(policy, query_responses, 10_000).logits
+        kept = forward(policy, query_responses, 10_000, logits_to_keep=5 + 1).logits
+    assert kept.shape == (3, 6, full.shape[-1])
+    torch.testing.assert_close(kept[:, :-1], full[:, 6 - 1 : -1], rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(kept[:, :-1], full[:, 6 - 2 : -2])  # a slice one position off differs
+
+
 def test_first_minibatch_ratio_is_one_and_optimizer_steps(world, reward_model, tmp_path):
     """One epoch, one mini-batch: every micro-batch precedes the only optimizer step, so the logged ratio is 1 and
     approx-KL 0 (old logprobs, temperature scaling and masking agree); one optimizer step per update."""
