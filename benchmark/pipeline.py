@@ -35,10 +35,10 @@ SETTINGS = {
              "--total-episodes", "80000"],  # 2,500 updates: 2,000 had not yet learnt to copy, 3,000 won 0.50
         reward_model=["--lr", "1e-4", "--batch-size", "32", "--local-micro-batch-size", "32",
                       "--num-normalization-samples", "2000", "--local-eval-batch-size", "32"],
-        ppo=["--lr", "5e-5", "--total-episodes", "3200", "--batch-size", "64", "--local-micro-batch-size", "32",
-             "--local-rollout-forward-batch-size", "64", "--sample-table-every", "5"],  # 6,400 had plateaued by ~1,300
+        ppo=["--lr", "5e-5", "--total-episodes", "2560", "--batch-size", "64", "--local-micro-batch-size", "32",
+             "--local-rollout-forward-batch-size", "64", "--sample-table-every", "5"],  # 3,200 and 6,400: plateau by ~1,300
         dpo=["--lr", "1e-4", "--beta", "0.1", "--batch-size", "32", "--local-micro-batch-size", "32",
-             "--local-eval-batch-size", "32", "--total-episodes", "12800"],  # 400 of the 625 updates of one epoch
+             "--local-eval-batch-size", "32", "--total-episodes", "10240"],  # 320 of the 625 updates of one epoch
     ),
     "quick": dict(
         size="tiny", query_length=128, eval_posts=64, judge_posts=64,
