@@ -251,14 +251,13 @@ def truncate_response(stop_token_id, pad_token_id, responses):
 def forward(model, query_responses, pad_token_id, logits_to_keep=0):
     """Causal-LM forward on left/right-padded ids, position ids from the attention mask (deviation: the reference
     passed none; with absolute positions that is a bug, with rotary a numerical difference). `logits_to_keep` = k > 0
-    computes the LM head's logits at the last k positions only (0 = all): PPO needs them at the response positions
-    alone, and at the query positions they would cost a (B, Q, vocab) tensor for nothing."""
+    computes the LM head's logits at the last k positions only (0 = all; PPO keeps only the response positions, which
+    spares a (B, Q, vocab) tensor)."""
     attention_mask = query_responses != pad_token_id
     position_ids = attention_mask.cumsum(1) - attention_mask.long()
     input_ids = torch.masked_fill(query_responses, ~attention_mask, 0)
     return model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
                  logits_to_keep=logits_to_keep)
-
 
 @torch.no_grad()
 def generate(model, queries, pad_token_id, response_length, temperature):
