@@ -1,7 +1,7 @@
 # See README.md "Offline benchmark" for the results of this pipeline and how to read them.
 """The offline RLHF benchmark: world -> sft.py -> reward_model.py -> ppo_tldr.py and dpo.py, judged by the gold judge.
 
-    python benchmark/pipeline.py                      # benchmark-sized world, ~47 min on 2 idle CPU cores
+    python benchmark/pipeline.py                      # benchmark-sized world, ~44 min on 2 idle CPU cores
     python benchmark/pipeline.py --quick              # test-sized world, a few minutes
 
 Every stage runs through its script's command line (no private shortcuts), with fixed seeds. Every policy is then
