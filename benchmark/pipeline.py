@@ -31,14 +31,14 @@ import offline_world  # noqa: E402
 SETTINGS = {
     "small": dict(
         size="small", query_length=128, eval_posts=200, judge_posts=1000,  # judged: all validation posts
-        sft=["--lr", "1e-3", "--batch-size", "32", "--local-micro-batch-size", "32", "--num-train-epochs", "4",
-             "--total-episodes", "80000"],  # 2,500 updates: 2,000 had not yet learnt to copy, 3,000 won 0.50
+        sft=["--lr", "1e-3", "--batch-size", "32", "--local-micro-batch-size", "32", "--num-train-epochs", "5",
+             "--total-episodes", "86400"],  # 2,700 updates: 2,000 had not yet learnt to copy, 3,000 won 0.50
         reward_model=["--lr", "1e-4", "--batch-size", "32", "--local-micro-batch-size", "32",
                       "--num-normalization-samples", "2000", "--local-eval-batch-size", "32"],
         ppo=["--lr", "5e-5", "--total-episodes", "2560", "--batch-size", "64", "--local-micro-batch-size", "32",
              "--local-rollout-forward-batch-size", "64", "--sample-table-every", "5"],  # 3,200 and 6,400: plateau by ~1,300
         dpo=["--lr", "1e-4", "--beta", "0.1", "--batch-size", "32", "--local-micro-batch-size", "32",
-             "--local-eval-batch-size", "32", "--total-episodes", "10240"],  # 320 of the 625 updates of one epoch
+             "--local-eval-batch-size", "32", "--total-episodes", "9216"],  # 288 of the 625 updates of one epoch
     ),
     "quick": dict(
         size="tiny", query_length=128, eval_posts=64, judge_posts=64,
