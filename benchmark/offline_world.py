@@ -66,7 +66,7 @@ class Size:
 SIZES = {
     # ~190k parameters: the test suite's world, built in seconds.
     "tiny": Size(64, 2, 2, (512, 64, 64), (512, 128, 32)),
-    # ~1M parameters: the benchmark's world (sft.py -> reward_model.py -> ppo_tldr.py / dpo.py in ~43 min on 2 cores).
+    # ~1M parameters: the benchmark's world (sft.py -> reward_model.py -> ppo_tldr.py / dpo.py in ~41 min on 2 cores).
     "small": Size(128, 4, 4, (20_000, 1_000, 1_000), (20_000, 2_000, 200)),
 }
 
