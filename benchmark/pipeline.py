@@ -37,8 +37,9 @@ SETTINGS = {
              "--total-episodes", "83200"],
         reward_model=["--lr", "1e-4", "--batch-size", "32", "--local-micro-batch-size", "32",
                       "--num-normalization-samples", "2000", "--local-eval-batch-size", "32"],
+        # PPO: the validation score is flat after ~320 episodes (README "Offline benchmark")
         ppo=["--lr", "5e-5", "--total-episodes", "2560", "--batch-size", "64", "--local-micro-batch-size", "32",
-             "--local-rollout-forward-batch-size", "64", "--sample-table-every", "5"],  # validation score flat after ~320 episodes (README)
+             "--local-rollout-forward-batch-size", "64", "--sample-table-every", "5"],
         dpo=["--lr", "1e-4", "--beta", "0.1", "--batch-size", "32", "--local-micro-batch-size", "32",
              "--local-eval-batch-size", "32", "--total-episodes", "9216"],  # 288 of the 625 updates of one epoch
     ),
