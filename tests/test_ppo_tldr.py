@@ -315,6 +315,7 @@ def _update(model, wrapper, rollout, micro_batch_size, accumulation):
 
 
 def _update_in_a_process_group(rank, world_size, port, mode, model_path, rollout, results):
+    import gc
     import os
 
     import torch.distributed as dist
@@ -336,6 +337,12 @@ def _update_in_a_process_group(rank, world_size, port, mode, model_path, rollout
     losses = [gather_mean(stats[k].mean(), world_size).item() for k in ("pg_loss", "vf_loss")]
     if rank == 0:
         results[mode] = (state, losses)
+    # DDP's reducer and FSDP's parameters hold the process group: drop them first, so that the group's threads are
+    # joined inside destroy_process_group. Destroyed later (when this function's locals go), gloo's destructor joined
+    # a worker thread that waited for the GIL this thread held: the test hung once.
+    del model, wrapper, policy, value_model, stats, state
+    gc.collect()  # FSDP's hooks make reference cycles
+    dist.barrier()
     dist.destroy_process_group()
 
 
