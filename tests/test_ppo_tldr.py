@@ -337,11 +337,12 @@ def _update_in_a_process_group(rank, world_size, port, mode, model_path, rollout
     losses = [gather_mean(stats[k].mean(), world_size).item() for k in ("pg_loss", "vf_loss")]
     if rank == 0:
         results[mode] = (state, losses)
-    # DDP's reducer and FSDP's parameters hold the process group: drop them first, so that the group's threads are
-    # joined inside destroy_process_group. Destroyed later (when this function's locals go), gloo's destructor joined
-    # a worker thread that waited for the GIL this thread held: the test hung once.
+    # DDP's reducer holds the process group: drop the models first, so that under DDP the group's threads are joined
+    # inside destroy_process_group. Freed later (with this function's locals), gloo's destructor joined a worker
+    # thread that waited for the GIL this thread held, and the test hung once. Under FSDP the group stays alive
+    # after this too (README "Multi-GPU and memory", known issue).
     del model, wrapper, policy, value_model, stats, state
-    gc.collect()  # FSDP's hooks make reference cycles
+    gc.collect()  # module hooks make reference cycles
     dist.barrier()
     dist.destroy_process_group()
 
