@@ -23,7 +23,7 @@ import random
 import shutil
 import time
 from dataclasses import asdict, dataclass
-from typing import Optional
+from typing import Literal, Optional
 
 import numpy as np
 import torch
@@ -109,7 +109,16 @@ class Args:
     temperature: float = 0.7
     """sampling temperature; every forward's logits are divided by it too [D23.1]"""
     kl_coef: float = 0.05
-    """coefficient of the per-token KL penalty (k1 estimator, fixed)"""
+    """coefficient of the per-token KL penalty (fixed, as in the reference; the initial value under --kl-target)"""
+    kl_estimator: Literal["k1", "k3"] = "k1"
+    """per-token KL estimator in the reward and in objective/kl: k1 = log pi - log ref (the reference's); k3 =
+    (r - 1) - log r with r = ref / pi (Schulman 2020; >= 0, unbiased; TRL's kl_estimator="k3")"""
+    kl_target: Optional[float] = None
+    """adaptive KL control (Ziegler et al. 2019, lm-human-preferences' AdaptiveKLController): after each update
+    the coefficient is multiplied by 1 + clip(KL / target - 1, -0.2, 0.2) * batch_size / kl_horizon, with KL the
+    batch's mean summed per-response KL (nats); None keeps --kl-coef fixed"""
+    kl_horizon: int = 10000
+    """horizon of the adaptive KL controller, in episodes (only with --kl-target)"""
     gamma: float = 1.0
     """discount factor"""
     lam: float = 0.95
@@ -321,19 +330,39 @@ def global_masked_whiten(values, mask, world_size):
     return (values - mean) * torch.rsqrt(squares / sums[1] + 1e-8)
 
 
-def compute_rewards(scores, logprobs, ref_logprobs, sequence_lengths, kl_coef, score_at_eos=False):
-    """Per-token rewards (B, R): the KL penalty -kl_coef * (logprob - ref_logprob) (k1 estimator) at every token,
-    plus the score one position after the EOS as the reference does (at the EOS when it is the last token or
-    there is none; always at the EOS with `score_at_eos`). `logprobs` are already INVALID_LOGPROB after the EOS,
-    so the penalty there is 0. Returns (rewards, non_score_reward)."""
-    kl = logprobs - ref_logprobs  # (B, R)
+def per_token_kl(logprobs, ref_logprobs, estimator="k1"):
+    """Per-token KL estimate (B, R) of the policy from the reference on the sampled tokens (Schulman 2020, "Approximating
+    KL divergence"): k1 = log pi - log ref; k3 = (r - 1) - log r with r = ref / pi, >= 0 at every token. Both are 0
+    where logprobs and ref_logprobs are equal (INVALID_LOGPROB after the EOS)."""
+    if estimator == "k1":
+        return logprobs - ref_logprobs
+    if estimator == "k3":
+        log_ratio = ref_logprobs - logprobs  # log r
+        return torch.expm1(log_ratio) - log_ratio
+    raise ValueError(f"--kl-estimator must be k1 or k3, got {estimator!r}")
+
+
+def compute_rewards(scores, logprobs, ref_logprobs, sequence_lengths, kl_coef, score_at_eos=False, kl_estimator="k1"):
+    """Per-token rewards (B, R): the KL penalty -kl_coef * KL at every token (k1 estimator in the reference), plus the
+    score one position after the EOS as the reference does (at the EOS when it is the last token or there is none;
+    always at the EOS with `score_at_eos`). `logprobs` are already INVALID_LOGPROB after the EOS, so the penalty there
+    is 0. Returns (rewards, non_score_reward, kl)."""
+    kl = per_token_kl(logprobs, ref_logprobs, kl_estimator)  # (B, R)
     non_score_reward = -kl_coef * kl
     rewards = non_score_reward.clone()
     actual_start = torch.arange(rewards.size(0), device=rewards.device)
     sequence_lengths_p1 = sequence_lengths if score_at_eos else sequence_lengths + 1
     actual_end = torch.where(sequence_lengths_p1 < rewards.size(1), sequence_lengths_p1, sequence_lengths)
     rewards[actual_start, actual_end] += scores
-    return rewards, non_score_reward
+    return rewards, non_score_reward, kl
+
+
+def adaptive_kl_coef(kl_coef, kl, target, horizon, batch_size):
+    """The next KL coefficient of the adaptive controller (Ziegler et al. 2019, sec. 2.2): proportional control of the
+    measured KL (the batch's mean summed per-response KL) towards `target`, the error clipped to +-20%, over
+    `horizon` episodes."""
+    proportional_error = min(max(kl / target - 1.0, -0.2), 0.2)
+    return kl_coef * (1.0 + proportional_error * batch_size / horizon)
 
 
 def compute_advantages(rewards, values, padding_mask, gamma, lam, whiten=masked_whiten):
@@ -681,6 +710,10 @@ if __name__ == "__main__":
                          f"and {args.keep_checkpoints}")
     if args.fsdp and world_size == 1:
         raise ValueError("--fsdp shards the models over processes: launch with torchrun --nproc-per-node N (N > 1)")
+    if args.kl_target is not None and args.kl_target <= 0:
+        raise ValueError(f"--kl-target must be positive (a KL in nats per response), got {args.kl_target}")
+    if args.kl_horizon <= 0:
+        raise ValueError(f"--kl-horizon must be positive (episodes), got {args.kl_horizon}")
     tokenizer = load_tokenizer(args.sft_model_path, "--sft-model-path")
     pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
     reward_tokenizer = None  # the reward model reads the policy's token ids: its tokenizer must be the same
@@ -736,19 +769,21 @@ if __name__ == "__main__":
         print(f"[ppo] rank {rank}: FSDP holds {held} of the {sum(p.numel() for p in unwrapped.parameters())} trained "
               f"parameters", flush=True)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, eps=args.eps)  # one AdamW over policy and value
-    first_update, global_step, optimizer_steps = 0, 0, 0
+    first_update, global_step, optimizer_steps, kl_coef = 0, 0, 0, args.kl_coef
     full_state = StateDictOptions(full_state_dict=True, cpu_offload=True)  # whole tensors on CPU, sharded or not
     if checkpoint is not None:  # resume: weights, AdamW moments, counters and every random stream
         set_state_dict(unwrapped, optimizer, model_state_dict=checkpoint["model"],
                        optim_state_dict=checkpoint["optimizer"], options=full_state)
         first_update, global_step, optimizer_steps = checkpoint["update"], checkpoint["episode"], checkpoint["optimizer_steps"]
+        kl_coef = checkpoint["kl_coef"]  # the adaptive controller's coefficient for the next update
         set_rng_states(checkpoint["rng"], rank)
         print(f"[ppo] resumed from update {first_update} of {output_dir}/checkpoints", flush=True)
         del checkpoint
 
     def write_checkpoint(update):
         model_state, optimizer_state = get_state_dict(unwrapped, optimizer, options=full_state)  # gathers FSDP shards
-        state = dict(rng=rng_states(world_size), update=update, episode=global_step, optimizer_steps=optimizer_steps)
+        state = dict(rng=rng_states(world_size), update=update, episode=global_step, optimizer_steps=optimizer_steps,
+                     kl_coef=kl_coef)
         if rank == 0:  # the prompt order is a function of the update counter: it is the data-loader position
             save_checkpoint(output_dir, update, dict(state, model=model_state, optimizer=optimizer_state,
                                                      args=asdict(args), run_name=run_name, **logger.state()),
@@ -823,8 +858,8 @@ if __name__ == "__main__":
             ref_logprobs = torch.masked_fill(ref_logprobs, padding_mask, INVALID_LOGPROB)
             padding_mask_p1 = response_idxs > (sequence_lengths + 1).unsqueeze(1)
             values = torch.masked_fill(values, padding_mask_p1, 0)
-            rewards, non_score_reward = compute_rewards(scores, logprobs, ref_logprobs, sequence_lengths,
-                                                        args.kl_coef, args.score_at_eos)
+            rewards, non_score_reward, kl = compute_rewards(scores, logprobs, ref_logprobs, sequence_lengths, kl_coef,
+                                                            args.score_at_eos, args.kl_estimator)
             if args.whiten_rewards:
                 rewards = masked_whiten(rewards, ~padding_mask_p1, shift_mean=False)
                 rewards = torch.masked_fill(rewards, padding_mask_p1, 0)
@@ -849,7 +884,7 @@ if __name__ == "__main__":
         with torch.no_grad(), autocast:
             validation_responses, validation_score = rollout_scores(policy, reward_model, validation_queries.to(device),
                                                                     tokenizer, args, 0.01)
-            mean_kl = (logprobs - ref_logprobs).sum(1).mean()  # 0 after the EOS, where both are INVALID_LOGPROB
+            mean_kl = kl.sum(1).mean()  # the reward's estimator; 0 after the EOS, where both are INVALID_LOGPROB
             mean_entropy = torch.masked_fill(-logprobs, padding_mask, 0).sum(1).mean()  # valid tokens only (deviation)
             mean_non_score_reward = non_score_reward.sum(1).mean()
             num_eos_tokens = (responses == eos).sum().float()
@@ -858,6 +893,7 @@ if __name__ == "__main__":
             eps = int((global_step - first_step) / (time.time() - start_time))
             metrics = {
                 "objective/kl": gather_mean(mean_kl, world_size).item(),
+                "objective/kl_coef": kl_coef,  # the coefficient in this update's rewards
                 "objective/entropy": gather_mean(mean_entropy, world_size).item(),
                 "objective/non_score_reward": gather_mean(mean_non_score_reward, world_size).item(),
                 "objective/rlhf_reward": gather_mean(mean_non_score_reward + scores.mean(), world_size).item(),
@@ -879,6 +915,8 @@ if __name__ == "__main__":
                 **{f"time/{k}": v for k, v in timer.items()},
             }
         logger.log(metrics, step=update)
+        if args.kl_target is not None:  # the same on every process: objective/kl is the mean over all of them
+            kl_coef = adaptive_kl_coef(kl_coef, metrics["objective/kl"], args.kl_target, args.kl_horizon, args.batch_size)
         if rank == 0:
             progress("ppo", update, num_updates, start_time, first_update, episode=global_step, eps=eps,
                      score=metrics["objective/scores"], kl=metrics["objective/kl"],
@@ -890,7 +928,7 @@ if __name__ == "__main__":
                         for row, q, r, s in zip(validation_rows, validation_queries, validation_responses, validation_score)]
                 logger.table(f"samples_update_{update}", rows, output_dir)
         del query_responses, responses, postprocessed_responses, logprobs, ref_logprobs, values, scores
-        del rewards, non_score_reward, advantages, returns, rollout
+        del rewards, non_score_reward, kl, advantages, returns, rollout
         if update == num_updates or (args.checkpoint_every and update % args.checkpoint_every == 0):
             write_checkpoint(update)
 

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from ppo_tldr import (
-    INVALID_LOGPROB, compute_advantages, compute_rewards, first_true_indices, masked_mean, masked_var, masked_whiten,
-    prompt_indices, truncate_response,
+    INVALID_LOGPROB, adaptive_kl_coef, compute_advantages, compute_rewards, first_true_indices, masked_mean, masked_var,
+    masked_whiten, per_token_kl, prompt_indices, truncate_response,
 )
 
 EOS, PAD = 0, 9
@@ -49,13 +49,46 @@ def test_compute_rewards_places_the_score_after_the_eos():
     ref_logprobs = torch.tensor([[-1.5, -1.0, INVALID_LOGPROB, INVALID_LOGPROB], [-1.0, -2.0, -1.0, -1.0], [-0.5, -0.5, -0.5, -1.5]])
     sequence_lengths = torch.tensor([1, 3, 3])
     scores = torch.tensor([10.0, 20.0, -1.0])
-    rewards, non_score_reward = compute_rewards(scores, logprobs, ref_logprobs, sequence_lengths, kl_coef=0.1)
+    rewards, non_score_reward, kl = compute_rewards(scores, logprobs, ref_logprobs, sequence_lengths, kl_coef=0.1)
+    torch.testing.assert_close(kl, logprobs - ref_logprobs)  # k1, the default
     expected_kl_penalty = [[-0.05, 0.1, 0.0, 0.0], [0.0, -0.1, 0.0, 0.0], [0.0, 0.0, 0.0, -0.1]]
     torch.testing.assert_close(non_score_reward, torch.tensor(expected_kl_penalty))
     expected = [[-0.05, 0.1, 10.0, 0.0], [0.0, -0.1, 0.0, 20.0], [0.0, 0.0, 0.0, -1.1]]
     torch.testing.assert_close(rewards, torch.tensor(expected))
-    at_eos, _ = compute_rewards(scores, logprobs, ref_logprobs, sequence_lengths, kl_coef=0.1, score_at_eos=True)
+    at_eos, _, _ = compute_rewards(scores, logprobs, ref_logprobs, sequence_lengths, kl_coef=0.1, score_at_eos=True)
     torch.testing.assert_close(at_eos, torch.tensor([[-0.05, 10.1, 0.0, 0.0], [0.0, -0.1, 0.0, 20.0], [0.0, 0.0, 0.0, -1.1]]))
+
+
+def test_k3_kl_by_hand_is_zero_after_the_eos():
+    # row 0 ends at its EOS (index 1): the last two positions hold INVALID_LOGPROB in both and contribute 0
+    logprobs = torch.tensor([[-1.0, -2.0, INVALID_LOGPROB, INVALID_LOGPROB], [-1.0, -1.0, -0.5, -3.0]])
+    ref_logprobs = torch.tensor([[-1.5, -1.0, INVALID_LOGPROB, INVALID_LOGPROB], [-1.0, -2.0, -0.5, -1.0]])
+    # k3 = r - 1 - log r with log r = ref - logprob: log r = -0.5 -> e^-0.5 - 0.5 = 0.1065307; log r = 1 -> e - 2 =
+    # 0.7182818; log r = 0 -> 0; log r = -1 -> e^-1 = 0.3678794; log r = 2 -> e^2 - 3 = 4.3890561
+    expected = [[0.1065307, 0.7182818, 0.0, 0.0], [0.0, 0.3678794, 0.0, 4.3890561]]
+    torch.testing.assert_close(per_token_kl(logprobs, ref_logprobs, "k3"), torch.tensor(expected))
+    assert (per_token_kl(logprobs, ref_logprobs, "k3") >= 0).all()
+    rewards, non_score_reward, kl = compute_rewards(torch.tensor([2.0, 3.0]), logprobs, ref_logprobs,
+                                                    torch.tensor([1, 3]), kl_coef=0.1, kl_estimator="k3")
+    torch.testing.assert_close(kl, torch.tensor(expected))
+    torch.testing.assert_close(non_score_reward, -0.1 * torch.tensor(expected))
+    expected_rewards = [[-0.01065307, -0.07182818, 2.0, 0.0], [0.0, -0.03678794, 0.0, -0.43890561 + 3.0]]
+    torch.testing.assert_close(rewards, torch.tensor(expected_rewards))
+    with pytest.raises(ValueError, match="--kl-estimator"):
+        per_token_kl(logprobs, ref_logprobs, "k2")
+
+
+def test_adaptive_kl_controller_by_hand():
+    # target 6 nats, horizon 10,000 episodes, 512 episodes per update: multiplier 1 + clip(KL / 6 - 1, +-0.2) * 0.0512
+    coef = 0.05
+    coef = adaptive_kl_coef(coef, 6.6, target=6.0, horizon=10000, batch_size=512)  # above: error +0.1 -> x 1.00512
+    assert coef == pytest.approx(0.050256)
+    coef = adaptive_kl_coef(coef, 5.4, target=6.0, horizon=10000, batch_size=512)  # below: error -0.1 -> x 0.99488
+    assert coef == pytest.approx(0.050256 * 0.99488)  # 0.04999869...
+    coef = adaptive_kl_coef(coef, 60.0, target=6.0, horizon=10000, batch_size=512)  # far above: error 9 clipped to 0.2
+    assert coef == pytest.approx(0.050256 * 0.99488 * 1.01024)
+    assert adaptive_kl_coef(0.05, 0.0, 6.0, 10000, 512) == pytest.approx(0.05 * 0.98976)  # far below: -1 clipped to -0.2
+    assert adaptive_kl_coef(0.05, 6.0, 6.0, 10000, 512) == 0.05  # on target: unchanged
 
 
 def test_gae_on_three_steps_by_hand():
@@ -160,12 +193,23 @@ def test_smoke_run_saves_a_loadable_policy_and_counts_optimizer_steps(world, rew
     (["--total-episodes", "8"], "smaller than one --batch-size"),
     (["--sft-model-path", "/no/such/model"], "--sft-model-path"),
     (["--fsdp"], "--fsdp shards the models over processes: launch with torchrun"),
+    (["--kl-target", "0"], "--kl-target must be positive"),
+    (["--kl-target", "-1.5"], "--kl-target must be positive"),
+    (["--kl-horizon", "0"], "--kl-horizon must be positive"),
 ])
 def test_bad_arguments_fail_before_loading_models(world, reward_model, tmp_path, monkeypatch, extra, message):
     out = tmp_path / "run"
     monkeypatch.setattr(sys, "argv", ["ppo_tldr.py", *ppo_args(world, reward_model, out, "--total-episodes", "32"), *extra])
     with pytest.raises(ValueError, match=message):
         runpy.run_path("ppo_tldr.py", run_name="__main__")
+    assert not out.exists()
+
+
+def test_an_unknown_kl_estimator_is_refused_by_the_command_line(world, reward_model, tmp_path):
+    out = tmp_path / "run"
+    result = subprocess.run([sys.executable, "ppo_tldr.py", *ppo_args(world, reward_model, out, "--total-episodes", "32"),
+                             "--kl-estimator", "k2"], capture_output=True, text=True)
+    assert result.returncode != 0 and "--kl-estimator" in result.stderr and "k2" in result.stderr
     assert not out.exists()
 
 

@@ -196,6 +196,29 @@ def test_resume_from_an_earlier_checkpoint_reproduces_the_run(name, world, rewar
     assert outputs(rolled_back) == outputs(finished)
 
 
+def test_the_adaptive_kl_coefficient_follows_the_controller_and_a_resumed_run_continues_it(world, reward_model, tmp_path):
+    """--kl-target: each update's logged coefficient is the controller applied to the previous update's coefficient and
+    KL; a run resumed from its update-2 checkpoint continues with the checkpointed coefficient."""
+    from ppo_tldr import adaptive_kl_coef
+
+    extra = ["--kl-target", "0.5", "--kl-horizon", "100", "--kl-estimator", "k3", "--checkpoint-every", "1",
+             "--keep-checkpoints", "5"]
+    finished, rolled_back = tmp_path / "finished", tmp_path / "rolled_back"
+    run_ok(ppo_command(world, reward_model, finished, *extra))
+    updates = [m for m in metrics(finished) if "objective/kl_coef" in m]
+    assert len(updates) == 5 and updates[0]["objective/kl_coef"] == 0.05
+    for previous, current in zip(updates, updates[1:]):
+        expected = adaptive_kl_coef(previous["objective/kl_coef"], previous["objective/kl"], 0.5, 100, 16)
+        assert current["objective/kl_coef"] == pytest.approx(expected, rel=1e-12)
+    assert len({m["objective/kl_coef"] for m in updates}) == 5  # it moved at every update
+    shutil.copytree(finished, rolled_back)
+    for name in ["step_00000003", "step_00000004", "step_00000005"]:
+        shutil.rmtree(rolled_back / "checkpoints" / name)
+    result = run_ok(ppo_command(world, reward_model, rolled_back, *extra, "--resume"))
+    assert "resumed from update 2" in result.stdout
+    assert metrics(rolled_back) == metrics(finished)
+
+
 # ------------------------------------------------------------ NaN / inf ------------------------------------------
 def test_a_nan_score_stops_ppo_naming_it_and_the_update(world, reward_model, tmp_path):
     from value_head import ScalarModel
