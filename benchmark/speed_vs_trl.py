@@ -53,6 +53,30 @@ def shares(parts, total):
     return out
 
 
+def same_build(ours, theirs):
+    """The differences (a list of strings) between two sides' library builds: torch version and build (the local part,
+    e.g. +cpu or +cu130, and its CUDA version) and transformers version. Empty when they match."""
+    return [f"{k}: ours {ours.get(k)!r}, TRL {theirs.get(k)!r}" for k in ("torch", "torch_cuda", "transformers")
+            if ours.get(k) != theirs.get(k)]
+
+
+def forward_flops_per_token(matmul_parameters):
+    """Model FLOPs of one token's forward pass: 2 per weight of every matrix product (a multiply and an add); the
+    attention scores and everything that is not a weight matrix are left out, as in Kaplan et al. 2020's 2N."""
+    return 2 * matmul_parameters
+
+
+def phase_flops(c, policy_parameters, scalar_parameters):
+    """Model FLOPs per PPO update of each phase, counted on the padded width (query_length + response_length tokens per
+    episode) that both sides process: generation = the policy's forward over every token (prefill + one step per
+    sampled token with a KV cache); scoring = the forwards of the reference policy, the value model and the reward
+    model; training = forward + backward (3x a forward) of policy and value model per epoch."""
+    tokens = c["batch_size"] * (c["query_length"] + c["response_length"])
+    policy, scalar = forward_flops_per_token(policy_parameters), forward_flops_per_token(scalar_parameters)
+    return dict(generation=tokens * policy, scoring=tokens * (policy + 2 * scalar),
+                training=c["num_ppo_epochs"] * tokens * 3 * (policy + scalar))
+
+
 def config_key(c):
     return (c["size"], c["response_length"], c["batch_size"], c["local_micro_batch_size"],
             c["local_rollout_forward_batch_size"], c["query_length"], c["updates"], c["threads"])
@@ -227,6 +251,41 @@ def import_baseline_mib(python, statement, threads, log_path):
     return peak_mib
 
 
+# Run by each side's python: the versions and builds of its libraries (compared before any run).
+ENVIRONMENT = ("import json, platform, torch, transformers; print(json.dumps(dict(python=platform.python_version(), "
+               "torch=torch.__version__, torch_cuda=torch.version.cuda, transformers=transformers.__version__)))")
+# The machine's fp32 matrix-product rate with the runs' threads: the best of several large products.
+MATMUL_PEAK = ("import json, sys, time, torch; torch.set_num_threads(int(sys.argv[1])); n = int(sys.argv[2]); "
+               "a, b = torch.randn(n, n), torch.randn(n, n); a @ b; best = 0.0\n"
+               "for _ in range(8):\n    t0 = time.perf_counter(); a @ b; best = max(best, 2 * n**3 / (time.perf_counter() - t0))\n"
+               "print(json.dumps(dict(n=n, flops=best)))")
+
+
+def library_builds(python, threads):
+    result = subprocess.run([python, "-c", ENVIRONMENT], capture_output=True, text=True, env=thread_env(threads))
+    if result.returncode != 0:
+        raise SystemExit(f"{python} cannot import torch and transformers:\n{result.stderr[-2000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def matmul_peak_flops(threads, n=2048):
+    """fp32 FLOP/s of a large torch.matmul (n x n by n x n, 2 n^3 FLOPs), best of 8, in a process of its own."""
+    result = subprocess.run([sys.executable, "-c", MATMUL_PEAK, str(threads), str(n)], capture_output=True, text=True,
+                            env=thread_env(threads), check=True)
+    return json.loads(result.stdout.strip().splitlines()[-1])["flops"]
+
+
+def matmul_parameters(base_model):
+    """(policy, scalar model) weights that enter matrix products: every parameter but the input embedding table (a
+    lookup); the scalar model has the backbone without the LM head, plus its head of hidden_size weights."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base_model)
+    total = sum(p.numel() for p in model.parameters())
+    embed_in, embed_out = model.get_input_embeddings().weight.numel(), model.get_output_embeddings().weight.numel()
+    return total - embed_in, total - embed_in - embed_out + model.config.hidden_size
+
+
 def thread_env(threads):
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), HF_HUB_OFFLINE="1",
                HF_DATASETS_OFFLINE="1", WANDB_MODE="offline", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
@@ -287,8 +346,31 @@ def fmt_shares(s):
     return " / ".join(f"{100 * s[k]:.0f}%" for k in ("generation", "scoring", "training", "other"))
 
 
-def report(header, comparisons, scaling, baselines):
-    out = [f"# ppo_tldr.py against TRL {TRL_VERSION} PPOTrainer", "", *header, "",
+def flops_table(comp, peak):
+    """Per phase: model FLOPs per update, and each side's achieved FLOP/s (median over repeats) against `peak`."""
+    rows = ["| phase | model GFLOP per update | ours GFLOP/s | ours % of peak | TRL GFLOP/s | TRL % of peak |",
+            "|---|---|---|---|---|---|"]
+    for phase, flops in comp["flops"].items():
+        rates = [statistics.median(flops / r["parts"][phase] for r in comp[side]) for side in ("ours", "trl")]
+        rows.append(f"| {phase} | {flops / 1e9:.1f} | {rates[0] / 1e9:.2f} | {100 * rates[0] / peak:.1f}% | "
+                    f"{rates[1] / 1e9:.2f} | {100 * rates[1] / peak:.1f}% |")
+    return rows
+
+
+def report(header, comparisons, scaling, baselines, builds=None, peak=None):
+    out = [f"# ppo_tldr.py against TRL {TRL_VERSION} PPOTrainer", "", *header, ""]
+    if builds:
+        out += [f"Libraries: ours torch {builds['ours']['torch']} (CUDA {builds['ours']['torch_cuda']}), transformers "
+                f"{builds['ours']['transformers']}; TRL side torch {builds['trl']['torch']} (CUDA "
+                f"{builds['trl']['torch_cuda']}), transformers {builds['trl']['transformers']}"
+                + ("." if not same_build(builds["ours"], builds["trl"]) else " (MISMATCHED: --allow-mismatched-builds)."), ""]
+    if peak:
+        out += [f"Machine limit: a 2048 x 2048 fp32 torch.matmul runs at {peak / 1e9:.1f} GFLOP/s with "
+                "these threads (best of 8). Model FLOPs per phase: 2 per weight of every matrix product per token for a "
+                "forward (embedding lookup and attention scores left out), 3x that for forward + backward; counted on "
+                "the padded width query + response; generation = the policy over every token, scoring = reference, "
+                "value and reward model, training = policy and value model per epoch.", ""]
+    out += [
            f"Max RSS of a process that only imports each side's libraries: ours {baselines['ours']:.0f} MiB "
            f"(`import ppo_tldr`), TRL {baselines['trl']:.0f} MiB (`from trl.experimental.ppo import PPOTrainer`); "
            "\"above imports\" = peak minus that.", ""]
@@ -312,6 +394,8 @@ def report(header, comparisons, scaling, baselines):
         out += ["", f"**Median ratio ours/TRL: episodes per second {comp['eps_ratio']:.2f}x, peak memory "
                     f"{comp['memory_ratio']:.2f}x** ({verdict} the goal of >= 1.5x the episodes per second at no more "
                     f"peak memory).", ""]
+        if peak and "flops" in comp:
+            out += [*flops_table(comp, peak), ""]
     if scaling:
         out += ["## ppo_tldr.py alone: time per update", "",
                 "Each row changes one setting from the base configuration (marked *); shares are of the wall time "
@@ -359,6 +443,8 @@ def main():
     parser.add_argument("--quick", action="store_true", help="tiny world, 1 repeat, 3 updates, two-point scaling")
     parser.add_argument("--trl-python", default=os.path.join(REPO, ".venv-trl", "bin", "python"),
                         help=f"python of a virtual environment with trl=={TRL_VERSION} (benchmark/requirements.txt)")
+    parser.add_argument("--allow-mismatched-builds", action="store_true",
+                        help="compare even when the two sides' torch/transformers versions or builds differ")
     parser.add_argument("--trl-worker", metavar="CONFIG", help=argparse.SUPPRESS)  # internal: the TRL side
     cli = parser.parse_args()
     if cli.trl_worker:
@@ -375,6 +461,12 @@ def main():
     if check is None or check.stdout.strip() != TRL_VERSION:
         raise SystemExit(f"--trl-python {cli.trl_python} must have trl=={TRL_VERSION}: python -m venv .venv-trl && "
                          f".venv-trl/bin/pip install torch==2.13.0 -r benchmark/requirements.txt")
+    builds = {"ours": library_builds(sys.executable, cli.threads), "trl": library_builds(cli.trl_python, cli.threads)}
+    mismatch = same_build(builds["ours"], builds["trl"])
+    if mismatch and not cli.allow_mismatched_builds:
+        raise SystemExit("the two sides run different library builds, so their speed and memory are not comparable ("
+                         + "; ".join(mismatch) + f"): install the same torch build into {cli.trl_python}'s environment "
+                         "(e.g. the same version pin first), or pass --allow-mismatched-builds")
     out_dir = os.path.abspath(cli.out_dir)
     os.makedirs(out_dir, exist_ok=True)
     sys.path[:0] = [REPO, os.path.join(REPO, "benchmark")]
@@ -415,11 +507,16 @@ def main():
                                              os.path.join(out_dir, "runs", "imports_ours.log")),
                  "trl": import_baseline_mib(cli.trl_python, "from trl.experimental.ppo import PPOTrainer", cli.threads,
                                             os.path.join(out_dir, "runs", "imports_trl.log"))}
+    peak = matmul_peak_flops(cli.threads)
+    print(f"[speed] fp32 matmul peak {peak / 1e9:.1f} GFLOP/s with {cli.threads} threads", flush=True)
     comparisons = []
     for size in cli.sizes:
         c = dict(base, size=size)
         queries_for(c)
-        comp = dict(config=c, parameters=world(size)["parameters"], ours=[], trl=[])
+        policy_parameters, scalar_parameters = matmul_parameters(world(size)["base_model"])
+        comp = dict(config=c, parameters=world(size)["parameters"], ours=[], trl=[],
+                    matmul_parameters=dict(policy=policy_parameters, scalar=scalar_parameters),
+                    flops=phase_flops(c, policy_parameters, scalar_parameters))
         for _ in range(cli.repeats):  # A B A B: slow drifts of the machine hit both sides alike
             comp["ours"].append(ours(c))
             comp["trl"].append(trl(c))
@@ -437,11 +534,12 @@ def main():
         scaling.append(dict(varied=varied, config=c, result=result, base=config_key(c) == config_key(dict(base, size=cli.scaling_size))))
 
     header[2] += f" Load average at the end {' '.join(open('/proc/loadavg').read().split()[:3])}."
-    markdown = report(header, comparisons, scaling, baselines)
+    markdown = report(header, comparisons, scaling, baselines, builds, peak)
     with open(os.path.join(out_dir, "speed.md"), "w") as f:
         f.write(markdown + "\n")
     with open(os.path.join(out_dir, "speed.json"), "w") as f:
-        json.dump(dict(header=header, trl_version=TRL_VERSION, import_baseline_mib=baselines, comparisons=comparisons, scaling=scaling), f, indent=2)
+        json.dump(dict(header=header, trl_version=TRL_VERSION, library_builds=builds, matmul_peak_flops=peak,
+                       import_baseline_mib=baselines, comparisons=comparisons, scaling=scaling), f, indent=2)
     print(markdown)
 
 

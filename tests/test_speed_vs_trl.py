@@ -26,3 +26,39 @@ def test_median_ratio_pairs_the_alternated_runs():
 def test_shares_leave_the_rest_to_other():
     s = speed_vs_trl.shares({"generation": 1.0, "scoring": 0.5, "training": 2.0}, 4.0)
     assert s == pytest.approx({"generation": 0.25, "scoring": 0.125, "training": 0.5, "other": 0.125})
+
+
+def test_same_build_names_every_difference():
+    ours = dict(python="3.11.7", torch="2.14.1+cu130", torch_cuda="13.0", transformers="5.24.0")
+    assert speed_vs_trl.same_build(ours, dict(ours)) == []
+    assert speed_vs_trl.same_build(ours, dict(ours, python="3.12.0")) == []  # the interpreter may differ
+    theirs = dict(ours, torch="2.13.0+cpu", torch_cuda=None)
+    assert speed_vs_trl.same_build(ours, theirs) == ["torch: ours '2.14.1+cu130', TRL '2.13.0+cpu'",
+                                                     "torch_cuda: ours '13.0', TRL None"]
+
+
+def test_phase_flops_by_hand():
+    # 4 episodes of 10 + 6 tokens = 64 tokens; policy 1,000 matrix weights (2,000 FLOPs a token), scalar model 500 (1,000)
+    c = dict(batch_size=4, query_length=10, response_length=6, num_ppo_epochs=2)
+    flops = speed_vs_trl.phase_flops(c, 1000, 500)
+    assert flops == dict(generation=64 * 2000, scoring=64 * (2000 + 2 * 1000), training=2 * 64 * 3 * (2000 + 1000))
+
+
+def test_flops_table_rates_against_the_peak():
+    comp = dict(flops=dict(generation=4e9, scoring=2e9, training=12e9),
+                ours=[dict(parts=dict(generation=2.0, scoring=1.0, training=3.0))],
+                trl=[dict(parts=dict(generation=4.0, scoring=1.0, training=6.0))])
+    rows = speed_vs_trl.flops_table(comp, peak=10e9)
+    assert rows[2] == "| generation | 4.0 | 2.00 | 20.0% | 1.00 | 10.0% |"
+    assert rows[4] == "| training | 12.0 | 4.00 | 40.0% | 2.00 | 20.0% |"
+
+
+def test_matmul_parameters_leave_out_the_input_embedding(world):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(world / "base_model"))
+    total = sum(p.numel() for p in model.parameters())
+    vocab, hidden = model.get_input_embeddings().weight.shape
+    policy, scalar = speed_vs_trl.matmul_parameters(str(world / "base_model"))
+    assert policy == total - vocab * hidden  # untied: the LM head is a matrix product, the input table a lookup
+    assert scalar == total - 2 * vocab * hidden + hidden
