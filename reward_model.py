@@ -88,6 +88,9 @@ class Args:
     """pairs per device per forward in evaluation; reference summaries per forward in the normalisation"""
     num_eval_samples: Optional[int] = None
     """pairs evaluated per validation split (the first ones); None: all"""
+    cnndm_query_length: int = 1919
+    """query length in tokens of the CNN/DM rows (validation_cnndm), whose articles are cut at their last newline to
+    fit, as the reference (2047 - 128); --query-length applies to the TL;DR posts"""
     num_normalization_samples: Optional[int] = None
     """reference summaries of the query_dataset train split scored for the bias (the first ones); None: all"""
     lr: float = 3e-6
@@ -383,13 +386,23 @@ def preference_format(dataset, arg="--label-dataset"):
 
 
 def tokenize_article(tokenizer, article, query_length):
-    """Query of a CNN/DM row (validation_cnndm: `info` has an article and no post), "Article:\\n{article}\\n\\nTL;DR:",
-    the article's tokens cut to fit `query_length` (the reference allowed such queries up to 2047 tokens)."""
-    head, tail = tokenizer.encode("Article:\n"), tokenizer.encode("\n\nTL;DR:")
-    return head + tokenizer.encode(article)[: query_length - len(head) - len(tail)] + tail
+    """Query tokens of a CNN/DM row (validation_cnndm: `info` has an article and no post), as the reference builds
+    them: the format "Article:\n{article}\n\nTL;DR:\n"; while it exceeds `query_length` (--cnndm-query-length, 1919)
+    tokens, the article is cut at its last newline (or loses its last character when it has none) and re-tokenised,
+    like a post [D2.2]. Returned without the trailing newline: the reference's sequences are `query.strip() +
+    response`, so its models never read that newline."""
+    text = f"Article:\n{article}\n\nTL;DR:\n"
+    while len(tokenizer.encode(text)) > query_length:
+        if not article:
+            raise ValueError(f"--cnndm-query-length {query_length} is too short to hold the CNN/DM query format even "
+                             f"with an empty article")
+        cut = article.rfind("\n")
+        article = article[:cut] if cut != -1 else article[:-1]
+        text = f"Article:\n{article}\n\nTL;DR:\n"
+    return tokenizer.encode(text.strip())
 
 
-def tokenize_pairs(tokenizer, dataset, fmt, query_length, response_length):
+def tokenize_pairs(tokenizer, dataset, fmt, query_length, response_length, cnndm_query_length):
     """(pairs, dropped): one dict per preference pair with the token ids of query + chosen and query + rejected.
     Responses get an EOS appended [D12]; pairs with a response over `response_length` tokens are dropped, as the
     reference filters them, and counted."""
@@ -398,7 +411,7 @@ def tokenize_pairs(tokenizer, dataset, fmt, query_length, response_length):
         if fmt == "openai":
             info = row["info"]
             if info.get("post") is None and info.get("article") is not None:
-                query_tokens = tokenize_article(tokenizer, info["article"], query_length)
+                query_tokens = tokenize_article(tokenizer, info["article"], cnndm_query_length)
             else:
                 query_tokens = tokenize_query(tokenizer, info, query_length)  # [D2.2]
             chosen = row["summaries"][row["choice"]]["text"]  # OpenAI texts already begin with a space
@@ -505,7 +518,8 @@ if __name__ == "__main__":
     rank, world_size, device = init_distributed()
 
     # ---- 0. check every argument and dataset before any model is loaded ----
-    for name in ["query_length", "response_length", "batch_size", "local_micro_batch_size", "local_eval_batch_size"]:
+    for name in ["query_length", "response_length", "batch_size", "local_micro_batch_size", "local_eval_batch_size",
+                 "cnndm_query_length"]:
         if getattr(args, name) <= 0:
             raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     for name in ["total_episodes", "num_eval_samples", "num_normalization_samples"]:
@@ -535,7 +549,8 @@ if __name__ == "__main__":
         if len(label_splits[split]) == 0:
             raise ValueError(f"--label-dataset {args.label_dataset}: the {split!r} split is empty")
         fmt = preference_format(label_splits[split], f"--label-dataset {args.label_dataset} (split {split})")
-        pairs[split], dropped = tokenize_pairs(tokenizer, label_splits[split], fmt, args.query_length, args.response_length)
+        pairs[split], dropped = tokenize_pairs(tokenizer, label_splits[split], fmt, args.query_length, args.response_length,
+                                              args.cnndm_query_length)
         if rank == 0:
             print(f"{args.label_dataset} {split}: {len(pairs[split])} pairs ({fmt} format), {dropped} dropped "
                   f"for a response over --response-length {args.response_length} tokens")
