@@ -54,7 +54,8 @@ class Args:
     run_eval: bool = True
     """evaluate after training and save the evaluation tables"""
     bf16: bool = True
-    """bf16 autocast on CUDA (weights stay fp32); runs on CPU are always fp32"""
+    """bf16 autocast on CUDA, weights and log-softmax in fp32 (deviation: the reference trains in bf16 under
+    DeepSpeed); runs on CPU are always fp32"""
     resume: bool = False
     """continue the run in --output-dir from its newest complete checkpoint (same arguments; the result is the same
     as an uninterrupted run's)"""
@@ -626,7 +627,8 @@ if __name__ == "__main__":
 
     def prepare(split):
         """Tokenised pairs of one split; pairs with a response over response_length (or a standard-format prompt
-        over query_length) are dropped as the reference's preprocessing does, and counted."""
+        over query_length) are dropped and counted (deviation: the reference's preprocessing truncates a response,
+        cutting off its EOS)."""
         dataset = label_datasets[split]
         if len(dataset) == 0:
             raise ValueError(f"--label-dataset {args.label_dataset}: the {split!r} split is empty")
@@ -661,8 +663,8 @@ if __name__ == "__main__":
     logger = Logger(args, run_name, output_dir, rank, checkpoint)  # the first write into output_dir
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16 and device.type == "cuda")
 
-    # One shared shuffle across processes (deviation: the reference shuffled with each rank's seed, so shards
-    # overlapped); the first num_pairs pairs of it train, one epoch.
+    # One shuffle shared by all processes, cut into disjoint per-rank slices (the reference's DataLoader shuffle,
+    # synchronised across processes by accelerate, does the same); the first num_pairs pairs of it train, one epoch.
     perm = torch.randperm(len(train_dataset), generator=torch.Generator().manual_seed(args.seed))[:num_pairs]
     local_batches = rank_batches(perm, args.batch_size, rank, world_size)  # num_updates x (batch_size / world_size)
     local_indices = [i for batch in local_batches for i in batch]

@@ -60,7 +60,8 @@ class Args:
     run_eval: bool = True
     """evaluate after training and save the evaluation tables"""
     bf16: bool = True
-    """bf16 autocast on CUDA (weights stay fp32); runs on CPU are always fp32"""
+    """bf16 autocast on CUDA, weights and log-softmax in fp32 (deviation: the reference trains in bf16 under
+    DeepSpeed); runs on CPU are always fp32"""
     resume: bool = False
     """continue the run in --output-dir from its newest complete checkpoint (same arguments; the result is the same
     as an uninterrupted run's)"""
@@ -134,7 +135,8 @@ class Args:
     `objective/validation_score` (distinct on each process: rows [rank * N, (rank + 1) * N) of the validation split)"""
     sample_table_every: int = 220
     """save the validation sample (all processes' rows, with their scores) as a table at updates 1, 1 + N, 1 + 2N, ...
-    (the reference's `(update - 1) % 220 == 0`) and at the last update; 0: at the last update only"""
+    (the reference's `(update - 1) % 220 == 0`) and at the last update (deviation: not in the reference); 0: at the
+    last update only"""
     num_eval_samples: Optional[int] = None
     """posts of each of validation and test evaluated after training (None: all)"""
 

@@ -57,7 +57,8 @@ class Args:
     run_eval: bool = True
     """evaluate after training and save the evaluation tables"""
     bf16: bool = True
-    """bf16 autocast on CUDA (weights stay fp32); runs on CPU are always fp32"""
+    """bf16 autocast on CUDA, weights and log-softmax in fp32 (deviation: the reference trains in bf16 under
+    DeepSpeed); runs on CPU are always fp32"""
     resume: bool = False
     """continue the run in --output-dir from its newest complete checkpoint (same arguments; the result is the same
     as an uninterrupted run's)"""
@@ -404,8 +405,8 @@ def tokenize_article(tokenizer, article, query_length):
 
 def tokenize_pairs(tokenizer, dataset, fmt, query_length, response_length, cnndm_query_length):
     """(pairs, dropped): one dict per preference pair with the token ids of query + chosen and query + rejected.
-    Responses get an EOS appended [D12]; pairs with a response over `response_length` tokens are dropped, as the
-    reference filters them, and counted."""
+    Responses get an EOS appended [D12]; pairs with a response over `response_length` tokens are dropped and
+    counted (deviation: the reference truncates them, cutting off the EOS the reward is read at)."""
     pairs, dropped = [], 0
     for index, row in enumerate(dataset):
         if fmt == "openai":
@@ -465,7 +466,7 @@ def rank_shard(batch_indices, rank, world_size):
 
 def train_shards(num_pairs, num_updates, batch_size, seed, rank, world_size):
     """Per update, the pair indices this rank trains on. One shuffle shared by all ranks (the same seed
-    everywhere); the reference shuffled with each rank's own seed, so the ranks' shards overlapped."""
+    everywhere), as the reference's DataLoader shuffle once accelerate has synchronised it across processes."""
     perm = torch.randperm(num_pairs, generator=torch.Generator().manual_seed(seed)).tolist()
     return [rank_shard(perm[u * batch_size : (u + 1) * batch_size], rank, world_size) for u in range(num_updates)]
 
@@ -608,7 +609,7 @@ if __name__ == "__main__":
         print(f"resumed from update {first_update} of {output_dir}/checkpoints", flush=True)
         del checkpoint
 
-    # ---- 3. one shared shuffle, each global batch split into disjoint per-rank slices (fixes the reference) ----
+    # ---- 3. one shared shuffle, each global batch split into disjoint per-rank slices (as the reference's) ----
     shards = train_shards(len(pairs["train"]), num_updates, args.batch_size, args.seed, rank, world_size)
     my_indices = [i for shard in shards for i in shard]
     all_indices = gather_lists(my_indices, world_size)
@@ -694,7 +695,8 @@ if __name__ == "__main__":
         model.save_pretrained(output_dir, state_dict=model_state)  # value_head format: backbone + head + bias, read by ppo_tldr.py
         tokenizer.save_pretrained(output_dir)
 
-    # ---- 6. evaluate every validation split (normalised rewards), one table row per pair ----
+    # ---- 6. evaluate every validation split (normalised rewards; deviation: the reference evaluates before the
+    # normalisation), one table row per pair ----
     for split in eval_splits:
         split_pairs = pairs[split][: args.num_eval_samples]
         if not split_pairs:

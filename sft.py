@@ -58,7 +58,8 @@ class Args:
     run_eval: bool = True
     """evaluate after training and save the evaluation tables"""
     bf16: bool = True
-    """bf16 autocast on CUDA (weights stay fp32); runs on CPU are always fp32"""
+    """bf16 autocast on CUDA, weights and log-softmax in fp32 (deviation: the reference trains in bf16 under
+    DeepSpeed); runs on CPU are always fp32"""
     resume: bool = False
     """continue the run in --output-dir from its newest complete checkpoint (same arguments; the result is the same
     as an uninterrupted run's)"""
@@ -534,7 +535,8 @@ def lcs_length(a, b):
 
 
 def rouge(prediction, reference):
-    """ROUGE-1, ROUGE-2 and ROUGE-L F-measures of one prediction, on lowercased whitespace tokens."""
+    """ROUGE-1, ROUGE-2 and ROUGE-L F-measures of one prediction, on lowercased whitespace tokens (deviation: the
+    reference uses the `rouge_score` package, which also strips punctuation)."""
     p, r = prediction.lower().split(), reference.lower().split()
     scores = {}
     for n in (1, 2):
@@ -561,7 +563,8 @@ def evaluate(model, examples, tokenizer, args, device, rank, world_size):
     pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
     shard = math.ceil(len(examples) / world_size)
     local = examples[rank * shard:(rank + 1) * shard]
-    loss_stats = torch.zeros(2, device=device)  # sum of token losses, number of tokens
+    loss_stats = torch.zeros(2, device=device)  # sum of token losses, number of tokens (deviation: the reference
+    # averages each evaluation batch's token mean)
     rows = []
     for batch, keep in eval_chunks(local, args.local_eval_batch_size, shard, examples[0]):
         query_responses = torch.tensor([right_pad(e["query"] + e["response"], args.query_length + args.response_length,
@@ -617,7 +620,7 @@ if __name__ == "__main__":
         examples = []
         for i, row in enumerate(rows):
             query, response = tokenize_example(tokenizer, row, args.query_length, prompt_completion)
-            if len(response) <= args.response_length:
+            if len(response) <= args.response_length:  # deviation: the reference truncates (and loses the EOS)
                 examples.append(dict(id=row.get("id", str(i)), query=query, response=response,
                                      reference=row["completion"] if prompt_completion else row["summary"]))
         if not examples:
