@@ -641,8 +641,8 @@ def validation_indices(num_rows, local_eval_batch_size, rank, world_size):
     first batch of its unshuffled validation loader at every update, a loader that accelerate shards by batches
     (process k gets batch k)."""
     if local_eval_batch_size < 1 or local_eval_batch_size * world_size > num_rows:
-        raise ValueError(f"--local-eval-batch-size {local_eval_batch_size} x {world_size} process(es) must be between 1 "
-                         f"and the {num_rows} rows of the validation split")
+        raise ValueError(f"--local-eval-batch-size {local_eval_batch_size} x {world_size} process(es) must be "
+                         f"between 1 and the {num_rows} rows of the validation split")
     return list(range(rank * local_eval_batch_size, (rank + 1) * local_eval_batch_size))
 
 
@@ -919,7 +919,8 @@ if __name__ == "__main__":
             progress("ppo", update, num_updates, start_time, first_update, episode=global_step, eps=eps,
                      score=metrics["objective/scores"], kl=metrics["objective/kl"],
                      val_score=metrics["objective/validation_score"])
-        del validation_responses, validation_score, query_responses, responses, postprocessed_responses, logprobs, ref_logprobs, values, scores
+        del validation_responses, validation_score
+        del query_responses, responses, postprocessed_responses, logprobs, ref_logprobs, values, scores
         del rewards, non_score_reward, advantages, returns, rollout
         if update == num_updates or (args.checkpoint_every and update % args.checkpoint_every == 0):
             write_checkpoint(update)
