@@ -54,7 +54,8 @@ class Args:
     run_eval: bool = True
     """evaluate after training and save the evaluation tables"""
     bf16: bool = True
-    """bf16 autocast on CUDA (weights stay fp32); runs on CPU are always fp32"""
+    """bf16 autocast on CUDA, weights and log-softmax in fp32 (deviation: the reference trains in bf16 under
+    DeepSpeed); runs on CPU are always fp32"""
     resume: bool = False
     """continue the run in --output-dir from its newest complete checkpoint (same arguments; the result is the same
     as an uninterrupted run's)"""
@@ -106,6 +107,9 @@ class Args:
     and memory"); needs torchrun"""
     num_eval_samples: Optional[int] = None
     """number of SFT validation posts (the first ones) generated for in the evaluation; None = the whole split"""
+    cnndm_query_length: int = 1919
+    """query length in tokens of the CNN/DM rows (validation_cnndm), whose articles are cut at their last newline to
+    fit, as the reference (2047 - 128); --query-length applies to the TL;DR posts"""
 
 
 # -------------------------------------------------------- helpers (copied verbatim from the common code) ---------
@@ -441,7 +445,7 @@ def validate_args(args, world_size):
     """Fail on a bad argument before any data or model is loaded, naming the argument; returns the number of
     gradient-accumulation steps, batch_size / (local_micro_batch_size * world_size)."""
     for name in ["query_length", "response_length", "eval_response_length", "batch_size", "local_micro_batch_size",
-                 "local_eval_batch_size"]:
+                 "local_eval_batch_size", "cnndm_query_length"]:
         if getattr(args, name) <= 0:
             raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     if args.beta <= 0:
@@ -477,21 +481,31 @@ def preference_format(dataset, arg="--label-dataset"):
 
 
 def tokenize_article(tokenizer, article, query_length):
-    """Query of a CNN/DM row (validation_cnndm: `info` has an article and no post), "Article:\\n{article}\\n\\nTL;DR:",
-    the article's tokens cut to fit `query_length` (the reference allowed such queries up to 2047 tokens)."""
-    head, tail = tokenizer.encode("Article:\n"), tokenizer.encode("\n\nTL;DR:")
-    return head + tokenizer.encode(article)[: query_length - len(head) - len(tail)] + tail
+    """Query tokens of a CNN/DM row (validation_cnndm: `info` has an article and no post), as the reference builds
+    them: the format "Article:\n{article}\n\nTL;DR:\n"; while it exceeds `query_length` (--cnndm-query-length, 1919)
+    tokens, the article is cut at its last newline (or loses its last character when it has none) and re-tokenised,
+    like a post [D2.2]. Returned without the trailing newline: the reference's sequences are `query.strip() +
+    response`, so its models never read that newline."""
+    text = f"Article:\n{article}\n\nTL;DR:\n"
+    while len(tokenizer.encode(text)) > query_length:
+        if not article:
+            raise ValueError(f"--cnndm-query-length {query_length} is too short to hold the CNN/DM query format even "
+                             f"with an empty article")
+        cut = article.rfind("\n")
+        article = article[:cut] if cut != -1 else article[:-1]
+        text = f"Article:\n{article}\n\nTL;DR:\n"
+    return tokenizer.encode(text.strip())
 
 
-def tokenize_pair(tokenizer, row, query_length, data_format, fallback_id):
+def tokenize_pair(tokenizer, row, query_length, data_format, fallback_id, cnndm_query_length):
     """Token ids and texts of one preference pair. A response is its text's tokens + EOS [D5] (OpenAI texts already
     begin with a space); the query is the TL;DR format cut to query_length [D2.2] (a CNN/DM row: the article
-    format), or the standard format's prompt as is (possibly too long: the caller drops it). `fallback_id` is the
+    format cut to cnndm_query_length), or the standard format's prompt as is (possibly too long: the caller drops it). `fallback_id` is the
     id of a standard-format row without an id column."""
     if data_format == "openai":
         info = row["info"]
         if info.get("post") is None and info.get("article") is not None:
-            query_token = tokenize_article(tokenizer, info["article"], query_length)
+            query_token = tokenize_article(tokenizer, info["article"], cnndm_query_length)
         else:
             query_token = tokenize_query(tokenizer, info, query_length)  # [D2.2]
         chosen, rejected = row["summaries"][row["choice"]]["text"], row["summaries"][1 - row["choice"]]["text"]
@@ -609,18 +623,20 @@ if __name__ == "__main__":
             query_dataset = query_dataset.select(range(min(args.num_eval_samples, len(query_dataset))))
     tokenizer = load_tokenizer(args.sft_model_path, "--sft-model-path")
     pad_token_id, eos_token_id = tokenizer.pad_token_id, tokenizer.eos_token_id
-    sequence_length = args.query_length + args.response_length  # the longest query + response [D5]
+    sequence_length = max(args.query_length, args.cnndm_query_length) + args.response_length  # the longest [D5]
 
     def prepare(split):
         """Tokenised pairs of one split; pairs with a response over response_length (or a standard-format prompt
-        over query_length) are dropped as the reference's preprocessing does, and counted."""
+        over query_length) are dropped and counted (deviation: the reference's preprocessing truncates a response,
+        cutting off its EOS)."""
         dataset = label_datasets[split]
         if len(dataset) == 0:
             raise ValueError(f"--label-dataset {args.label_dataset}: the {split!r} split is empty")
         tokenized = dataset.map(
-            lambda row, i: tokenize_pair(tokenizer, row, args.query_length, data_format, f"{split}-{i}"),
+            lambda row, i: tokenize_pair(tokenizer, row, args.query_length, data_format, f"{split}-{i}",
+                                         args.cnndm_query_length),
             with_indices=True, remove_columns=dataset.column_names, keep_in_memory=True)
-        kept = tokenized.filter(lambda r: len(r["query_token"]) <= args.query_length
+        kept = tokenized.filter(lambda r: (data_format == "openai" or len(r["query_token"]) <= args.query_length)
                                 and max(len(r["chosen_token"]), len(r["rejected_token"])) <= args.response_length,
                                 keep_in_memory=True)
         if rank == 0:
@@ -647,8 +663,8 @@ if __name__ == "__main__":
     logger = Logger(args, run_name, output_dir, rank, checkpoint)  # the first write into output_dir
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16 and device.type == "cuda")
 
-    # One shared shuffle across processes (deviation: the reference shuffled with each rank's seed, so shards
-    # overlapped); the first num_pairs pairs of it train, one epoch.
+    # One shuffle shared by all processes, cut into disjoint per-rank slices (the reference's DataLoader shuffle,
+    # synchronised across processes by accelerate, does the same); the first num_pairs pairs of it train, one epoch.
     perm = torch.randperm(len(train_dataset), generator=torch.Generator().manual_seed(args.seed))[:num_pairs]
     local_batches = rank_batches(perm, args.batch_size, rank, world_size)  # num_updates x (batch_size / world_size)
     local_indices = [i for batch in local_batches for i in batch]

@@ -60,7 +60,8 @@ class Args:
     run_eval: bool = True
     """evaluate after training and save the evaluation tables"""
     bf16: bool = True
-    """bf16 autocast on CUDA (weights stay fp32); runs on CPU are always fp32"""
+    """bf16 autocast on CUDA, weights and log-softmax in fp32 (deviation: the reference trains in bf16 under
+    DeepSpeed); runs on CPU are always fp32"""
     resume: bool = False
     """continue the run in --output-dir from its newest complete checkpoint (same arguments; the result is the same
     as an uninterrupted run's)"""
@@ -138,9 +139,13 @@ class Args:
     each process whitens its own share, as the reference does (the same thing with one process)"""
     score_at_eos: bool = False
     """add the score at the EOS token instead of one position after it (the reference's placement, the default)"""
+    local_eval_batch_size: int = 2
+    """validation prompts per process sampled at temperature 0.01 before every rollout for
+    `objective/validation_score` (distinct on each process: rows [rank * N, (rank + 1) * N) of the validation split)"""
     sample_table_every: int = 220
-    """every this many updates (and at the first and last), save the validation batch's temperature-0.01 samples
-    with their scores as a table"""
+    """save the validation sample (all processes' rows, with their scores) as a table at updates 1, 1 + N, 1 + 2N, ...
+    (the reference's `(update - 1) % 220 == 0`) and at the last update (deviation: not in the reference); 0: at the
+    last update only"""
     num_eval_samples: Optional[int] = None
     """posts of each of validation and test evaluated after training (None: all)"""
 
@@ -659,6 +664,17 @@ def prompt_indices(num_queries, batch_size, update, rank, world_size, seed):
     return order[start + rank * local_batch_size : start + (rank + 1) * local_batch_size]
 
 
+def validation_indices(num_rows, local_eval_batch_size, rank, world_size):
+    """This process's validation prompts, the same at every update (so a resumed run samples the same ones): rows
+    [rank * N, (rank + 1) * N) for N = local_eval_batch_size, disjoint across processes. The reference re-reads the
+    first batch of its unshuffled validation loader at every update, a loader that accelerate shards by batches
+    (process k gets batch k)."""
+    if local_eval_batch_size < 1 or local_eval_batch_size * world_size > num_rows:
+        raise ValueError(f"--local-eval-batch-size {local_eval_batch_size} x {world_size} process(es) must be "
+                         f"between 1 and the {num_rows} rows of the validation split")
+    return list(range(rank * local_eval_batch_size, (rank + 1) * local_eval_batch_size))
+
+
 @torch.no_grad()
 def rollout_scores(policy, reward_model, queries, tokenizer, args, temperature):
     """Sample responses to `queries` in chunks and score them as in the rollout [D23.2, D23.3] (evaluation only).
@@ -708,6 +724,9 @@ if __name__ == "__main__":
     if args.checkpoint_every < 0 or args.keep_checkpoints < 1:
         raise ValueError(f"--checkpoint-every must be >= 0 and --keep-checkpoints >= 1, got {args.checkpoint_every} "
                          f"and {args.keep_checkpoints}")
+    if args.sample_table_every < 0:
+        raise ValueError(f"--sample-table-every must be >= 0 (0: the last update only), got {args.sample_table_every}")
+    validation_shard = validation_indices(len(dataset["validation"]), args.local_eval_batch_size, rank, world_size)
     if args.fsdp and world_size == 1:
         raise ValueError("--fsdp shards the models over processes: launch with torchrun --nproc-per-node N (N > 1)")
     if args.kl_target is not None and args.kl_target <= 0:
@@ -732,13 +751,13 @@ if __name__ == "__main__":
     checkpoint = find_checkpoint(args, output_dir, world_size)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16 and device.type == "cuda")
 
-    # ---- data: left-padded queries [D2.2]; validation's first batch is sampled every update ----
+    # ---- data: left-padded queries [D2.2]; this process's validation prompts, sampled before every rollout ----
     def tokenize_split(rows):  # (N, Q) left-padded query tokens
         return torch.tensor([left_pad(tokenize_query(tokenizer, r, args.query_length), args.query_length, pad) for r in rows])
 
     train_queries = tokenize_split(dataset["train"])
-    validation_rows = dataset["validation"].select(range(min(args.local_rollout_forward_batch_size, len(dataset["validation"]))))
-    validation_queries = tokenize_split(validation_rows)
+    validation_rows = dataset["validation"].select(validation_shard)
+    validation_queries = tokenize_split(validation_rows).to(device)
     context_length = args.query_length
     if checkpoint is not None:
         run_name = checkpoint["run_name"]
@@ -802,10 +821,29 @@ if __name__ == "__main__":
         optimizer.param_groups[0]["lr"] = (1.0 - (update - 1.0) / num_updates) * args.lr  # linear decay
         indices = prompt_indices(len(train_queries), args.batch_size, update, rank, world_size, args.seed)
         queries = train_queries[indices].to(device)  # (b, Q)
-        timer = {"generation": 0.0, "scoring": 0.0, "training": 0.0}
+        timer = {"validation": 0.0, "generation": 0.0, "scoring": 0.0, "training": 0.0}
+        model.eval()
+
+        # 0. before the rollout, as the reference: this process's validation prompts sampled at temperature 0.01 and
+        # scored (with the rollout's missing-EOS score; deviation: the reference's validation score omits it)
+        t0 = time.time()
+        with torch.no_grad(), autocast:
+            validation_responses, validation_score = rollout_scores(policy, reward_model, validation_queries, tokenizer,
+                                                                    args, 0.01)
+        if (args.sample_table_every and (update - 1) % args.sample_table_every == 0) or update == num_updates:
+            rows = [dict(update=update, episode=global_step - args.batch_size, id=row["id"],
+                         query=tokenizer.decode(q, skip_special_tokens=True),
+                         response=tokenizer.decode(r, skip_special_tokens=True), reference=row["summary"],
+                         score=s.item(), has_eos=bool((r == eos).any()))
+                    for row, q, r, s in zip(validation_rows, validation_queries, validation_responses, validation_score)]
+            if world_size > 1:  # every process's rows, in rank order
+                gathered = [None] * world_size
+                dist.all_gather_object(gathered, rows)
+                rows = [row for part in gathered for row in part]
+            logger.table(f"samples_update_{update}", rows, output_dir)  # episode: what the sampled policy trained on
+        timer["validation"] += time.time() - t0
 
         # ---- rollout, in chunks of local_rollout_forward_batch_size ----
-        model.eval()
         with torch.no_grad(), autocast:
             query_responses, responses, postprocessed_responses = [], [], []
             logprobs, ref_logprobs, values, scores, sequence_lengths = [], [], [], [], []
@@ -880,10 +918,8 @@ if __name__ == "__main__":
                      dict(rollout, scores=scores, pg_loss_stats=stats["pg_loss"], vf_loss_stats=stats["vf_loss"]),
                      output_dir, rank, world_size)
 
-        # 7. logging (N+ metric names), the validation score (temperature 0.01) and sample tables
+        # 7. logging (N+ metric names; the validation score of step 0)
         with torch.no_grad(), autocast:
-            validation_responses, validation_score = rollout_scores(policy, reward_model, validation_queries.to(device),
-                                                                    tokenizer, args, 0.01)
             mean_kl = kl.sum(1).mean()  # the reward's estimator; 0 after the EOS, where both are INVALID_LOGPROB
             mean_entropy = torch.masked_fill(-logprobs, padding_mask, 0).sum(1).mean()  # valid tokens only (deviation)
             mean_non_score_reward = non_score_reward.sum(1).mean()
@@ -921,12 +957,7 @@ if __name__ == "__main__":
             progress("ppo", update, num_updates, start_time, first_update, episode=global_step, eps=eps,
                      score=metrics["objective/scores"], kl=metrics["objective/kl"],
                      val_score=metrics["objective/validation_score"])
-            if update == 1 or update % args.sample_table_every == 0 or update == num_updates:
-                rows = [dict(update=update, episode=global_step, id=row["id"], query=tokenizer.decode(q, skip_special_tokens=True),
-                             response=tokenizer.decode(r, skip_special_tokens=True), reference=row["summary"],
-                             score=s.item(), has_eos=bool((r == eos).any()))
-                        for row, q, r, s in zip(validation_rows, validation_queries, validation_responses, validation_score)]
-                logger.table(f"samples_update_{update}", rows, output_dir)
+        del validation_responses, validation_score
         del query_responses, responses, postprocessed_responses, logprobs, ref_logprobs, values, scores
         del rewards, non_score_reward, kl, advantages, returns, rollout
         if update == num_updates or (args.checkpoint_every and update % args.checkpoint_every == 0):

@@ -57,7 +57,8 @@ class Args:
     run_eval: bool = True
     """evaluate after training and save the evaluation tables"""
     bf16: bool = True
-    """bf16 autocast on CUDA (weights stay fp32); runs on CPU are always fp32"""
+    """bf16 autocast on CUDA, weights and log-softmax in fp32 (deviation: the reference trains in bf16 under
+    DeepSpeed); runs on CPU are always fp32"""
     resume: bool = False
     """continue the run in --output-dir from its newest complete checkpoint (same arguments; the result is the same
     as an uninterrupted run's)"""
@@ -88,6 +89,9 @@ class Args:
     """pairs per device per forward in evaluation; reference summaries per forward in the normalisation"""
     num_eval_samples: Optional[int] = None
     """pairs evaluated per validation split (the first ones); None: all"""
+    cnndm_query_length: int = 1919
+    """query length in tokens of the CNN/DM rows (validation_cnndm), whose articles are cut at their last newline to
+    fit, as the reference (2047 - 128); --query-length applies to the TL;DR posts"""
     num_normalization_samples: Optional[int] = None
     """reference summaries of the query_dataset train split scored for the bias (the first ones); None: all"""
     lr: float = 3e-6
@@ -383,22 +387,32 @@ def preference_format(dataset, arg="--label-dataset"):
 
 
 def tokenize_article(tokenizer, article, query_length):
-    """Query of a CNN/DM row (validation_cnndm: `info` has an article and no post), "Article:\\n{article}\\n\\nTL;DR:",
-    the article's tokens cut to fit `query_length` (the reference allowed such queries up to 2047 tokens)."""
-    head, tail = tokenizer.encode("Article:\n"), tokenizer.encode("\n\nTL;DR:")
-    return head + tokenizer.encode(article)[: query_length - len(head) - len(tail)] + tail
+    """Query tokens of a CNN/DM row (validation_cnndm: `info` has an article and no post), as the reference builds
+    them: the format "Article:\n{article}\n\nTL;DR:\n"; while it exceeds `query_length` (--cnndm-query-length, 1919)
+    tokens, the article is cut at its last newline (or loses its last character when it has none) and re-tokenised,
+    like a post [D2.2]. Returned without the trailing newline: the reference's sequences are `query.strip() +
+    response`, so its models never read that newline."""
+    text = f"Article:\n{article}\n\nTL;DR:\n"
+    while len(tokenizer.encode(text)) > query_length:
+        if not article:
+            raise ValueError(f"--cnndm-query-length {query_length} is too short to hold the CNN/DM query format even "
+                             f"with an empty article")
+        cut = article.rfind("\n")
+        article = article[:cut] if cut != -1 else article[:-1]
+        text = f"Article:\n{article}\n\nTL;DR:\n"
+    return tokenizer.encode(text.strip())
 
 
-def tokenize_pairs(tokenizer, dataset, fmt, query_length, response_length):
+def tokenize_pairs(tokenizer, dataset, fmt, query_length, response_length, cnndm_query_length):
     """(pairs, dropped): one dict per preference pair with the token ids of query + chosen and query + rejected.
-    Responses get an EOS appended [D12]; pairs with a response over `response_length` tokens are dropped, as the
-    reference filters them, and counted."""
+    Responses get an EOS appended [D12]; pairs with a response over `response_length` tokens are dropped and
+    counted (deviation: the reference truncates them, cutting off the EOS the reward is read at)."""
     pairs, dropped = [], 0
     for index, row in enumerate(dataset):
         if fmt == "openai":
             info = row["info"]
             if info.get("post") is None and info.get("article") is not None:
-                query_tokens = tokenize_article(tokenizer, info["article"], query_length)
+                query_tokens = tokenize_article(tokenizer, info["article"], cnndm_query_length)
             else:
                 query_tokens = tokenize_query(tokenizer, info, query_length)  # [D2.2]
             chosen = row["summaries"][row["choice"]]["text"]  # OpenAI texts already begin with a space
@@ -452,7 +466,7 @@ def rank_shard(batch_indices, rank, world_size):
 
 def train_shards(num_pairs, num_updates, batch_size, seed, rank, world_size):
     """Per update, the pair indices this rank trains on. One shuffle shared by all ranks (the same seed
-    everywhere); the reference shuffled with each rank's own seed, so the ranks' shards overlapped."""
+    everywhere), as the reference's DataLoader shuffle once accelerate has synchronised it across processes."""
     perm = torch.randperm(num_pairs, generator=torch.Generator().manual_seed(seed)).tolist()
     return [rank_shard(perm[u * batch_size : (u + 1) * batch_size], rank, world_size) for u in range(num_updates)]
 
@@ -505,7 +519,8 @@ if __name__ == "__main__":
     rank, world_size, device = init_distributed()
 
     # ---- 0. check every argument and dataset before any model is loaded ----
-    for name in ["query_length", "response_length", "batch_size", "local_micro_batch_size", "local_eval_batch_size"]:
+    for name in ["query_length", "response_length", "batch_size", "local_micro_batch_size", "local_eval_batch_size",
+                 "cnndm_query_length"]:
         if getattr(args, name) <= 0:
             raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     for name in ["total_episodes", "num_eval_samples", "num_normalization_samples"]:
@@ -535,7 +550,8 @@ if __name__ == "__main__":
         if len(label_splits[split]) == 0:
             raise ValueError(f"--label-dataset {args.label_dataset}: the {split!r} split is empty")
         fmt = preference_format(label_splits[split], f"--label-dataset {args.label_dataset} (split {split})")
-        pairs[split], dropped = tokenize_pairs(tokenizer, label_splits[split], fmt, args.query_length, args.response_length)
+        pairs[split], dropped = tokenize_pairs(tokenizer, label_splits[split], fmt, args.query_length, args.response_length,
+                                              args.cnndm_query_length)
         if rank == 0:
             print(f"{args.label_dataset} {split}: {len(pairs[split])} pairs ({fmt} format), {dropped} dropped "
                   f"for a response over --response-length {args.response_length} tokens")
@@ -593,7 +609,7 @@ if __name__ == "__main__":
         print(f"resumed from update {first_update} of {output_dir}/checkpoints", flush=True)
         del checkpoint
 
-    # ---- 3. one shared shuffle, each global batch split into disjoint per-rank slices (fixes the reference) ----
+    # ---- 3. one shared shuffle, each global batch split into disjoint per-rank slices (as the reference's) ----
     shards = train_shards(len(pairs["train"]), num_updates, args.batch_size, args.seed, rank, world_size)
     my_indices = [i for shard in shards for i in shard]
     all_indices = gather_lists(my_indices, world_size)
@@ -679,7 +695,8 @@ if __name__ == "__main__":
         model.save_pretrained(output_dir, state_dict=model_state)  # value_head format: backbone + head + bias, read by ppo_tldr.py
         tokenizer.save_pretrained(output_dir)
 
-    # ---- 6. evaluate every validation split (normalised rewards), one table row per pair ----
+    # ---- 6. evaluate every validation split (normalised rewards; deviation: the reference evaluates before the
+    # normalisation), one table row per pair ----
     for split in eval_splits:
         split_pairs = pairs[split][: args.num_eval_samples]
         if not split_pairs:

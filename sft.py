@@ -58,7 +58,8 @@ class Args:
     run_eval: bool = True
     """evaluate after training and save the evaluation tables"""
     bf16: bool = True
-    """bf16 autocast on CUDA (weights stay fp32); runs on CPU are always fp32"""
+    """bf16 autocast on CUDA, weights and log-softmax in fp32 (deviation: the reference trains in bf16 under
+    DeepSpeed); runs on CPU are always fp32"""
     resume: bool = False
     """continue the run in --output-dir from its newest complete checkpoint (same arguments; the result is the same
     as an uninterrupted run's)"""
@@ -461,13 +462,43 @@ def tokenize_example(tokenizer, row, query_length, prompt_completion):
 
 
 def sft_loss(logits, query_responses, pad_token_id):
-    """Next-token cross-entropy summed over every non-pad target of query + response (not completion-only) [D9].
-    Returns (sum of the losses, number of targets)."""
+    """Next-token cross-entropy over every non-pad target of query + response (not completion-only) [D9], per
+    sequence. Returns (the sum of each sequence's losses (B,), each sequence's number of targets (B,))."""
     labels = query_responses.masked_fill(query_responses == pad_token_id, -100)  # (B, T); pad ignored [D9]
     shift_logits, shift_labels = logits[:, :-1, :].float(), labels[:, 1:]  # predict token t+1 from tokens <= t
-    loss_sum = F.cross_entropy(shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1),
-                               ignore_index=-100, reduction="sum")
-    return loss_sum, (shift_labels != -100).sum()
+    losses = F.cross_entropy(shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1),
+                             ignore_index=-100, reduction="none").view(shift_labels.shape)  # 0 where ignored
+    return losses.sum(1), (shift_labels != -100).sum(1)
+
+
+def accumulate_gradients(model, examples, micro_size, pad_token_id, autocast, sharded=None):
+    """Backward of one update's loss over this process's `examples` (dicts of query and response token ids), in
+    micro-batches of `micro_size` right-padded to their longest sequence: the loss is the mean over the examples of
+    each sequence's token-mean cross-entropy, so every sequence weighs the same whatever the micro-batch size, as in
+    the reference's micro-batch 1 x 16 accumulation steps (one token mean over a micro-batch of several sequences
+    would weigh long ones more). Under DDP (`model` wrapped) or FSDP (`sharded`, the sharded module) gradients are
+    reduced on the last micro-batch only. Returns that loss, detached (this process's examples)."""
+    accumulation = exact_div(len(examples), micro_size, "this process's sequences per update over the micro-batch size")
+    loss_avg = torch.zeros((), device=next(model.parameters()).device)
+    for micro in range(accumulation):
+        batch = examples[micro * micro_size : (micro + 1) * micro_size]
+        # right-padded [D4, D5] to the micro-batch's longest sequence, not to 512 + 53: under causal attention the
+        # trailing all-pad columns change no output and only cost time
+        longest = max(len(e["query"]) + len(e["response"]) for e in batch)
+        query_responses = torch.tensor([right_pad(e["query"] + e["response"], longest, pad_token_id) for e in batch],
+                                       device=loss_avg.device)  # (B, <= Q + R)
+        sync = micro == accumulation - 1
+        if sharded is not None:  # FSDP: the reduce-scatter switched off before the last micro-batch
+            sharded.set_requires_gradient_sync(sync)
+        with nullcontext() if sync or not isinstance(model, DDP) else model.no_sync():  # DDP: all-reduce on the last
+            with autocast:
+                loss_sums, num_tokens = sft_loss(forward(model, query_responses, pad_token_id).logits, query_responses,
+                                                 pad_token_id)
+                loss = (loss_sums / num_tokens).sum() / len(examples)
+            assert loss.dim() == 0
+            loss.backward()
+        loss_avg += loss.detach()
+    return loss_avg
 
 
 def rank_batch_indices(num_examples, batch_size, update, rank, world_size, seed):
@@ -504,7 +535,8 @@ def lcs_length(a, b):
 
 
 def rouge(prediction, reference):
-    """ROUGE-1, ROUGE-2 and ROUGE-L F-measures of one prediction, on lowercased whitespace tokens."""
+    """ROUGE-1, ROUGE-2 and ROUGE-L F-measures of one prediction, on lowercased whitespace tokens (deviation: the
+    reference uses the `rouge_score` package, which also strips punctuation)."""
     p, r = prediction.lower().split(), reference.lower().split()
     scores = {}
     for n in (1, 2):
@@ -531,7 +563,8 @@ def evaluate(model, examples, tokenizer, args, device, rank, world_size):
     pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
     shard = math.ceil(len(examples) / world_size)
     local = examples[rank * shard:(rank + 1) * shard]
-    loss_stats = torch.zeros(2, device=device)  # sum of token losses, number of tokens
+    loss_stats = torch.zeros(2, device=device)  # sum of token losses, number of tokens (deviation: the reference
+    # averages each evaluation batch's token mean)
     rows = []
     for batch, keep in eval_chunks(local, args.local_eval_batch_size, shard, examples[0]):
         query_responses = torch.tensor([right_pad(e["query"] + e["response"], args.query_length + args.response_length,
@@ -542,7 +575,7 @@ def evaluate(model, examples, tokenizer, args, device, rank, world_size):
             generated, _ = generate(model, queries, pad, args.response_length, temperature=0.01)  # [D9]
         if not keep:
             continue
-        loss_stats += torch.stack([loss_sum, num_tokens.float()])
+        loss_stats += torch.stack([loss_sum.sum(), num_tokens.sum().float()])
         responses = generated[:, args.query_length:]  # (B, R)
         has_eos = (responses == eos).any(dim=1)
         response_tokens = torch.where(has_eos, first_true_indices(responses == eos) + 1, args.response_length)
@@ -587,7 +620,7 @@ if __name__ == "__main__":
         examples = []
         for i, row in enumerate(rows):
             query, response = tokenize_example(tokenizer, row, args.query_length, prompt_completion)
-            if len(response) <= args.response_length:
+            if len(response) <= args.response_length:  # deviation: the reference truncates (and loses the EOS)
                 examples.append(dict(id=row.get("id", str(i)), query=query, response=response,
                                      reference=row["completion"] if prompt_completion else row["summary"]))
         if not examples:
@@ -640,30 +673,15 @@ if __name__ == "__main__":
         print(f"{num_updates} updates x {args.batch_size} sequences ({world_size} processes x "
               f"{gradient_accumulation_steps} micro-batches of {args.local_micro_batch_size}); output {output_dir}")
 
-    # 3. Train: loss over every non-pad token of query + response [D9]
+    # 3. Train: the batch's mean of each sequence's token-mean loss over its non-pad tokens of query + response [D9]
     model.train()
     start_time = time.time()
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16 and device.type == "cuda")
     for update in range(first_update, num_updates):
         indices = rank_batch_indices(len(train), args.batch_size, update, rank, world_size, args.seed)
         lr = scheduler.get_last_lr()[0]
-        loss_avg = torch.zeros((), device=device)
-        for micro in range(gradient_accumulation_steps):
-            batch = [train[i] for i in indices[micro * micro_size:(micro + 1) * micro_size]]
-            # right-padded [D4, D5] to the micro-batch's longest sequence, not to 512 + 53: under causal attention the
-            # trailing all-pad columns change no output and only cost time
-            longest = max(len(e["query"]) + len(e["response"]) for e in batch)
-            query_responses = torch.tensor([right_pad(e["query"] + e["response"], longest, pad) for e in batch],
-                                           device=device)  # (B, <= Q + R)
-            sync = micro == gradient_accumulation_steps - 1 or world_size == 1
-            if args.fsdp:  # FSDP: the same, by switching the reduce-scatter off
-                policy.set_requires_gradient_sync(sync)
-            with nullcontext() if sync or args.fsdp else model.no_sync():  # all-reduce gradients on the last micro-batch
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16 and device.type == "cuda"):
-                    loss_sum, num_tokens = sft_loss(forward(model, query_responses, pad).logits, query_responses, pad)
-                    loss = loss_sum / num_tokens / gradient_accumulation_steps
-                assert loss.dim() == 0
-                loss.backward()
-            loss_avg += loss.detach()
+        loss_avg = accumulate_gradients(model, [train[i] for i in indices], micro_size, pad, autocast,
+                                        policy if args.fsdp else None)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()

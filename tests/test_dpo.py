@@ -115,7 +115,7 @@ def test_policy_equal_to_reference_gives_log2_and_accuracy_half(world):
     policy = dpo.load_policy(str(world / "base_model"), tokenizer, torch.device("cpu"))
     reference = dpo.load_policy(str(world / "base_model"), tokenizer, torch.device("cpu")).eval().requires_grad_(False)
     rows = datasets.load_dataset(str(world / "tldr_preference"), split="train").select(range(4))
-    pairs = [dpo.tokenize_pair(tokenizer, row, 128, "openai", "x") for row in rows]
+    pairs = [dpo.tokenize_pair(tokenizer, row, 128, "openai", "x", 1919) for row in rows]
     length = max(len(p["query_token"]) + max(len(p["chosen_token"]), len(p["rejected_token"])) for p in pairs)
     chosen, query_lengths = dpo.build_sequences([p["query_token"] for p in pairs], [p["chosen_token"] for p in pairs],
                                                 length, tokenizer.pad_token_id)
@@ -139,7 +139,7 @@ def test_policy_equal_to_reference_gives_log2_and_accuracy_half(world):
 def test_tokenize_pair_openai_format_takes_the_choice_and_appends_eos(world):
     tokenizer = AutoTokenizer.from_pretrained(str(world / "base_model"))
     row = datasets.load_dataset(str(world / "tldr_preference"), split="train")[0]
-    pair = dpo.tokenize_pair(tokenizer, row, 128, "openai", "unused")
+    pair = dpo.tokenize_pair(tokenizer, row, 128, "openai", "unused", 1919)
     chosen_text = row["summaries"][row["choice"]]["text"]
     assert chosen_text.startswith(" ") and pair["chosen"] == chosen_text
     assert pair["rejected"] == row["summaries"][1 - row["choice"]]["text"]
@@ -152,7 +152,7 @@ def test_tokenize_pair_openai_format_takes_the_choice_and_appends_eos(world):
 def test_tokenize_pair_standard_format(world):
     tokenizer = AutoTokenizer.from_pretrained(str(world / "base_model"))
     row = dict(prompt="my dad lost my car. TL;DR:", chosen=" my dad lost my car.", rejected=" i feel sad.")
-    pair = dpo.tokenize_pair(tokenizer, row, 128, "standard", "train-7")
+    pair = dpo.tokenize_pair(tokenizer, row, 128, "standard", "train-7", 1919)
     assert pair["id"] == "train-7" and pair["split"] is None
     assert pair["query_token"] == tokenizer.encode(row["prompt"])
     assert pair["rejected_token"] == tokenizer.encode(" i feel sad.") + [tokenizer.eos_token_id]
@@ -163,9 +163,35 @@ def test_tokenize_pair_cnndm_row_uses_the_article_format(world):
     row = dict(info=dict(id="cnn1", post=None, title=None, subreddit=None, article="my dad lost my car. " * 100),
                summaries=[dict(text=" a."), dict(text=" b.")], choice=1, batch="batch0_cnndm", split="valid2",
                extra=dict(confidence=None))
-    pair = dpo.tokenize_pair(tokenizer, row, 64, "openai", "unused")
-    assert len(pair["query_token"]) == 64 and pair["query"].startswith("Article:\n")
-    assert pair["query"].endswith("\n\nTL;DR:") and pair["chosen"] == " b." and pair["confidence"] is None
+    pair = dpo.tokenize_pair(tokenizer, row, 16, "openai", "unused", 64)  # --query-length 16 is for posts only
+    assert pair["query_token"] == dpo.tokenize_article(tokenizer, row["info"]["article"], 64)
+    assert pair["query"].startswith("Article:\n") and pair["query"].endswith("\n\nTL;DR:")
+    assert pair["chosen"] == " b." and pair["confidence"] is None
+
+
+def test_cnndm_query_format_and_cut_at_the_last_newline(world):
+    """"Article:\n{article}\n\nTL;DR:\n" within the length, the article cut at its last newline while too long (or by
+    one character without a newline), the trailing newline then stripped (the reference's query.strip() + response)."""
+    tokenizer = AutoTokenizer.from_pretrained(str(world / "base_model"))
+    article = "my dad lost my car.\nmy mom hid my keys.\ni feel sad."
+    full = len(tokenizer.encode(f"Article:\n{article}\n\nTL;DR:\n"))
+    fits = dpo.tokenize_article(tokenizer, article, full)
+    assert tokenizer.decode(fits) == f"Article:\n{article}\n\nTL;DR:"  # whole; no trailing newline
+    cut = dpo.tokenize_article(tokenizer, article, full - 1)  # one token too few: the last line goes
+    assert tokenizer.decode(cut) == "Article:\nmy dad lost my car.\nmy mom hid my keys.\n\nTL;DR:"
+    two_lines = len(tokenizer.encode("Article:\nmy dad lost my car.\nmy mom hid my keys.\n\nTL;DR:\n"))
+    assert dpo.tokenize_article(tokenizer, article, two_lines) == cut  # the cut one fits exactly
+    limit = len(tokenizer.encode("Article:\nabcdefgh\n\nTL;DR:\n")) - 1  # no newline: the last characters go
+    kept = max(k for k in range(9) if len(tokenizer.encode(f"Article:\n{'abcdefgh'[:k]}\n\nTL;DR:\n")) <= limit)
+    assert 0 < kept < 8
+    assert tokenizer.decode(dpo.tokenize_article(tokenizer, "abcdefgh", limit)) == f"Article:\n{'abcdefgh'[:kept]}\n\nTL;DR:"
+    line = "my dad lost my car.\n"  # 7 tokens; 400 lines do not fit 1919, the cut keeps the most lines that do
+    text = tokenizer.decode(dpo.tokenize_article(tokenizer, line * 400, 1919))
+    lines = text.count(line)
+    assert text == "Article:\n" + (line * lines)[:-1] + "\n\nTL;DR:"  # whole lines (the last one's newline cut)
+    assert len(tokenizer.encode(text + "\n")) <= 1919 < len(tokenizer.encode(f"Article:\n{line * (lines + 1)}\n\nTL;DR:\n"))
+    with pytest.raises(ValueError, match="--cnndm-query-length 3 is too short"):
+        dpo.tokenize_article(tokenizer, article, 3)
 
 
 def test_preference_format_detection():

@@ -1,4 +1,5 @@
 import json
+import os
 import runpy
 import subprocess
 import sys
@@ -8,7 +9,7 @@ import torch
 
 from ppo_tldr import (
     INVALID_LOGPROB, adaptive_kl_coef, compute_advantages, compute_rewards, first_true_indices, masked_mean, masked_var,
-    masked_whiten, per_token_kl, prompt_indices, truncate_response,
+    masked_whiten, per_token_kl, prompt_indices, truncate_response, validation_indices,
 )
 
 EOS, PAD = 0, 9
@@ -196,6 +197,8 @@ def test_smoke_run_saves_a_loadable_policy_and_counts_optimizer_steps(world, rew
     (["--kl-target", "0"], "--kl-target must be positive"),
     (["--kl-target", "-1.5"], "--kl-target must be positive"),
     (["--kl-horizon", "0"], "--kl-horizon must be positive"),
+    (["--local-eval-batch-size", "100000"], "--local-eval-batch-size 100000 x 1 process"),
+    (["--sample-table-every", "-1"], "--sample-table-every must be >= 0"),
 ])
 def test_bad_arguments_fail_before_loading_models(world, reward_model, tmp_path, monkeypatch, extra, message):
     out = tmp_path / "run"
@@ -228,14 +231,21 @@ def test_a_dataset_without_the_needed_columns_is_named(world, reward_model, tmp_
 
 def test_torchrun_two_processes(world, reward_model, tmp_path):
     """Two CPU processes (gloo): the global batch is split, statistics are gathered, evaluation rows are gathered,
-    and the optimizer takes the same number of steps per update as one process would."""
-    import os
+    and the optimizer takes the same number of steps per update as one process would. The per-update validation
+    sample: 2 distinct prompts per process, gathered into the tables of updates 1 and 2 (the last); each sampled
+    before the rollout, by the policy that the rollout then samples from (update 1: the SFT policy; update 2: the
+    policy of the update-1 checkpoint); `objective/validation_score` is the mean of its table's 4 scores."""
+    import datasets
+
+    from ppo_tldr import generate, left_pad, load_policy, load_tokenizer, set_rng_states, tokenize_query
+    from value_head import ScalarModel, get_reward
 
     out = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "ppo_tldr.py",
                     *ppo_args(world, reward_model, out, "--total-episodes", "32", "--num-ppo-epochs", "2",
-                              "--local-rollout-forward-batch-size", "8", "--num-eval-samples", "6")],
+                              "--local-rollout-forward-batch-size", "8", "--num-eval-samples", "6",
+                              "--checkpoint-every", "1", "--keep-checkpoints", "2")],
                    check=True, env=env)
     updates = [m for m in read_metrics(out) if "ppo/episode" in m]
     assert [m["ppo/episode"] for m in updates] == [16, 32]
@@ -243,6 +253,44 @@ def test_torchrun_two_processes(world, reward_model, tmp_path):
     rows = [json.loads(line) for line in (out / "eval_validation.jsonl").read_text().splitlines()]
     assert len({r["id"] for r in rows}) == 6  # both processes' shares, gathered on rank 0
 
+    validation = datasets.load_dataset(str(world / "tldr_sft"), split="validation")
+    tables = {u: [json.loads(line) for line in (out / f"samples_update_{u}.jsonl").read_text().splitlines()] for u in (1, 2)}
+    for update, table in tables.items():
+        assert [r["id"] for r in table] == validation["id"][:4]  # rank 0: rows 0, 1; rank 1: rows 2, 3
+        assert [r["episode"] for r in table] == [16 * (update - 1)] * 4  # episodes the sampled policy trained on
+        assert updates[update - 1]["objective/validation_score"] == pytest.approx(sum(r["score"] for r in table) / 4,
+                                                                                   rel=1e-5, abs=1e-6)
+    assert [r["response"] for r in tables[1]] != [r["response"] for r in tables[2]]
+
+    # update 2's sample, redone from the update-1 checkpoint (the policy and every process's random state at the start
+    # of update 2): the same responses and scores, so it came first in update 2, from the policy its rollout used
+    tokenizer = load_tokenizer(str(world / "base_model"), "--sft-model-path")
+    pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
+    checkpoint = torch.load(out / "checkpoints" / "step_00000001" / "state.pt", weights_only=False)
+    trained = load_policy(str(world / "base_model"), tokenizer, torch.device("cpu")).eval()
+    trained.load_state_dict({k[len("policy."):]: v for k, v in checkpoint["model"].items() if k.startswith("policy.")})
+    sft = load_policy(str(world / "base_model"), tokenizer, torch.device("cpu")).eval()
+    scorer = ScalarModel.from_pretrained(str(reward_model)).eval()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the run's thread count: the same floats
+    try:
+        for rank in (0, 1):
+            queries = torch.tensor([left_pad(tokenize_query(tokenizer, validation[i], 128), 128, pad)
+                                    for i in (2 * rank, 2 * rank + 1)])
+            for policy, same in [(trained, True), (sft, False)]:
+                set_rng_states(checkpoint["rng"], rank)
+                with torch.no_grad():
+                    query_responses, _ = generate(policy, queries, pad, 24, 0.01)
+                    responses = truncate_response(eos, pad, query_responses[:, 128:])
+                    scores = get_reward(scorer, torch.cat([queries, responses], 1), pad, 128)[1]
+                scores = torch.where((responses == eos).any(-1), scores, -1.0)  # --missing-eos-score
+                rows = tables[2][2 * rank : 2 * rank + 2]
+                texts = [tokenizer.decode(r, skip_special_tokens=True) for r in responses]
+                assert (texts == [r["response"] for r in rows]) == same, (rank, same)
+                if same:
+                    assert scores.tolist() == pytest.approx([r["score"] for r in rows], rel=1e-5, abs=1e-6)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _whiten_in_a_process_group(rank, world_size, port, values, mask, results):
@@ -430,6 +478,18 @@ def test_ppo_update_on_two_processes_equals_one_process(world):
         state, losses = results[mode]
         assert losses == pytest.approx(expected_losses, rel=1e-5), mode
         assert max((state[k] - expected_state[k]).abs().max().item() for k in expected_state) < 1e-5, mode
+
+
+def test_validation_prompts_are_distinct_across_processes_and_the_same_every_update():
+    """As the reference's sharded, unshuffled validation loader (first batch re-read each update): rank k gets
+    rows [k * N, (k + 1) * N)."""
+    shards = [validation_indices(10, 2, rank, 4) for rank in range(4)]
+    assert shards == [[0, 1], [2, 3], [4, 5], [6, 7]]
+    assert validation_indices(10, 2, 0, 1) == [0, 1]
+    with pytest.raises(ValueError, match="--local-eval-batch-size 3 x 4 process"):
+        validation_indices(10, 3, 0, 4)
+    with pytest.raises(ValueError, match="--local-eval-batch-size 0"):
+        validation_indices(10, 0, 0, 1)
 
 
 def test_prompt_shards_are_disjoint_cover_the_global_batch_and_reshuffle_each_pass():

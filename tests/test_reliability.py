@@ -44,7 +44,7 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 
 
 def ppo_command(world, reward_model, out, *extra):
-    """5 updates of 16 episodes, a checkpoint every 2 updates (2, 4) and at the end (5)."""
+    """5 updates of 16 episodes, a checkpoint every 2 updates (2, 4) and at the end (5); sample tables at 1, 3, 5."""
     return ["ppo_tldr.py", "--sft-model-path", str(world / "base_model"), "--reward-model-path", str(reward_model),
             "--query-dataset", str(world / "tldr_sft"), "--query-length", "128", "--response-length", "16",
             "--total-episodes", "80", "--batch-size", "16", "--local-micro-batch-size", "8",
@@ -151,7 +151,7 @@ def test_same_seed_same_metrics_different_seed_different_samples(world, reward_m
     run_ok(ppo_command(world, reward_model, tmp_path / "again"))
     assert metrics(tmp_path / "again") == metrics(uninterrupted["ppo"])
     run_ok(ppo_command(world, reward_model, tmp_path / "seed2", "--seed", "2"))
-    samples = [[json.loads(line)["response"] for line in (out / "samples_update_2.jsonl").read_text().splitlines()]
+    samples = [[json.loads(line)["response"] for line in (out / "samples_update_5.jsonl").read_text().splitlines()]
                for out in (uninterrupted["ppo"], tmp_path / "seed2")]
     assert samples[0] != samples[1]
     assert metrics(tmp_path / "seed2") != metrics(uninterrupted["ppo"])

@@ -115,7 +115,7 @@ def test_tokenize_pairs_raw_format(tokenizer):
     rows = datasets.Dataset.from_list([raw_row(1, [" a bad one.", " my mom hid my keys."]),
                                        raw_row(0, [" my mom hid my keys.", " word" * 80])])
     assert rm.preference_format(rows, "x") == "openai"
-    pairs, dropped = rm.tokenize_pairs(tokenizer, rows, "openai", 128, 20)
+    pairs, dropped = rm.tokenize_pairs(tokenizer, rows, "openai", 128, 20, 1919)
     assert dropped == 1 and len(pairs) == 1  # the 80-word response is over 20 tokens
     p, eos = pairs[0], tokenizer.eos_token_id
     query = rm.tokenize_query(tokenizer, rows[0]["info"], 128)
@@ -125,13 +125,27 @@ def test_tokenize_pairs_raw_format(tokenizer):
     assert (p["id"], p["split"], p["batch"], p["confidence"]) == ("t3_x", "train", "batch3", 7)
 
 
+def test_tokenize_pairs_cnndm_row_uses_the_article_format_and_its_own_length(tokenizer):
+    """A CNN/DM row: "Article:\n{article}\n\nTL;DR:\n" cut at the article's last newline to --cnndm-query-length
+    (here 40 tokens, longer than --query-length 16, which is for posts), read without its trailing newline."""
+    article = "my dad lost my car.\n" * 20
+    row = dict(raw_row(0, [" my dad lost my car.", " a bad one."]), batch="batch0_cnndm")
+    row["info"] = dict(id="cnn1", post=None, title=None, subreddit=None, article=article)
+    [p], dropped = rm.tokenize_pairs(tokenizer, datasets.Dataset.from_list([row]), "openai", 16, 20, 40)
+    query = p["query_chosen"][: -len(tokenizer.encode(" my dad lost my car.")) - 1]
+    text = tokenizer.decode(query)
+    assert dropped == 0 and query == rm.tokenize_article(tokenizer, article, 40) and 16 < len(query) < 40
+    assert text.startswith("Article:\nmy dad lost my car.\n") and text.endswith("my dad lost my car.\n\nTL;DR:")
+    assert len(tokenizer.encode(text + "\n")) <= 40 < len(tokenizer.encode(text.replace("\n\nTL;DR:", "\nmy dad lost my car.\n\nTL;DR:\n")))
+
+
 def test_tokenize_pairs_standard_format(tokenizer):
     rows = datasets.Dataset.from_list([dict(prompt="TL;DR:", chosen=" good", rejected=" bad")])
     assert rm.preference_format(rows, "x") == "standard"
-    [p], dropped = rm.tokenize_pairs(tokenizer, rows, "standard", 16, 8)
+    [p], dropped = rm.tokenize_pairs(tokenizer, rows, "standard", 16, 8, 1919)
     assert dropped == 0 and p["query_chosen"] == tokenizer.encode("TL;DR:") + tokenizer.encode(" good") + [tokenizer.eos_token_id]
     with pytest.raises(ValueError, match="--query-length 2"):
-        rm.tokenize_pairs(tokenizer, rows, "standard", 2, 8)
+        rm.tokenize_pairs(tokenizer, rows, "standard", 2, 8, 1919)
     with pytest.raises(ValueError, match=r"--label-dataset \(or the standard format.*lacks the column\(s\) \['info'"):
         rm.preference_format(datasets.Dataset.from_list([dict(prompt="a", chosen="b")]), "--label-dataset")
 

@@ -118,6 +118,54 @@ def test_loss_mask_ignores_pad_and_includes_query():
     assert sft.sft_loss(logits, query_responses, pad)[0].item() == pytest.approx(2 * math.log(vocab), abs=1e-4)
 
 
+def test_loss_per_sequence_by_hand():
+    pad, vocab = 9, 10
+    query_responses = torch.tensor([[1, 2, 3, 0, pad, pad], [1, 2, 3, 4, 5, 0]])
+    logits = torch.zeros(2, 6, vocab)
+    logits[1, 0, 2] = 100.0  # the second sequence predicts its token 2 perfectly
+    loss_sums, n = sft.sft_loss(logits, query_responses, pad)
+    assert n.tolist() == [3, 5]
+    assert loss_sums.tolist() == pytest.approx([3 * math.log(vocab), 4 * math.log(vocab)], abs=1e-4)
+
+
+def test_update_weighs_each_sequence_equally_whatever_the_micro_batch_size(world):
+    """One update on the same 16 sequences of 16 different lengths: micro-batch 1 x 16 accumulation steps (the
+    reference's), 16 x 1 and 4 x 4 give the same loss, gradients and weights after an SGD step; one token mean over
+    the 16 (the old weighting) gives other gradients."""
+    from contextlib import nullcontext
+
+    from transformers import AutoModelForCausalLM
+
+    path = str(world / "base_model")
+    generator = torch.Generator().manual_seed(0)
+    examples = [dict(query=torch.randint(1, 500, (4 + i,), generator=generator).tolist(),
+                     response=torch.randint(1, 500, (1 + 2 * i,), generator=generator).tolist()) for i in range(16)]
+
+    def update(micro_size, token_mean=False):
+        model = AutoModelForCausalLM.from_pretrained(path, config=sft.config_without_dropout(path))
+        optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+        if token_mean:
+            longest = max(len(e["query"]) + len(e["response"]) for e in examples)
+            ids = torch.tensor([sft.right_pad(e["query"] + e["response"], longest, 9999) for e in examples])
+            loss_sums, num_tokens = sft.sft_loss(sft.forward(model, ids, 9999).logits, ids, 9999)
+            loss = loss_sums.sum() / num_tokens.sum()
+            loss.backward()
+        else:
+            loss = sft.accumulate_gradients(model, examples, micro_size, 9999, nullcontext())
+        gradients = torch.cat([p.grad.flatten() for p in model.parameters()])
+        optimizer.step()
+        return loss.item(), gradients, torch.cat([p.detach().flatten() for p in model.parameters()])
+
+    loss_1, gradients_1, weights_1 = update(1)
+    for micro_size in (16, 4):
+        loss, gradients, weights = update(micro_size)
+        assert loss == pytest.approx(loss_1, rel=1e-5)
+        torch.testing.assert_close(gradients, gradients_1, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(weights, weights_1, rtol=1e-5, atol=1e-6)
+    _, token_mean_gradients, _ = update(16, token_mean=True)
+    assert (token_mean_gradients - gradients_1).abs().max() > 1e-3 * gradients_1.abs().max()
+
+
 # ------------------------------------------------------------ ROUGE --------------------------------------------
 def test_lcs_length():
     assert sft.lcs_length("a b c d".split(), "a c d".split()) == 3
