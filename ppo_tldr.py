@@ -567,7 +567,8 @@ def ppo_update(model, optimizer, rollout, args, context_length, pad_token_id, gr
     (epochs, mini-batches, micro-batches), and the number of optimizer steps taken."""
     local_batch_size = rollout["responses"].size(0)
     local_mini_batch_size = local_batch_size // args.num_mini_batches
-    stats = {name: torch.zeros(args.num_ppo_epochs, args.num_mini_batches, gradient_accumulation_steps)
+    shape, device = (args.num_ppo_epochs, args.num_mini_batches, gradient_accumulation_steps), rollout["responses"].device
+    stats = {name: torch.zeros(shape, device=device)  # on the compute device: they are all-reduced (NCCL: never CPU)
              for name in ["approxkl", "pg_clipfrac", "pg_loss", "vf_loss", "vf_clipfrac", "entropy", "ratio"]}
     sharded = [m for m in model.children() if isinstance(m, FSDPModule)]  # policy and value model under --fsdp
     optimizer_steps = 0
