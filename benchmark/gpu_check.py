@@ -198,7 +198,7 @@ def run_stage(name, script, cli, out_dir, prefix):
     cmd = [sys.executable, os.path.abspath(__file__), "--wrap", record, script, *map(str, cli), "--output-dir", run_dir]
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", WANDB_MODE="offline",
                TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
-    print(f"[gpu_check] {name}: {shlex.join(cmd[3:])}", flush=True)
+    print(f"[gpu_check] {name}: {shlex.join(cmd[4:])}", flush=True)
     rc, rss_mib, lines = speed_vs_trl.run_measured(cmd, env, run_dir + ".log")
     if rc != 0:
         raise SystemExit(f"{name} failed (exit {rc}); see {run_dir}.log\n{''.join(l for _, l in lines[-30:])}")
