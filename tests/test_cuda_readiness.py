@@ -77,7 +77,8 @@ def test_the_audit_flags_tensors_created_without_a_device(tmp_path):
 
 # ------------------------------------------------------------ the four scripts, two processes -----------------
 def test_ppo_fsdp_collectives_on_the_device_and_one_gather_per_sampling_chunk(world, reward_model, tmp_path):
-    """Two gloo processes, --fsdp, audited: no collective receives a CPU tensor, and sampling all-gathers each of the
+    """Two gloo processes, --fsdp (and the all-reduced advantage whitening), audited: no collective receives a CPU
+    tensor, and sampling all-gathers each of the
     policy's sharded modules (2 blocks + the root) once per generate call, not once per token: at least 10x fewer
     all-gathers than one per block and token (what a forward per token through a resharding block costs)."""
     response_length, updates, local_batch, chunk = 24, 2, 8, 4
@@ -86,7 +87,7 @@ def test_ppo_fsdp_collectives_on_the_device_and_one_gather_per_sampling_chunk(wo
            str(world / "tldr_sft"), "--query-length", "128", "--response-length", str(response_length),
            "--batch-size", str(2 * local_batch), "--total-episodes", str(2 * local_batch * updates),
            "--local-micro-batch-size", "4", "--local-rollout-forward-batch-size", str(chunk), "--num-ppo-epochs", "1",
-           "--lr", "1e-4", "--no-run-eval", "--fsdp", "--output-dir", str(out)]
+           "--lr", "1e-4", "--no-run-eval", "--fsdp", "--global-advantage-whitening", "--output-dir", str(out)]
     records, _ = run_audited("ppo_tldr.py", cli, out)
     assert_no_cpu_tensor_in_a_collective(records)
     blocks, sharded_modules = 2, 3  # the tiny world's GPT-NeoX: 2 layers, then the whole model
@@ -173,14 +174,6 @@ def test_generate_samples_the_same_tokens_and_logits_as_before(world, temperatur
     torch.testing.assert_close(new_logits, old_logits, rtol=1e-5, atol=1e-5)
     response = new_tokens[:, 12:]
     torch.testing.assert_close(logprobs_of(new_logits, response), logprobs_of(old_logits, response), rtol=1e-5, atol=1e-5)
-
-
-def test_the_copies_of_generate_are_the_sampler_tested_here():
-    import dpo
-    import ppo_tldr
-    import sft
-
-    assert sft.generate.__code__.co_code == dpo.generate.__code__.co_code == ppo_tldr.generate.__code__.co_code
 
 
 def test_a_ppo_run_logs_no_deprecation_warning_from_our_code(world, reward_model, tmp_path):
