@@ -333,6 +333,8 @@ def main():
     cuda = torch.cuda.is_available()
     if not cuda and not cli.tiny:
         raise SystemExit("no CUDA GPU here: the check at the paper's shapes needs one (--tiny runs on CPU)")
+    if "ppo" not in cli.stages:
+        parser.error("--stages must include ppo (the report and the TRL comparison are built around it)")
     if cli.peak_tflops is not None and cli.peak_tflops <= 0:
         raise SystemExit(f"--peak-tflops must be positive, got {cli.peak_tflops}")
     gpu = torch.cuda.get_device_name(0) if cuda else "none (CPU)"
@@ -360,8 +362,6 @@ def main():
               f"(N of the FLOP count: 2 N per token forward, 6 N forward + backward); query {shape['query_length']} "
               f"tokens; sequences/s and tokens/s over the updates after the first; reward_model and dpo: 2 sequences "
               f"per pair."]
-    if "ppo" not in results:
-        raise SystemExit("the report needs the ppo stage")
     markdown = report(header, results)
     with open(os.path.join(out_dir, "gpu_check.md"), "w") as f:
         f.write(markdown + "\n")

@@ -9,7 +9,8 @@ the compute device, and so is what is computed from it (CUDA's rule for mixed in
 tensor gives a CUDA tensor). In-place operations keep their tensor's mark. Every tensor handed to a
 torch.distributed collective is checked: a marked one is a violation, recorded with the calling line of our code.
 All-gathers are also counted by the innermost function of our scripts on the stack (FSDP's parameter gathers
-included), to count them per phase. At exit each process writes {TLDR_DEVICE_AUDIT}/audit_{pid}.json."""
+included), to count them per phase. At exit each process writes {TLDR_DEVICE_AUDIT}/audit_{pid}.json. Only processes
+started on one of the scripts are audited (TLDR_DEVICE_AUDIT_ROOT: another folder holding them, for the self-test)."""
 
 import os
 
