@@ -33,7 +33,7 @@ import torch.nn.functional as F
 import tyro
 from datasets import load_dataset
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict, set_state_dict
-from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel as DDP
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -62,6 +62,9 @@ class Args:
     bf16: bool = True
     """bf16 autocast on CUDA, weights and log-softmax in fp32 (deviation: the reference trains in bf16 under
     DeepSpeed); runs on CPU are always fp32"""
+    tf32: bool = False
+    """TF32 matrix products on CUDA (faster fp32 matmuls with a 10-bit mantissa: they change the numbers); off: full
+    fp32. No effect on CPU"""
     resume: bool = False
     """continue the run in --output-dir from its newest complete checkpoint (same arguments; the result is the same
     as an uninterrupted run's)"""
@@ -276,21 +279,35 @@ def forward(model, query_responses, pad_token_id, logits_to_keep=0):
 @torch.no_grad()
 def generate(model, queries, pad_token_id, response_length, temperature):
     """Sample exactly `response_length` tokens at `temperature` with a KV cache; EOS does not stop sampling [D23.1].
-    Returns query_responses (B, Q + R) and the sampling logits already divided by the temperature (B, R, V)."""
-    attention_mask = (queries != pad_token_id).long()
-    position_ids = attention_mask.cumsum(1) - attention_mask
-    input_ids = torch.masked_fill(queries, queries == pad_token_id, 0)
-    output = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True)
-    tokens, all_logits = [], []
-    for _ in range(response_length):
-        logits = output.logits[:, -1, :].float() / (temperature + 1e-7)  # (B, V)
-        token = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)  # (B, 1)
-        tokens.append(token)
-        all_logits.append(logits)
-        attention_mask = torch.cat([attention_mask, torch.ones_like(token)], dim=1)
-        position_ids = position_ids[:, -1:] + 1
-        output = model(input_ids=token, attention_mask=attention_mask, position_ids=position_ids,
-                       past_key_values=output.past_key_values, use_cache=True)
+    Returns query_responses (B, Q + R) and the sampling logits already divided by the temperature (B, R, V). The
+    prefill computes the LM head at the last query position only (the only one sampled from). Under FSDP2 each
+    sharded module's parameters are all-gathered once for the whole call instead of once per token (they stay
+    gathered through the R forwards) and resharded at the end."""
+    sharded = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    for m in sharded:
+        m.set_reshard_after_forward(False, recurse=False)
+    try:
+        attention_mask = (queries != pad_token_id).long()
+        position_ids = attention_mask.cumsum(1) - attention_mask
+        input_ids = torch.masked_fill(queries, queries == pad_token_id, 0)
+        output = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True,
+                       logits_to_keep=1)
+        tokens, all_logits = [], []
+        for step in range(response_length):
+            logits = output.logits[:, -1, :].float() / (temperature + 1e-7)  # (B, V)
+            token = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)  # (B, 1)
+            tokens.append(token)
+            all_logits.append(logits)
+            if step == response_length - 1:
+                break  # the last token is not fed back
+            attention_mask = torch.cat([attention_mask, torch.ones_like(token)], dim=1)
+            position_ids = position_ids[:, -1:] + 1
+            output = model(input_ids=token, attention_mask=attention_mask, position_ids=position_ids,
+                           cache=output.cache, use_cache=True)
+    finally:  # back to FSDP2's defaults: the top module keeps its parameters after forward, the blocks reshard
+        for m in sharded:
+            m.reshard()
+            m.set_reshard_after_forward(m is not model, recurse=False)
     return torch.cat([queries] + tokens, dim=1), torch.stack(all_logits, dim=1)
 
 
@@ -562,14 +579,17 @@ def check_finite(name, value, where, inspect, output_dir, rank, world_size):
                              f"in {os.path.dirname(path)}/; the last good checkpoint in {output_dir}/checkpoints is kept")
 
 
-def shard_model(model):
+def shard_model(model, bf16):
     """FSDP2: each transformer block, then the whole model, sharded over the processes; a forward gathers a block's
-    parameters just before it runs and frees them after, so every process must run the same forwards."""
+    parameters just before it runs and frees them after, so every process must run the same forwards. `bf16` (bf16
+    on CUDA): parameters are gathered and computed in bf16, gradients reduced in fp32 into the fp32 shards (the
+    master weights the optimizer updates); otherwise everything stays fp32."""
+    precision = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
     block_types = set(getattr(model, "backbone", model)._no_split_modules)  # e.g. {"GPTNeoXLayer"}
     for module in model.modules():
         if type(module).__name__ in block_types:
-            fully_shard(module)
-    fully_shard(model)
+            fully_shard(module, mp_policy=precision)
+    fully_shard(model, mp_policy=precision)
     return model
 
 
@@ -581,7 +601,8 @@ def ppo_update(model, optimizer, rollout, args, context_length, pad_token_id, gr
     (epochs, mini-batches, micro-batches), and the number of optimizer steps taken."""
     local_batch_size = rollout["responses"].size(0)
     local_mini_batch_size = local_batch_size // args.num_mini_batches
-    stats = {name: torch.zeros(args.num_ppo_epochs, args.num_mini_batches, gradient_accumulation_steps)
+    shape, device = (args.num_ppo_epochs, args.num_mini_batches, gradient_accumulation_steps), rollout["responses"].device
+    stats = {name: torch.zeros(shape, device=device)  # on the compute device: they are all-reduced (NCCL: never CPU)
              for name in ["approxkl", "pg_clipfrac", "pg_loss", "vf_loss", "vf_clipfrac", "entropy", "ratio"]}
     sharded = [m for m in model.children() if isinstance(m, FSDPModule)]  # policy and value model under --fsdp
     optimizer_steps = 0
@@ -695,6 +716,7 @@ def rollout_scores(policy, reward_model, queries, tokenizer, args, temperature):
 if __name__ == "__main__":
     args = tyro.cli(Args)
     rank, world_size, device = init_distributed()
+    torch.backends.cuda.matmul.fp32_precision = "tf32" if args.tf32 else "ieee"  # CUDA matmuls; no convolutions here
 
     # ---- check every argument and the data before any model is loaded ----
     if args.response_length <= 0:
@@ -772,7 +794,8 @@ if __name__ == "__main__":
             model.eval().requires_grad_(False)
         elif args.gradient_checkpointing:
             getattr(model, "backbone", model).gradient_checkpointing_enable()
-        return shard_model(model) if args.fsdp else model  # trained ones: gradients reduce-scattered
+        # trained ones: gradients reduce-scattered; bf16 on CUDA: bf16 compute, fp32 reduction and master weights
+        return shard_model(model, args.bf16 and device.type == "cuda") if args.fsdp else model
 
     policy = prepare(load_policy(args.sft_model_path, tokenizer, device), frozen=False)
     ref_policy = prepare(load_policy(args.sft_model_path, tokenizer, device), frozen=True)
@@ -787,7 +810,8 @@ if __name__ == "__main__":
         held = sum(p.to_local().numel() for p in unwrapped.parameters())  # this process's shards
         print(f"[ppo] rank {rank}: FSDP holds {held} of the {sum(p.numel() for p in unwrapped.parameters())} trained "
               f"parameters", flush=True)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, eps=args.eps)  # one AdamW over policy and value
+    # one AdamW over policy and value; fused kernel on CUDA (the same update up to rounding)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, eps=args.eps, fused=device.type == "cuda")
     first_update, global_step, optimizer_steps, kl_coef = 0, 0, 0, args.kl_coef
     full_state = StateDictOptions(full_state_dict=True, cpu_offload=True)  # whole tensors on CPU, sharded or not
     if checkpoint is not None:  # resume: weights, AdamW moments, counters and every random stream

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 import tyro
 from datasets import load_dataset
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict, set_state_dict
-from torch.distributed.fsdp import fully_shard
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel as DDP
 from transformers import AutoConfig, AutoTokenizer
 
@@ -59,6 +59,9 @@ class Args:
     bf16: bool = True
     """bf16 autocast on CUDA, weights and log-softmax in fp32 (deviation: the reference trains in bf16 under
     DeepSpeed); runs on CPU are always fp32"""
+    tf32: bool = False
+    """TF32 matrix products on CUDA (faster fp32 matmuls with a 10-bit mantissa: they change the numbers); off: full
+    fp32. No effect on CPU"""
     resume: bool = False
     """continue the run in --output-dir from its newest complete checkpoint (same arguments; the result is the same
     as an uninterrupted run's)"""
@@ -352,14 +355,17 @@ def check_finite(name, value, where, inspect, output_dir, rank, world_size):
                              f"in {os.path.dirname(path)}/; the last good checkpoint in {output_dir}/checkpoints is kept")
 
 
-def shard_model(model):
+def shard_model(model, bf16):
     """FSDP2: each transformer block, then the whole model, sharded over the processes; a forward gathers a block's
-    parameters just before it runs and frees them after, so every process must run the same forwards."""
+    parameters just before it runs and frees them after, so every process must run the same forwards. `bf16` (bf16
+    on CUDA): parameters are gathered and computed in bf16, gradients reduced in fp32 into the fp32 shards (the
+    master weights the optimizer updates); otherwise everything stays fp32."""
+    precision = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
     block_types = set(getattr(model, "backbone", model)._no_split_modules)  # e.g. {"GPTNeoXLayer"}
     for module in model.modules():
         if type(module).__name__ in block_types:
-            fully_shard(module)
-    fully_shard(model)
+            fully_shard(module, mp_policy=precision)
+    fully_shard(model, mp_policy=precision)
     return model
 
 
@@ -517,6 +523,7 @@ def normalization_stats(scores):
 if __name__ == "__main__":
     args = tyro.cli(Args)
     rank, world_size, device = init_distributed()
+    torch.backends.cuda.matmul.fp32_precision = "tf32" if args.tf32 else "ieee"  # CUDA matmuls; no convolutions here
 
     # ---- 0. check every argument and dataset before any model is loaded ----
     for name in ["query_length", "response_length", "batch_size", "local_micro_batch_size", "local_eval_batch_size",
@@ -591,11 +598,12 @@ if __name__ == "__main__":
     if args.fsdp:  # every process drew its own head: take rank 0's (DDP does that itself), then shard
         for tensor in model.scalar_head.state_dict().values():  # the backbone is the same SFT checkpoint everywhere
             dist.broadcast(tensor, src=0)
-        shard_model(model)
+        shard_model(model, args.bf16 and device.type == "cuda")
         print(f"rank {rank}: FSDP holds {sum(p.to_local().numel() for p in model.parameters())} of the "
               f"{sum(p.numel() for p in model.parameters())} parameters", flush=True)
     ddp_model = DDP(model) if world_size > 1 and not args.fsdp else model  # DDP broadcasts rank 0's head to the others
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, eps=args.eps)  # weight decay 0.01, no clipping
+    # weight decay 0.01, no clipping; fused kernel on CUDA (the same update up to rounding)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, eps=args.eps, fused=device.type == "cuda")
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_to_zero(num_updates))
     autocast = dict(device_type=device.type, dtype=torch.bfloat16, enabled=args.bf16 and device.type == "cuda")
     first_update = 0

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 import tyro
 from datasets import load_dataset
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict, set_state_dict
-from torch.distributed.fsdp import fully_shard
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel as DDP
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -60,6 +60,9 @@ class Args:
     bf16: bool = True
     """bf16 autocast on CUDA, weights and log-softmax in fp32 (deviation: the reference trains in bf16 under
     DeepSpeed); runs on CPU are always fp32"""
+    tf32: bool = False
+    """TF32 matrix products on CUDA (faster fp32 matmuls with a 10-bit mantissa: they change the numbers); off: full
+    fp32. No effect on CPU"""
     resume: bool = False
     """continue the run in --output-dir from its newest complete checkpoint (same arguments; the result is the same
     as an uninterrupted run's)"""
@@ -231,21 +234,35 @@ def forward(model, query_responses, pad_token_id, logits_to_keep=0):
 @torch.no_grad()
 def generate(model, queries, pad_token_id, response_length, temperature):
     """Sample exactly `response_length` tokens at `temperature` with a KV cache; EOS does not stop sampling [D23.1].
-    Returns query_responses (B, Q + R) and the sampling logits already divided by the temperature (B, R, V)."""
-    attention_mask = (queries != pad_token_id).long()
-    position_ids = attention_mask.cumsum(1) - attention_mask
-    input_ids = torch.masked_fill(queries, queries == pad_token_id, 0)
-    output = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True)
-    tokens, all_logits = [], []
-    for _ in range(response_length):
-        logits = output.logits[:, -1, :].float() / (temperature + 1e-7)  # (B, V)
-        token = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)  # (B, 1)
-        tokens.append(token)
-        all_logits.append(logits)
-        attention_mask = torch.cat([attention_mask, torch.ones_like(token)], dim=1)
-        position_ids = position_ids[:, -1:] + 1
-        output = model(input_ids=token, attention_mask=attention_mask, position_ids=position_ids,
-                       past_key_values=output.past_key_values, use_cache=True)
+    Returns query_responses (B, Q + R) and the sampling logits already divided by the temperature (B, R, V). The
+    prefill computes the LM head at the last query position only (the only one sampled from). Under FSDP2 each
+    sharded module's parameters are all-gathered once for the whole call instead of once per token (they stay
+    gathered through the R forwards) and resharded at the end."""
+    sharded = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    for m in sharded:
+        m.set_reshard_after_forward(False, recurse=False)
+    try:
+        attention_mask = (queries != pad_token_id).long()
+        position_ids = attention_mask.cumsum(1) - attention_mask
+        input_ids = torch.masked_fill(queries, queries == pad_token_id, 0)
+        output = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True,
+                       logits_to_keep=1)
+        tokens, all_logits = [], []
+        for step in range(response_length):
+            logits = output.logits[:, -1, :].float() / (temperature + 1e-7)  # (B, V)
+            token = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)  # (B, 1)
+            tokens.append(token)
+            all_logits.append(logits)
+            if step == response_length - 1:
+                break  # the last token is not fed back
+            attention_mask = torch.cat([attention_mask, torch.ones_like(token)], dim=1)
+            position_ids = position_ids[:, -1:] + 1
+            output = model(input_ids=token, attention_mask=attention_mask, position_ids=position_ids,
+                           cache=output.cache, use_cache=True)
+    finally:  # back to FSDP2's defaults: the top module keeps its parameters after forward, the blocks reshard
+        for m in sharded:
+            m.reshard()
+            m.set_reshard_after_forward(m is not model, recurse=False)
     return torch.cat([queries] + tokens, dim=1), torch.stack(all_logits, dim=1)
 
 
@@ -410,14 +427,17 @@ PROMPT_COMPLETION_COLUMNS = ["prompt", "completion"]
 EVAL_SPLITS = {"validation": ("val/loss", "eval/"), "test": ("test/loss", "test/")}  # split -> loss, ROUGE names
 
 
-def shard_model(model):
+def shard_model(model, bf16):
     """FSDP2: each transformer block, then the whole model, sharded over the processes; a forward gathers a block's
-    parameters just before it runs and frees them after, so every process must run the same forwards."""
+    parameters just before it runs and frees them after, so every process must run the same forwards. `bf16` (bf16
+    on CUDA): parameters are gathered and computed in bf16, gradients reduced in fp32 into the fp32 shards (the
+    master weights the optimizer updates); otherwise everything stays fp32."""
+    precision = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
     block_types = set(getattr(model, "backbone", model)._no_split_modules)  # e.g. {"GPTNeoXLayer"}
     for module in model.modules():
         if type(module).__name__ in block_types:
-            fully_shard(module)
-    fully_shard(model)
+            fully_shard(module, mp_policy=precision)
+    fully_shard(model, mp_policy=precision)
     return model
 
 
@@ -591,6 +611,7 @@ def evaluate(model, examples, tokenizer, args, device, rank, world_size):
 if __name__ == "__main__":
     args = tyro.cli(Args)
     rank, world_size, device = init_distributed()
+    torch.backends.cuda.matmul.fp32_precision = "tf32" if args.tf32 else "ieee"  # CUDA matmuls; no convolutions here
 
     # 0. Check every argument and the dataset's columns before any model loads
     gradient_accumulation_steps = check_args(args, world_size)
@@ -648,14 +669,15 @@ if __name__ == "__main__":
     logger = Logger(args, run_name, output_dir, rank, checkpoint)  # the first write into output_dir
     policy = load_policy(args.base_model, tokenizer, device)
     if args.fsdp:  # sharded parameters, gradients and AdamW states; gradients reduce-scattered
-        shard_model(policy)
+        shard_model(policy, args.bf16 and device.type == "cuda")
         print(f"rank {rank}: FSDP holds {sum(p.to_local().numel() for p in policy.parameters())} of the "
               f"{sum(p.numel() for p in policy.parameters())} parameters", flush=True)
     if world_size > 1 and not args.fsdp:
         model = DDP(policy, device_ids=[device.index] if device.type == "cuda" else None)
     else:
         model = policy
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, eps=args.eps)
+    # Fused kernel on CUDA (the same update up to rounding)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, eps=args.eps, fused=device.type == "cuda")
     scheduler = torch.optim.lr_scheduler.LambdaLR(  # lr factor 1 at the first update, 0 after the last [D9]
         optimizer, lambda u: 0.5 * (1.0 + math.cos(math.pi * u / num_updates)))
     pad, micro_size = tokenizer.pad_token_id, args.local_micro_batch_size

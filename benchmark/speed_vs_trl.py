@@ -110,7 +110,7 @@ def trl_worker(config_path):
     reward_model = AutoModelForSequenceClassification.from_pretrained(c["reward_model"], num_labels=1)
     value_model = AutoModelForSequenceClassification.from_pretrained(c["reward_model"], num_labels=1)
     config = PPOConfig(
-        output_dir=c["run_dir"], seed=1, use_cpu=True, bf16=False, report_to="none", save_strategy="no",
+        output_dir=c["run_dir"], seed=1, use_cpu=c.get("use_cpu", True), bf16=c.get("bf16", False),  # gpu_check.py: GPU, bf16 report_to="none", save_strategy="no",
         disable_tqdm=True, num_sample_generations=0, learning_rate=c["lr"], adam_epsilon=c["eps"],
         total_episodes=c["updates"] * c["batch_size"],
         per_device_train_batch_size=c["local_micro_batch_size"],

@@ -9,7 +9,7 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = ["sft.py", "reward_model.py", "ppo_tldr.py", "dpo.py"]
-COMMON_FIELDS = ["exp_name", "seed", "track", "wandb_project_name", "wandb_entity", "output_dir", "run_eval", "bf16"]
+COMMON_FIELDS = ["exp_name", "seed", "track", "wandb_project_name", "wandb_entity", "output_dir", "run_eval", "bf16", "tf32"]
 
 
 def parse(script):

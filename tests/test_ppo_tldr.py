@@ -420,7 +420,7 @@ def _update_in_a_process_group(rank, world_size, port, mode, model_path, rollout
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
     policy, value_model = _policy_and_value(model_path)
     if mode == "fsdp":
-        shard_model(policy), shard_model(value_model)
+        shard_model(policy, False), shard_model(value_model, False)
     wrapper = PolicyAndValueWrapper(policy, value_model)
     model = DDP(wrapper) if mode == "ddp" else wrapper
     share = {k: v[rank * 8 : (rank + 1) * 8] for k, v in rollout.items()}  # this process's 8 of the 16 episodes

@@ -1,0 +1,207 @@
+"""What only CUDA would show, checked on CPU: every tensor entering a collective is on the compute device (NCCL
+refuses CPU tensors, gloo takes them), FSDP gathers the policy once per sampling chunk, generation keeps its
+numbers with the last-position prefill, no deprecation warnings from our calls, the fast attention path."""
+
+import json
+import os
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+AUDIT = os.path.join(ROOT, "tests", "device_audit")
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+
+
+def audited_env(out_dir):
+    """Environment of a run whose processes check every collective's tensors (tests/device_audit/sitecustomize.py)."""
+    path = os.pathsep.join([AUDIT] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
+    return {**os.environ, "PYTHONPATH": path, "TLDR_DEVICE_AUDIT": str(out_dir), "OMP_NUM_THREADS": "1"}
+
+
+def read_audits(out_dir):
+    records = [json.loads(p.read_text()) for p in sorted(out_dir.glob("audit_*.json"))]
+    assert len(records) == 2, f"expected the audits of 2 processes, found {len(records)} in {out_dir}"
+    return records
+
+
+def run_audited(script, cli, out_dir):
+    audit_dir = out_dir.parent / f"{out_dir.name}_audit"
+    result = subprocess.run([*TORCHRUN, script, *cli], cwd=ROOT, env=audited_env(audit_dir), capture_output=True,
+                            text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    return read_audits(audit_dir), result
+
+
+def assert_no_cpu_tensor_in_a_collective(records):
+    violations = [v for r in records for v in r["violations"]]
+    assert not violations, "CPU tensors (created without a device) entered collectives:\n" + "\n".join(
+        f"  {v['collective']} at {v['where']} ({v['function']}), shape {v['shape']}" for v in violations)
+    assert all(sum(r["checked"].values()) > 0 for r in records)  # the audit saw the collectives
+
+
+# ------------------------------------------------------------ the audit itself ---------------------------------
+AUDIT_SELF_TEST = r"""
+import torch, torch.distributed as dist
+dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+device = torch.device("cpu")
+stray = torch.zeros(3)                                    # no device: would be a CPU tensor on a CUDA machine
+placed = torch.zeros(3, device=device)
+dist.all_reduce(stray.mean())                             # 1: computed only from a stray tensor
+dist.all_reduce(torch.stack([stray[0], stray[1]]))        # 2
+dist.all_reduce(placed + stray)                           # fine: CUDA's rule for mixed inputs
+dist.all_reduce(torch.tensor([1.0]).to(device))           # fine: moved
+x = torch.ones(2)
+x += placed[:2]                                           # in place: x stays where it was
+dist.all_reduce(x)                                        # 3
+dist.all_reduce(torch.ones(2, device=None))               # 4: device=None is no device
+dist.broadcast(placed, src=0)                             # fine
+dist.destroy_process_group()
+"""
+
+
+def test_the_audit_flags_tensors_created_without_a_device(tmp_path):
+    script = tmp_path / "ppo_tldr.py"  # the audit watches processes started on one of the scripts' names
+    script.write_text(AUDIT_SELF_TEST)
+    env = audited_env(tmp_path / "audit")
+    env["TLDR_DEVICE_AUDIT_ROOT"] = str(tmp_path)
+    subprocess.run([sys.executable, str(script)], env=env, check=True, timeout=120)
+    (record,) = [json.loads(p.read_text()) for p in (tmp_path / "audit").glob("audit_*.json")]
+    assert [v["collective"] for v in record["violations"]] == ["all_reduce"] * 4
+    assert [v["where"].split(":")[1] for v in record["violations"]] == ["7", "8", "13", "14"]
+    assert record["checked"] == {"all_reduce": 6, "broadcast": 1}
+
+
+# ------------------------------------------------------------ the four scripts, two processes -----------------
+def test_ppo_fsdp_collectives_on_the_device_and_one_gather_per_sampling_chunk(world, reward_model, tmp_path):
+    """Two gloo processes, --fsdp (and the all-reduced advantage whitening), audited: no collective receives a CPU
+    tensor, and sampling all-gathers each of the
+    policy's sharded modules (2 blocks + the root) once per generate call, not once per token: at least 10x fewer
+    all-gathers than one per block and token (what a forward per token through a resharding block costs)."""
+    response_length, updates, local_batch, chunk = 24, 2, 8, 4
+    out = tmp_path / "ppo"
+    cli = ["--sft-model-path", str(world / "base_model"), "--reward-model-path", str(reward_model), "--query-dataset",
+           str(world / "tldr_sft"), "--query-length", "128", "--response-length", str(response_length),
+           "--batch-size", str(2 * local_batch), "--total-episodes", str(2 * local_batch * updates),
+           "--local-micro-batch-size", "4", "--local-rollout-forward-batch-size", str(chunk), "--num-ppo-epochs", "1",
+           "--lr", "1e-4", "--no-run-eval", "--fsdp", "--global-advantage-whitening", "--output-dir", str(out)]
+    records, _ = run_audited("ppo_tldr.py", cli, out)
+    assert_no_cpu_tensor_in_a_collective(records)
+    blocks, sharded_modules = 2, 3  # the tiny world's GPT-NeoX: 2 layers, then the whole model
+    generate_calls = updates * (local_batch // chunk + 1)  # rollout chunks + the validation batch (4 posts: 1 chunk)
+    for r in records:
+        sampling = r["all_gathers"].get("generate", 0)
+        assert sampling == generate_calls * sharded_modules, r["all_gathers"]
+        assert 10 * sampling <= generate_calls * response_length * blocks
+
+
+def test_sft_collectives_on_the_device(world, tmp_path):
+    out = tmp_path / "sft"
+    records, _ = run_audited("sft.py", [
+        "--base-model", str(world / "base_model"), "--query-dataset", str(world / "tldr_sft"), "--query-length", "128",
+        "--batch-size", "32", "--local-micro-batch-size", "8", "--lr", "3e-3", "--total-episodes", "64",
+        "--num-eval-samples", "4", "--local-eval-batch-size", "2", "--output-dir", str(out)], out)
+    assert_no_cpu_tensor_in_a_collective(records)
+
+
+def test_reward_model_fsdp_collectives_on_the_device(world, tmp_path):
+    out = tmp_path / "rm"
+    records, _ = run_audited("reward_model.py", [
+        "--sft-model-path", str(world / "base_model"), "--label-dataset", str(world / "tldr_preference"),
+        "--query-dataset", str(world / "tldr_sft"), "--output-dir", str(out), "--query-length", "128",
+        "--response-length", "64", "--lr", "3e-4", "--batch-size", "32", "--local-micro-batch-size", "8",
+        "--local-eval-batch-size", "8", "--total-episodes", "64", "--num-eval-samples", "7",
+        "--num-normalization-samples", "33", "--fsdp"], out)
+    assert_no_cpu_tensor_in_a_collective(records)
+    assert all(r["checked"].get("broadcast", 0) > 0 for r in records)  # the scalar head's broadcast was checked
+
+
+def test_dpo_collectives_on_the_device(world, tmp_path):
+    out = tmp_path / "dpo"
+    records, _ = run_audited("dpo.py", [
+        "--sft-model-path", str(world / "base_model"), "--query-dataset", str(world / "tldr_sft"),
+        "--label-dataset", str(world / "tldr_preference"), "--query-length", "128", "--lr", "3e-4", "--beta", "0.1",
+        "--batch-size", "32", "--local-micro-batch-size", "8", "--local-eval-batch-size", "32",
+        "--total-episodes", "64", "--num-eval-samples", "4", "--output-dir", str(out)], out)
+    assert_no_cpu_tensor_in_a_collective(records)
+
+
+# ------------------------------------------------------------ generation ---------------------------------------
+def generate_before(model, queries, pad_token_id, response_length, temperature):
+    """The sampler as it was: full-width prefill logits, the KV cache passed as `past_key_values`, a forward after the
+    last token."""
+    import torch.nn.functional as F
+
+    attention_mask = (queries != pad_token_id).long()
+    position_ids = attention_mask.cumsum(1) - attention_mask
+    input_ids = torch.masked_fill(queries, queries == pad_token_id, 0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        output = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True)
+        tokens, all_logits = [], []
+        for _ in range(response_length):
+            logits = output.logits[:, -1, :].float() / (temperature + 1e-7)
+            token = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)
+            tokens.append(token)
+            all_logits.append(logits)
+            attention_mask = torch.cat([attention_mask, torch.ones_like(token)], dim=1)
+            position_ids = position_ids[:, -1:] + 1
+            output = model(input_ids=token, attention_mask=attention_mask, position_ids=position_ids,
+                           past_key_values=output.past_key_values, use_cache=True)
+    return torch.cat([queries] + tokens, dim=1), torch.stack(all_logits, dim=1)
+
+
+@pytest.mark.parametrize("temperature", [0.7, 0.01])
+def test_generate_samples_the_same_tokens_and_logits_as_before(world, temperature):
+    from ppo_tldr import config_without_dropout, generate, logprobs_of
+    from transformers import AutoModelForCausalLM
+
+    path = str(world / "base_model")
+    model = AutoModelForCausalLM.from_pretrained(path, config=config_without_dropout(path)).eval()
+    queries = torch.randint(1, 700, (5, 12), generator=torch.Generator().manual_seed(3))
+    queries[1, :4] = queries[3, :7] = 10_000  # left padding
+    with torch.no_grad():
+        torch.manual_seed(7)
+        old_tokens, old_logits = generate_before(model, queries, 10_000, 16, temperature)
+        torch.manual_seed(7)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # no FutureWarning/DeprecationWarning from the new calls
+            new_tokens, new_logits = generate(model, queries, 10_000, 16, temperature)
+    assert torch.equal(new_tokens, old_tokens)
+    torch.testing.assert_close(new_logits, old_logits, rtol=1e-5, atol=1e-5)
+    response = new_tokens[:, 12:]
+    torch.testing.assert_close(logprobs_of(new_logits, response), logprobs_of(old_logits, response), rtol=1e-5, atol=1e-5)
+
+
+def test_a_ppo_run_logs_no_deprecation_warning_from_our_code(world, reward_model, tmp_path):
+    """A tiny PPO run with every FutureWarning and DeprecationWarning shown: none points at one of our files."""
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "always::FutureWarning,always::DeprecationWarning"}
+    result = subprocess.run([sys.executable, "ppo_tldr.py", "--sft-model-path", str(world / "base_model"),
+                             "--reward-model-path", str(reward_model), "--query-dataset", str(world / "tldr_sft"),
+                             "--query-length", "64", "--response-length", "8", "--batch-size", "8",
+                             "--total-episodes", "8", "--local-micro-batch-size", "8",
+                             "--local-rollout-forward-batch-size", "8", "--num-eval-samples", "2",
+                             "--output-dir", str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ours = ("ppo_tldr.py", "value_head.py")
+    flagged = [line for line in (result.stdout + result.stderr).splitlines()
+               if ("FutureWarning" in line or "DeprecationWarning" in line) and any(f + ":" in line for f in ours)]
+    assert not flagged, "\n".join(flagged)
+    assert "past_key_values" not in result.stderr  # transformers' own warning names no file of ours
+
+
+# ------------------------------------------------------------ the fast attention path --------------------------
+def test_models_load_with_sdpa_attention(world, reward_model):
+    """transformers 5.24 picks PyTorch's scaled_dot_product_attention for GPT-NeoX by default (flash / memory-efficient
+    kernels on CUDA); the loaders keep that default."""
+    from ppo_tldr import load_policy, load_tokenizer
+    from value_head import ScalarModel
+
+    tokenizer = load_tokenizer(str(world / "base_model"), "--sft-model-path")
+    policy = load_policy(str(world / "base_model"), tokenizer, torch.device("cpu"))
+    assert policy.config._attn_implementation == "sdpa"
+    assert ScalarModel.from_pretrained(str(reward_model)).backbone.config._attn_implementation == "sdpa"
