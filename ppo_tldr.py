@@ -278,6 +278,13 @@ def trim_left_padding(tokens, pad_token_id):
     return tokens[:, start:]
 
 
+def trim_right_padding(tokens, pad_token_id):
+    """`tokens` (B, T) without its trailing columns that are pad in every row (when every response of a chunk ended
+    early): a causal model's outputs at the kept positions do not depend on them. Keeps at least the first column."""
+    holds_a_token = (tokens != pad_token_id).any(0, keepdim=True).flip(1)
+    return tokens[:, : max(tokens.size(1) - int(first_true_indices(holds_a_token)), 1)]
+
+
 def length_groups(queries, chunk_size, pad_token_id, group_by_length):
     """Row indices of each rollout chunk of `chunk_size` queries: in order, or under `group_by_length` with the rows
     sorted by their number of query tokens (stable), so that each chunk's common left padding is large."""
@@ -724,7 +731,8 @@ def rollout_scores(policy, reward_model, queries, tokenizer, args, temperature):
         query = trim_left_padding(queries[i : i + args.local_rollout_forward_batch_size], tokenizer.pad_token_id)
         query_response, _ = generate(policy, query, tokenizer.pad_token_id, args.response_length, temperature)
         response = truncate_response(tokenizer.eos_token_id, tokenizer.pad_token_id, query_response[:, query.size(1):])
-        _, score, _ = get_reward(reward_model, torch.cat([query, response], 1), tokenizer.pad_token_id, query.size(1))
+        scored = trim_right_padding(torch.cat([query, response], 1), tokenizer.pad_token_id)
+        _, score, _ = get_reward(reward_model, scored, tokenizer.pad_token_id, query.size(1))
         if args.missing_eos_score is not None:
             score = torch.where((response == tokenizer.eos_token_id).any(-1), score, args.missing_eos_score)
         responses.append(response)
@@ -909,7 +917,8 @@ if __name__ == "__main__":
 
                 # 3. truncate after the first EOS [D23.2], score the truncated text, -1 without EOS [D23.3]
                 postprocessed_response = truncate_response(eos, pad, response)
-                _, score, _ = get_reward(reward_model, torch.cat([query, postprocessed_response], 1), pad, query.size(1))
+                scored = trim_right_padding(torch.cat([query, postprocessed_response], 1), pad)  # read at the EOS
+                _, score, _ = get_reward(reward_model, scored, pad, query.size(1))
                 if args.missing_eos_score is not None:
                     score = torch.where((postprocessed_response == eos).any(-1), score, args.missing_eos_score)
                 sequence_length = first_true_indices(postprocessed_response == pad) - 1  # index of the EOS (or R-1)
@@ -1026,7 +1035,7 @@ if __name__ == "__main__":
                 for i in range(0, len(references), args.local_rollout_forward_batch_size):
                     chunk = slice(i, i + args.local_rollout_forward_batch_size)
                     eval_query = trim_left_padding(eval_queries[chunk], pad)
-                    query_reference = torch.cat([eval_query, references[chunk]], 1)
+                    query_reference = trim_right_padding(torch.cat([eval_query, references[chunk]], 1), pad)
                     reference_scores.append(get_reward(reward_model, query_reference, pad, eval_query.size(1))[1])
                 reference_scores = torch.cat(reference_scores)
                 table = []

@@ -507,12 +507,16 @@ def test_prompt_shards_are_disjoint_cover_the_global_batch_and_reshuffle_each_pa
 
 # ---------------------------------------------------------------- savings: the same numbers ----------------------
 def test_trim_left_padding_and_length_groups_by_hand():
-    from ppo_tldr import length_groups, trim_left_padding
+    from ppo_tldr import length_groups, trim_left_padding, trim_right_padding
 
     tokens = torch.tensor([[PAD, PAD, 1, 2], [PAD, 3, 4, PAD], [PAD, PAD, PAD, 5]])
     assert trim_left_padding(tokens, PAD).tolist() == [[PAD, 1, 2], [3, 4, PAD], [PAD, PAD, 5]]  # one common column
     assert trim_left_padding(tokens[:1], PAD).tolist() == [[1, 2]]
     assert trim_left_padding(torch.full((2, 3), PAD), PAD).tolist() == [[PAD], [PAD]]  # all pad: the last column
+    right = torch.tensor([[1, 2, PAD, PAD], [3, PAD, 4, PAD]])
+    assert trim_right_padding(right, PAD).tolist() == [[1, 2, PAD], [3, PAD, 4]]
+    assert trim_right_padding(right[:, :3], PAD).tolist() == [[1, 2, PAD], [3, PAD, 4]]  # nothing to drop
+    assert trim_right_padding(torch.full((2, 3), PAD), PAD).tolist() == [[PAD], [PAD]]  # all pad: the first column
     # token counts 2, 2, 1, 3: sorted (stable) 2, 0, 1, 3; in order without grouping
     queries = torch.tensor([[PAD, 1, 2], [PAD, 3, 4], [PAD, PAD, 5], [6, 7, 8]])
     assert [c.tolist() for c in length_groups(queries, 2, PAD, True)] == [[2, 0], [1, 3]]
@@ -531,9 +535,10 @@ def test_trimmed_and_grouped_rollout_chunks_give_the_same_logprobs_values_and_sc
     """Rollout steps 1-3 on left-padded queries with common padding: generation (same seed: same tokens, same
     log-probabilities), the reference's log-probabilities, the values and the reward model's scores are the same with
     the common padding dropped as at the full width (read there at [Q - 1 : -1], the positions before the change), and
-    the same for chunks grouped by query length (put back in order) as for chunks in order."""
+    the same for chunks grouped by query length (put back in order) as for chunks in order; the scores also with the
+    trailing columns that are pad in every row dropped."""
     from ppo_tldr import (forward, generate, length_groups, logprobs_of, reference_logprobs_and_values,
-                          trim_left_padding)
+                          trim_left_padding, trim_right_padding)
 
     from value_head import ScalarModel, get_reward
 
@@ -543,7 +548,7 @@ def test_trimmed_and_grouped_rollout_chunks_give_the_same_logprobs_values_and_sc
     generator = torch.Generator().manual_seed(3)
     queries = _padded_queries([4, 9, 3, 7], width, generator)  # 7 columns of common padding
     responses = torch.randint(1, 700, (4, response_length), generator=generator)
-    responses[0, 3:], responses[2, 1:] = pad, pad  # responses that ended early
+    responses[0, 3:], responses[2, 1:], responses[:, 4] = pad, pad, pad  # responses that ended early
     full = torch.cat([queries, responses], 1)
     trimmed = trim_left_padding(full, pad)
     assert trimmed.shape == (4, 9 + response_length)
@@ -569,6 +574,9 @@ def test_trimmed_and_grouped_rollout_chunks_give_the_same_logprobs_values_and_sc
         expected_scores = get_reward(reward, full, pad, width)[1]
         torch.testing.assert_close(get_reward(reward, trimmed, pad, trimmed.size(1) - response_length)[1],
                                    expected_scores, rtol=1e-5, atol=1e-5)
+        both = trim_right_padding(trimmed, pad)  # the last column is pad in every row
+        assert both.shape == (4, 9 + response_length - 1)
+        torch.testing.assert_close(get_reward(reward, both, pad, 9)[1], expected_scores, rtol=1e-5, atol=1e-5)
         # chunks of 2 grouped by length (rows 2, 0 and 3, 1) vs in order, each chunk trimmed
         for group in (False, True):
             chunks = length_groups(queries, 2, pad, group)
@@ -579,8 +587,8 @@ def test_trimmed_and_grouped_rollout_chunks_give_the_same_logprobs_values_and_sc
             torch.testing.assert_close(torch.cat([p[0] for p in parts])[unsort], expected_ref_logprobs, rtol=1e-5,
                                        atol=1e-5)
             torch.testing.assert_close(torch.cat([p[1] for p in parts])[unsort], expected_values, rtol=1e-5, atol=1e-5)
-            scores = [get_reward(reward, trim_left_padding(full[c], pad), pad,
-                                 trim_left_padding(full[c], pad).size(1) - response_length)[1] for c in chunks]
+            scores = [get_reward(reward, trim_right_padding(trim_left_padding(full[c], pad), pad), pad,
+                                 trim_left_padding(queries[c], pad).size(1))[1] for c in chunks]
             torch.testing.assert_close(torch.cat(scores)[unsort], expected_scores, rtol=1e-5, atol=1e-5)
 
 
