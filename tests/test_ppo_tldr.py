@@ -149,12 +149,15 @@ def test_logits_kept_at_the_response_positions_only_equal_the_full_forwards(worl
     assert not torch.allclose(kept[:, :-1], full[:, 6 - 2 : -2])  # a slice one position off differs
 
 
-def test_first_minibatch_ratio_is_one_and_optimizer_steps(world, reward_model, tmp_path):
+@pytest.mark.parametrize("extra", [[], ["--group-by-length", "--local-rollout-forward-batch-size", "4"]])
+def test_first_minibatch_ratio_is_one_and_optimizer_steps(world, reward_model, tmp_path, extra):
     """One epoch, one mini-batch: every micro-batch precedes the only optimizer step, so the logged ratio is 1 and
-    approx-KL 0 (old logprobs, temperature scaling and masking agree); one optimizer step per update."""
+    approx-KL 0 (old logprobs, temperature scaling and masking agree, also between rollout chunks and micro-batches
+    that drop different amounts of padding, and with the chunks grouped by length: the episodes are put back in order);
+    one optimizer step per update."""
     out = tmp_path / "run"
     subprocess.run([sys.executable, "ppo_tldr.py", *ppo_args(world, reward_model, out, "--total-episodes", "32",
-                    "--num-ppo-epochs", "1", "--num-mini-batches", "1", "--no-run-eval")], check=True)
+                    "--num-ppo-epochs", "1", "--num-mini-batches", "1", "--no-run-eval", *extra)], check=True)
     metrics = [m for m in read_metrics(out) if "ppo/val/ratio" in m]
     for m in metrics:
         assert m["ppo/val/ratio"] == pytest.approx(1.0, abs=1e-5)
