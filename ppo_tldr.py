@@ -901,6 +901,7 @@ if __name__ == "__main__":
             chunks = length_groups(queries, args.local_rollout_forward_batch_size, pad, args.group_by_length)
             for chunk in chunks:
                 # the chunk's common left padding is dropped: every forward below sees only columns that hold a token
+                # (deviation: the reference's forwards run at the full query width; the same up to float rounding)
                 query = trim_left_padding(queries[chunk], pad)  # (c, q), q <= Q
                 # 1. sample exactly response_length tokens; old logprobs from the sampling logits [D23.1]
                 t0 = time.time()
