@@ -395,7 +395,7 @@ UPDATE_ARGS = dict(num_ppo_epochs=1, num_mini_batches=1, temperature=0.7, clipra
                    vf_coef=0.1)
 
 
-def _update(model, wrapper, rollout, micro_batch_size, accumulation):
+def _update(model, wrapper, rollout, micro_batch_size, accumulation, pad_token_id=10_000):
     """One ppo_update with plain SGD (AdamW's first step is lr * sign(gradient): it would amplify float noise)."""
     import contextlib
     from types import SimpleNamespace
@@ -404,7 +404,7 @@ def _update(model, wrapper, rollout, micro_batch_size, accumulation):
 
     optimizer = torch.optim.SGD(wrapper.parameters(), lr=0.1)
     args = SimpleNamespace(**UPDATE_ARGS, local_micro_batch_size=micro_batch_size)
-    stats, steps = ppo_update(model, optimizer, rollout, args, 10_000, accumulation, contextlib.nullcontext())
+    stats, steps = ppo_update(model, optimizer, rollout, args, pad_token_id, accumulation, contextlib.nullcontext())
     assert steps == 1
     return stats
 
@@ -526,9 +526,9 @@ def test_trim_left_padding_and_length_groups_by_hand():
     assert [c.tolist() for c in length_groups(queries, 2, PAD, False)] == [[0, 1], [2, 3]]
 
 
-def _padded_queries(lengths, width, generator):
-    """Left-padded queries (pad 10_000) of the given lengths at `width` columns."""
-    queries = torch.full((len(lengths), width), 10_000)
+def _padded_queries(lengths, width, generator, pad):
+    """Left-padded queries of the given lengths at `width` columns, tokens in [1, 700)."""
+    queries = torch.full((len(lengths), width), pad)
     for row, length in enumerate(lengths):
         queries[row, width - length :] = torch.randint(1, 700, (length,), generator=generator)
     return queries
@@ -545,11 +545,11 @@ def test_trimmed_and_grouped_rollout_chunks_give_the_same_logprobs_values_and_sc
 
     from value_head import ScalarModel, get_reward
 
-    pad, width, response_length = 10_000, 16, 5
+    pad, width, response_length = 767, 16, 5  # pad: in the tiny vocabulary (768)
     policy, value_model = _policy_and_value(str(world / "base_model"))
     reward = ScalarModel.from_pretrained(str(reward_model))
     generator = torch.Generator().manual_seed(3)
-    queries = _padded_queries([4, 9, 3, 7], width, generator)  # 7 columns of common padding
+    queries = _padded_queries([4, 9, 3, 7], width, generator, pad)  # 7 columns of common padding
     responses = torch.randint(1, 700, (4, response_length), generator=generator)
     responses[0, 3:], responses[2, 1:], responses[:, 4] = pad, pad, pad  # responses that ended early
     full = torch.cat([queries, responses], 1)
@@ -598,14 +598,17 @@ def test_trimmed_and_grouped_rollout_chunks_give_the_same_logprobs_values_and_sc
 def test_ppo_update_with_micro_batches_trimmed_equals_the_full_width(world, monkeypatch):
     """ppo_update on 8 episodes with left-padded queries of different lengths (so the micro-batches drop different
     numbers of columns) and responses that end early: the same losses, statistics and weights after one update as
-    the update at the full width (trimming switched off)."""
+    the update at the full width (trimming switched off); and the positions read from the end are those the full
+    width read, [Q - 1 : -1]."""
     import ppo_tldr
     from ppo_tldr import PolicyAndValueWrapper, forward, logprobs_of
 
-    pad, width, response_length = 10_000, 16, 5
+    from value_head import get_reward
+
+    pad, width, response_length = 767, 16, 5  # pad: in the tiny vocabulary (768)
     model_path = str(world / "base_model")
     generator = torch.Generator().manual_seed(2)
-    queries = _padded_queries([4, 9, 3, 7, 12, 5, 2, 8], width, generator)
+    queries = _padded_queries([4, 9, 3, 7, 12, 5, 2, 8], width, generator, pad)
     responses = torch.randint(1, 700, (8, response_length), generator=generator)
     responses[0, 3:], responses[5, 1:] = pad, pad
     query_responses = torch.cat([queries, responses], 1)
@@ -626,7 +629,7 @@ def test_ppo_update_with_micro_batches_trimmed_equals_the_full_width(world, monk
             monkeypatch.setattr(ppo_tldr, "trim_left_padding", lambda tokens, pad_token_id: tokens)
         torch.manual_seed(7)  # the same micro-batches (ppo_update's randperm)
         wrapper = PolicyAndValueWrapper(*_policy_and_value(model_path))
-        stats = _update(wrapper, wrapper, rollout, 4, 2)
+        stats = _update(wrapper, wrapper, rollout, 4, 2, pad)
         results[trimmed] = (stats, wrapper.state_dict())
     (stats, state), (full_stats, full_state) = results[True], results[False]
     for name in full_stats:
@@ -634,3 +637,16 @@ def test_ppo_update_with_micro_batches_trimmed_equals_the_full_width(world, monk
     initial = PolicyAndValueWrapper(*_policy_and_value(model_path)).state_dict()
     assert max((full_state[k] - initial[k]).abs().max().item() for k in initial) > 1e-3  # the update moved
     assert max((state[k] - full_state[k]).abs().max().item() for k in full_state) < 1e-5
+    # the positions read from the end are those of the full width, [Q - 1 : -1]: with the rollout's log-probabilities
+    # and values computed there (one micro-batch, trimmed), the ratio is 1 and the value loss is that of the returns'
+    # offsets alone
+    monkeypatch.undo()
+    with torch.no_grad():
+        values = get_reward(value_model, query_responses, pad, width)[0][:, width - 1 : -1]
+    offsets = torch.randn(8, 5, generator=generator)
+    exact = dict(rollout, logprobs=torch.masked_fill(logprobs_of(logits, responses), padding_mask, INVALID_LOGPROB),
+                 values=torch.masked_fill(values, padding_mask_p1, 0), returns=values + offsets)
+    wrapper = PolicyAndValueWrapper(*_policy_and_value(model_path))
+    stats = _update(wrapper, wrapper, exact, 8, 1, pad)
+    assert stats["ratio"].item() == pytest.approx(1.0, abs=1e-5)
+    assert stats["vf_loss"].item() == pytest.approx(0.5 * (offsets**2)[~padding_mask_p1].mean().item(), rel=1e-5)
