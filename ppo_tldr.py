@@ -151,6 +151,14 @@ class Args:
     last update only"""
     num_eval_samples: Optional[int] = None
     """posts of each of validation and test evaluated after training (None: all)"""
+    group_by_length: bool = False
+    """sort each process's rollout queries by their token count before cutting them into chunks of
+    --local-rollout-forward-batch-size (the episodes are put back in prompt order after the rollout), so that each
+    chunk drops more common left padding: faster when a process has several chunks. It changes which random draws
+    each prompt's response gets (not their distribution, nor the update's micro-batches); off: the reference's order"""
+    compile: bool = False
+    """torch.compile the four models' forwards (dynamic shapes: chunk widths and generation lengths vary); the
+    compilation happens in the first update, whose time/* (seconds) include it (the later updates run compiled)"""
 
 
 # ------------------------------------------------------------ helpers ------------------------------------------
@@ -263,6 +271,30 @@ def truncate_response(stop_token_id, pad_token_id, responses):
     trunc_idxs = first_true_indices(responses == stop_token_id).unsqueeze(-1)  # (B, 1)
     idxs = torch.arange(responses.size(1), device=responses.device).view(1, -1)  # (1, T)
     return torch.masked_fill(responses, idxs > trunc_idxs, pad_token_id)
+
+
+def trim_left_padding(tokens, pad_token_id):
+    """`tokens` (B, T) without its leading columns that are pad in every row: a chunk's common left padding, on which
+    no forward needs to run (position ids come from the attention mask, so the outputs at the kept positions are the
+    same up to float rounding). Keeps at least the last column."""
+    start = min(int(first_true_indices((tokens != pad_token_id).any(0, keepdim=True))), tokens.size(1) - 1)
+    return tokens[:, start:]
+
+
+def trim_right_padding(tokens, pad_token_id):
+    """`tokens` (B, T) without its trailing columns that are pad in every row (when every response of a chunk ended
+    early): a causal model's outputs at the kept positions do not depend on them. Keeps at least the first column."""
+    holds_a_token = (tokens != pad_token_id).any(0, keepdim=True).flip(1)
+    return tokens[:, : max(tokens.size(1) - int(first_true_indices(holds_a_token)), 1)]
+
+
+def length_groups(queries, chunk_size, pad_token_id, group_by_length):
+    """Row indices of each rollout chunk of `chunk_size` queries: in order, or under `group_by_length` with the rows
+    sorted by their number of query tokens (stable), so that each chunk's common left padding is large."""
+    order = torch.arange(queries.size(0), device=queries.device)
+    if group_by_length:
+        order = torch.sort((queries != pad_token_id).sum(1), stable=True).indices
+    return list(order.split(chunk_size))
 
 
 def forward(model, query_responses, pad_token_id, logits_to_keep=0):
@@ -593,11 +625,12 @@ def shard_model(model, bf16):
     return model
 
 
-def ppo_update(model, optimizer, rollout, args, context_length, pad_token_id, gradient_accumulation_steps, autocast):
+def ppo_update(model, optimizer, rollout, args, pad_token_id, gradient_accumulation_steps, autocast):
     """Step 6 of an update: --num-ppo-epochs passes over this process's episodes, each pass in --num-mini-batches
     mini-batches (one optimizer step each) of micro-batches whose gradients accumulate; under DDP or FSDP gradients are
     reduced over the processes on the last micro-batch only. `rollout`: query_responses (b, Q + R), responses,
-    logprobs, values, advantages, returns, padding_mask, padding_mask_p1 (b, R). Returns the statistics, each
+    logprobs, values, advantages, returns, padding_mask, padding_mask_p1 (b, R); each micro-batch drops its common
+    left padding before its forward (response positions are read from the end). Returns the statistics, each
     (epochs, mini-batches, micro-batches), and the number of optimizer steps taken."""
     local_batch_size = rollout["responses"].size(0)
     local_mini_batch_size = local_batch_size // args.num_mini_batches
@@ -621,12 +654,13 @@ def ppo_update(model, optimizer, rollout, args, context_length, pad_token_id, gr
                     m.set_requires_gradient_sync(last_micro_batch)
                 with no_sync, autocast:  # gradients are all-reduced (reduce-scattered) on the last micro-batch only
                     # logits at the positions that predict the response tokens: the last R + 1 positions but one
-                    output, vpred_temp = forward(model, rollout["query_responses"][mb_inds], pad_token_id,
+                    mb_query_responses = trim_left_padding(rollout["query_responses"][mb_inds], pad_token_id)
+                    output, vpred_temp = forward(model, mb_query_responses, pad_token_id,
                                                  logits_to_keep=rollout["responses"].shape[1] + 1)
                     logits = output.logits[:, :-1].float() / (args.temperature + 1e-7)
                     new_logprobs = logprobs_of(logits, rollout["responses"][mb_inds])
                     new_logprobs = torch.masked_fill(new_logprobs, mb_padding_mask, INVALID_LOGPROB)
-                    vpred = vpred_temp[:, context_length - 1 : -1].float()
+                    vpred = vpred_temp[:, -rollout["responses"].shape[1] - 1 : -1].float()
                     vpred = torch.masked_fill(vpred, mb_padding_mask_p1, 0)
                     # clipped value loss (Schulman et al. 2017 PPO; the N+ / lm-human-preferences form)
                     vpredclipped = torch.clamp(vpred, mb_values - args.cliprange_value, mb_values + args.cliprange_value)
@@ -696,16 +730,30 @@ def validation_indices(num_rows, local_eval_batch_size, rank, world_size):
     return list(range(rank * local_eval_batch_size, (rank + 1) * local_eval_batch_size))
 
 
+def reference_logprobs_and_values(ref_policy, value_model, query_responses, response_length, pad_token_id,
+                                  temperature):
+    """Rollout step 2 on (B, q + R) query-responses (any query width q): the reference policy's log-probabilities of
+    the R response tokens at `temperature` and the value model's values of the state before each of them, (B, R) each,
+    both read at the last positions (logits of the last R + 1 positions but one; values at positions -R - 1 ... -2)."""
+    responses = query_responses[:, -response_length:]
+    ref_logits = forward(ref_policy, query_responses, pad_token_id, logits_to_keep=response_length + 1).logits[:, :-1]
+    ref_logprobs = logprobs_of(ref_logits / (temperature + 1e-7), responses)
+    del ref_logits
+    full_values, _, _ = get_reward(value_model, query_responses, pad_token_id, query_responses.size(1) - response_length)
+    return ref_logprobs, full_values[:, -response_length - 1 : -1]
+
+
 @torch.no_grad()
 def rollout_scores(policy, reward_model, queries, tokenizer, args, temperature):
     """Sample responses to `queries` in chunks and score them as in the rollout [D23.2, D23.3] (evaluation only).
     Returns the truncated responses (B, R) and their scores (B,)."""
     responses, scores = [], []
     for i in range(0, queries.size(0), args.local_rollout_forward_batch_size):
-        query = queries[i : i + args.local_rollout_forward_batch_size]
+        query = trim_left_padding(queries[i : i + args.local_rollout_forward_batch_size], tokenizer.pad_token_id)
         query_response, _ = generate(policy, query, tokenizer.pad_token_id, args.response_length, temperature)
         response = truncate_response(tokenizer.eos_token_id, tokenizer.pad_token_id, query_response[:, query.size(1):])
-        _, score, _ = get_reward(reward_model, torch.cat([query, response], 1), tokenizer.pad_token_id, query.size(1))
+        scored = trim_right_padding(torch.cat([query, response], 1), tokenizer.pad_token_id)
+        _, score, _ = get_reward(reward_model, scored, tokenizer.pad_token_id, query.size(1))
         if args.missing_eos_score is not None:
             score = torch.where((response == tokenizer.eos_token_id).any(-1), score, args.missing_eos_score)
         responses.append(response)
@@ -795,7 +843,10 @@ if __name__ == "__main__":
         elif args.gradient_checkpointing:
             getattr(model, "backbone", model).gradient_checkpointing_enable()
         # trained ones: gradients reduce-scattered; bf16 on CUDA: bf16 compute, fp32 reduction and master weights
-        return shard_model(model, args.bf16 and device.type == "cuda") if args.fsdp else model
+        model = shard_model(model, args.bf16 and device.type == "cuda") if args.fsdp else model
+        if args.compile:  # in place (the state dict keeps its names); dynamic: widths and generation lengths vary
+            model.compile(dynamic=True)
+        return model
 
     policy = prepare(load_policy(args.sft_model_path, tokenizer, device), frozen=False)
     ref_policy = prepare(load_policy(args.sft_model_path, tokenizer, device), frozen=True)
@@ -871,32 +922,35 @@ if __name__ == "__main__":
         with torch.no_grad(), autocast:
             query_responses, responses, postprocessed_responses = [], [], []
             logprobs, ref_logprobs, values, scores, sequence_lengths = [], [], [], [], []
-            for i in range(0, local_batch_size, args.local_rollout_forward_batch_size):
-                query = queries[i : i + args.local_rollout_forward_batch_size]
+            chunks = length_groups(queries, args.local_rollout_forward_batch_size, pad, args.group_by_length)
+            for chunk in chunks:
+                # the chunk's common left padding is dropped: every forward below sees only columns that hold a token
+                # (deviation: the reference's forwards run at the full query width; the same up to float rounding)
+                query = trim_left_padding(queries[chunk], pad)  # (c, q), q <= Q
                 # 1. sample exactly response_length tokens; old logprobs from the sampling logits [D23.1]
                 t0 = time.time()
                 query_response, logits = generate(policy, query, pad, args.response_length, args.temperature)
-                response = query_response[:, context_length:]  # (c, R)
+                response = query_response[:, query.size(1):]  # (c, R)
                 logprob = logprobs_of(logits, response)
                 del logits
                 timer["generation"] += time.time() - t0
 
                 # 2. reference logprobs (same temperature) and values of the untruncated response
                 t0 = time.time()
-                ref_logits = forward(ref_policy, query_response, pad, logits_to_keep=args.response_length + 1).logits[:, :-1]
-                ref_logprob = logprobs_of(ref_logits / (args.temperature + 1e-7), response)
-                del ref_logits
-                full_value, _, _ = get_reward(value_model, query_response, pad, context_length)
-                value = full_value[:, context_length - 1 : -1]  # (c, R): value of the state before each token
+                ref_logprob, value = reference_logprobs_and_values(ref_policy, value_model, query_response,
+                                                                   args.response_length, pad, args.temperature)
 
                 # 3. truncate after the first EOS [D23.2], score the truncated text, -1 without EOS [D23.3]
                 postprocessed_response = truncate_response(eos, pad, response)
-                _, score, _ = get_reward(reward_model, torch.cat([query, postprocessed_response], 1), pad, context_length)
+                scored = trim_right_padding(torch.cat([query, postprocessed_response], 1), pad)  # read at the EOS
+                _, score, _ = get_reward(reward_model, scored, pad, query.size(1))
                 if args.missing_eos_score is not None:
                     score = torch.where((postprocessed_response == eos).any(-1), score, args.missing_eos_score)
                 sequence_length = first_true_indices(postprocessed_response == pad) - 1  # index of the EOS (or R-1)
                 timer["scoring"] += time.time() - t0
 
+                # stored at the common width Q + R (the dropped padding put back), for the update's random micro-batches
+                query_response = F.pad(query_response, (context_length - query.size(1), 0), value=pad)
                 query_responses.append(query_response)
                 responses.append(response)
                 postprocessed_responses.append(postprocessed_response)
@@ -905,11 +959,12 @@ if __name__ == "__main__":
                 values.append(value)
                 scores.append(score)
                 sequence_lengths.append(sequence_length)
-            query_responses, responses = torch.cat(query_responses), torch.cat(responses)  # (b, Q + R), (b, R)
-            postprocessed_responses = torch.cat(postprocessed_responses)
-            logprobs, ref_logprobs = torch.cat(logprobs).float(), torch.cat(ref_logprobs).float()  # (b, R)
-            values, scores = torch.cat(values).float(), torch.cat(scores).float()  # (b, R), (b,)
-            sequence_lengths = torch.cat(sequence_lengths)  # (b,)
+            unsort = torch.argsort(torch.cat(chunks))  # back to the order of `queries` (a no-op without grouping)
+            query_responses, responses = torch.cat(query_responses)[unsort], torch.cat(responses)[unsort]  # (b, Q + R), (b, R)
+            postprocessed_responses = torch.cat(postprocessed_responses)[unsort]
+            logprobs, ref_logprobs = torch.cat(logprobs)[unsort].float(), torch.cat(ref_logprobs)[unsort].float()  # (b, R)
+            values, scores = torch.cat(values)[unsort].float(), torch.cat(scores)[unsort].float()  # (b, R), (b,)
+            sequence_lengths = torch.cat(sequence_lengths)[unsort]  # (b,)
             check_finite("objective/scores", scores, f"update {update}", dict(query_responses=query_responses),
                          output_dir, rank, world_size)
 
@@ -934,8 +989,7 @@ if __name__ == "__main__":
         t0 = time.time()
         rollout = dict(query_responses=query_responses, responses=responses, logprobs=logprobs, values=values,
                        advantages=advantages, returns=returns, padding_mask=padding_mask, padding_mask_p1=padding_mask_p1)
-        stats, steps = ppo_update(model, optimizer, rollout, args, context_length, pad, gradient_accumulation_steps,
-                                  autocast)
+        stats, steps = ppo_update(model, optimizer, rollout, args, pad, gradient_accumulation_steps, autocast)
         optimizer_steps += steps
         timer["training"] += time.time() - t0
         check_finite("ppo/loss", torch.stack([stats["pg_loss"], stats["vf_loss"]]), f"update {update}",
@@ -1005,8 +1059,9 @@ if __name__ == "__main__":
                 reference_scores = []
                 for i in range(0, len(references), args.local_rollout_forward_batch_size):
                     chunk = slice(i, i + args.local_rollout_forward_batch_size)
-                    query_reference = torch.cat([eval_queries[chunk], references[chunk]], 1)
-                    reference_scores.append(get_reward(reward_model, query_reference, pad, context_length)[1])
+                    eval_query = trim_left_padding(eval_queries[chunk], pad)
+                    query_reference = trim_right_padding(torch.cat([eval_query, references[chunk]], 1), pad)
+                    reference_scores.append(get_reward(reward_model, query_reference, pad, eval_query.size(1))[1])
                 reference_scores = torch.cat(reference_scores)
                 table = []
                 for j, i in enumerate(shard):

@@ -149,12 +149,15 @@ def test_logits_kept_at_the_response_positions_only_equal_the_full_forwards(worl
     assert not torch.allclose(kept[:, :-1], full[:, 6 - 2 : -2])  # a slice one position off differs
 
 
-def test_first_minibatch_ratio_is_one_and_optimizer_steps(world, reward_model, tmp_path):
+@pytest.mark.parametrize("extra", [[], ["--group-by-length", "--local-rollout-forward-batch-size", "4"]])
+def test_first_minibatch_ratio_is_one_and_optimizer_steps(world, reward_model, tmp_path, extra):
     """One epoch, one mini-batch: every micro-batch precedes the only optimizer step, so the logged ratio is 1 and
-    approx-KL 0 (old logprobs, temperature scaling and masking agree); one optimizer step per update."""
+    approx-KL 0 (old logprobs, temperature scaling and masking agree, also between rollout chunks and micro-batches
+    that drop different amounts of padding, and with the chunks grouped by length: the episodes are put back in order);
+    one optimizer step per update."""
     out = tmp_path / "run"
     subprocess.run([sys.executable, "ppo_tldr.py", *ppo_args(world, reward_model, out, "--total-episodes", "32",
-                    "--num-ppo-epochs", "1", "--num-mini-batches", "1", "--no-run-eval")], check=True)
+                    "--num-ppo-epochs", "1", "--num-mini-batches", "1", "--no-run-eval", *extra)], check=True)
     metrics = [m for m in read_metrics(out) if "ppo/val/ratio" in m]
     for m in metrics:
         assert m["ppo/val/ratio"] == pytest.approx(1.0, abs=1e-5)
@@ -392,7 +395,7 @@ UPDATE_ARGS = dict(num_ppo_epochs=1, num_mini_batches=1, temperature=0.7, clipra
                    vf_coef=0.1)
 
 
-def _update(model, wrapper, rollout, micro_batch_size, accumulation):
+def _update(model, wrapper, rollout, micro_batch_size, accumulation, pad_token_id=10_000):
     """One ppo_update with plain SGD (AdamW's first step is lr * sign(gradient): it would amplify float noise)."""
     import contextlib
     from types import SimpleNamespace
@@ -401,7 +404,7 @@ def _update(model, wrapper, rollout, micro_batch_size, accumulation):
 
     optimizer = torch.optim.SGD(wrapper.parameters(), lr=0.1)
     args = SimpleNamespace(**UPDATE_ARGS, local_micro_batch_size=micro_batch_size)
-    stats, steps = ppo_update(model, optimizer, rollout, args, 6, 10_000, accumulation, contextlib.nullcontext())
+    stats, steps = ppo_update(model, optimizer, rollout, args, pad_token_id, accumulation, contextlib.nullcontext())
     assert steps == 1
     return stats
 
@@ -503,3 +506,147 @@ def test_prompt_shards_are_disjoint_cover_the_global_batch_and_reshuffle_each_pa
     assert len(set(seen)) == 16  # no query twice within a pass
     second_pass = torch.randperm(20, generator=torch.Generator().manual_seed(8)).tolist()
     assert prompt_indices(20, 8, 3, 0, 1, seed=7).tolist() == second_pass[:8]  # the next pass: seed + 1
+
+
+# ---------------------------------------------------------------- savings: the same numbers ----------------------
+def test_trim_left_padding_and_length_groups_by_hand():
+    from ppo_tldr import length_groups, trim_left_padding, trim_right_padding
+
+    tokens = torch.tensor([[PAD, PAD, 1, 2], [PAD, 3, 4, PAD], [PAD, PAD, PAD, 5]])
+    assert trim_left_padding(tokens, PAD).tolist() == [[PAD, 1, 2], [3, 4, PAD], [PAD, PAD, 5]]  # one common column
+    assert trim_left_padding(tokens[:1], PAD).tolist() == [[1, 2]]
+    assert trim_left_padding(torch.full((2, 3), PAD), PAD).tolist() == [[PAD], [PAD]]  # all pad: the last column
+    right = torch.tensor([[1, 2, PAD, PAD], [3, PAD, 4, PAD]])
+    assert trim_right_padding(right, PAD).tolist() == [[1, 2, PAD], [3, PAD, 4]]
+    assert trim_right_padding(right[:, :3], PAD).tolist() == [[1, 2, PAD], [3, PAD, 4]]  # nothing to drop
+    assert trim_right_padding(torch.full((2, 3), PAD), PAD).tolist() == [[PAD], [PAD]]  # all pad: the first column
+    # token counts 2, 2, 1, 3: sorted (stable) 2, 0, 1, 3; in order without grouping
+    queries = torch.tensor([[PAD, 1, 2], [PAD, 3, 4], [PAD, PAD, 5], [6, 7, 8]])
+    assert [c.tolist() for c in length_groups(queries, 2, PAD, True)] == [[2, 0], [1, 3]]
+    assert [c.tolist() for c in length_groups(queries, 2, PAD, False)] == [[0, 1], [2, 3]]
+
+
+def _padded_queries(lengths, width, generator, pad):
+    """Left-padded queries of the given lengths at `width` columns, tokens in [1, 700)."""
+    queries = torch.full((len(lengths), width), pad)
+    for row, length in enumerate(lengths):
+        queries[row, width - length :] = torch.randint(1, 700, (length,), generator=generator)
+    return queries
+
+
+def test_trimmed_and_grouped_rollout_chunks_give_the_same_logprobs_values_and_scores(world, reward_model):
+    """Rollout steps 1-3 on left-padded queries with common padding: generation (same seed: same tokens, same
+    log-probabilities), the reference's log-probabilities, the values and the reward model's scores are the same with
+    the common padding dropped as at the full width (read there at [Q - 1 : -1], the positions before the change), and
+    the same for chunks grouped by query length (put back in order) as for chunks in order; the scores also with the
+    trailing columns that are pad in every row dropped."""
+    from ppo_tldr import (forward, generate, length_groups, logprobs_of, reference_logprobs_and_values,
+                          trim_left_padding, trim_right_padding)
+
+    from value_head import ScalarModel, get_reward
+
+    pad, width, response_length = 767, 16, 5  # pad: in the tiny vocabulary (768)
+    policy, value_model = _policy_and_value(str(world / "base_model"))
+    reward = ScalarModel.from_pretrained(str(reward_model))
+    generator = torch.Generator().manual_seed(3)
+    queries = _padded_queries([4, 9, 3, 7], width, generator, pad)  # 7 columns of common padding
+    responses = torch.randint(1, 700, (4, response_length), generator=generator)
+    responses[0, 3:], responses[2, 1:], responses[:, 4] = pad, pad, pad  # responses that ended early
+    full = torch.cat([queries, responses], 1)
+    trimmed = trim_left_padding(full, pad)
+    assert trimmed.shape == (4, 9 + response_length)
+    with torch.no_grad():
+        # 1. generation
+        torch.manual_seed(5)
+        full_generated, full_logits = generate(policy, queries, pad, response_length, 0.7)
+        torch.manual_seed(5)
+        generated, logits = generate(policy, trim_left_padding(queries, pad), pad, response_length, 0.7)
+        assert torch.equal(generated[:, -response_length:], full_generated[:, -response_length:])
+        torch.testing.assert_close(logprobs_of(logits, generated[:, -response_length:]),
+                                   logprobs_of(full_logits, full_generated[:, -response_length:]), rtol=1e-5, atol=1e-5)
+        # 2. reference log-probabilities and values: as computed before the change, at the full width
+        ref_logits = forward(policy, full, pad).logits[:, width - 1 : -1] / (0.7 + 1e-7)
+        expected_ref_logprobs = logprobs_of(ref_logits, responses)
+        expected_values = get_reward(value_model, full, pad, width)[0][:, width - 1 : -1]
+        for query_responses in (full, trimmed):
+            ref_logprobs, values = reference_logprobs_and_values(policy, value_model, query_responses, response_length,
+                                                                 pad, 0.7)
+            torch.testing.assert_close(ref_logprobs, expected_ref_logprobs, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(values, expected_values, rtol=1e-5, atol=1e-5)
+        # 3. scores
+        expected_scores = get_reward(reward, full, pad, width)[1]
+        torch.testing.assert_close(get_reward(reward, trimmed, pad, trimmed.size(1) - response_length)[1],
+                                   expected_scores, rtol=1e-5, atol=1e-5)
+        both = trim_right_padding(trimmed, pad)  # the last column is pad in every row
+        assert both.shape == (4, 9 + response_length - 1)
+        torch.testing.assert_close(get_reward(reward, both, pad, 9)[1], expected_scores, rtol=1e-5, atol=1e-5)
+        # chunks of 2 grouped by length (rows 2, 0 and 3, 1) vs in order, each chunk trimmed
+        for group in (False, True):
+            chunks = length_groups(queries, 2, pad, group)
+            assert [c.tolist() for c in chunks] == ([[2, 0], [3, 1]] if group else [[0, 1], [2, 3]])
+            parts = [reference_logprobs_and_values(policy, value_model, trim_left_padding(full[c], pad),
+                                                   response_length, pad, 0.7) for c in chunks]
+            unsort = torch.argsort(torch.cat(chunks))
+            torch.testing.assert_close(torch.cat([p[0] for p in parts])[unsort], expected_ref_logprobs, rtol=1e-5,
+                                       atol=1e-5)
+            torch.testing.assert_close(torch.cat([p[1] for p in parts])[unsort], expected_values, rtol=1e-5, atol=1e-5)
+            scores = [get_reward(reward, trim_right_padding(trim_left_padding(full[c], pad), pad), pad,
+                                 trim_left_padding(queries[c], pad).size(1))[1] for c in chunks]
+            torch.testing.assert_close(torch.cat(scores)[unsort], expected_scores, rtol=1e-5, atol=1e-5)
+
+
+def test_ppo_update_with_micro_batches_trimmed_equals_the_full_width(world, monkeypatch):
+    """ppo_update on 8 episodes with left-padded queries of different lengths (so the micro-batches drop different
+    numbers of columns) and responses that end early: the same losses, statistics and weights after one update as
+    the update at the full width (trimming switched off); and the positions read from the end are those the full
+    width read, [Q - 1 : -1]."""
+    import ppo_tldr
+    from ppo_tldr import PolicyAndValueWrapper, forward, logprobs_of
+
+    from value_head import get_reward
+
+    pad, width, response_length = 767, 16, 5  # pad: in the tiny vocabulary (768)
+    model_path = str(world / "base_model")
+    generator = torch.Generator().manual_seed(2)
+    queries = _padded_queries([4, 9, 3, 7, 12, 5, 2, 8], width, generator, pad)
+    responses = torch.randint(1, 700, (8, response_length), generator=generator)
+    responses[0, 3:], responses[5, 1:] = pad, pad
+    query_responses = torch.cat([queries, responses], 1)
+    padding_mask = responses == pad
+    padding_mask_p1 = torch.zeros_like(padding_mask)
+    padding_mask_p1[0, 4:], padding_mask_p1[5, 2:] = True, True
+    policy, value_model = _policy_and_value(model_path)
+    with torch.no_grad():
+        logits = forward(policy, query_responses, pad).logits[:, width - 1 : -1] / (0.7 + 1e-7)
+    rollout = dict(query_responses=query_responses, responses=responses,
+                   logprobs=logprobs_of(logits, responses) - 0.1 * torch.rand(8, 5, generator=generator),
+                   values=torch.randn(8, 5, generator=generator), returns=torch.randn(8, 5, generator=generator),
+                   advantages=torch.randn(8, 5, generator=generator), padding_mask=padding_mask,
+                   padding_mask_p1=padding_mask_p1)
+    results = {}
+    for trimmed in (True, False):
+        if not trimmed:
+            monkeypatch.setattr(ppo_tldr, "trim_left_padding", lambda tokens, pad_token_id: tokens)
+        torch.manual_seed(7)  # the same micro-batches (ppo_update's randperm)
+        wrapper = PolicyAndValueWrapper(*_policy_and_value(model_path))
+        stats = _update(wrapper, wrapper, rollout, 4, 2, pad)
+        results[trimmed] = (stats, wrapper.state_dict())
+    (stats, state), (full_stats, full_state) = results[True], results[False]
+    for name in full_stats:
+        torch.testing.assert_close(stats[name], full_stats[name], rtol=1e-5, atol=1e-6, msg=name)
+    initial = PolicyAndValueWrapper(*_policy_and_value(model_path)).state_dict()
+    assert max((full_state[k] - initial[k]).abs().max().item() for k in initial) > 1e-3  # the update moved
+    assert max((state[k] - full_state[k]).abs().max().item() for k in full_state) < 1e-5
+    # the positions read from the end are those of the full width, [Q - 1 : -1]: with the rollout's log-probabilities
+    # and values computed there (one micro-batch, trimmed), the ratio is 1 and the value loss is that of the returns'
+    # offsets alone
+    monkeypatch.undo()
+    with torch.no_grad():
+        values = get_reward(value_model, query_responses, pad, width)[0][:, width - 1 : -1]
+    offsets = torch.randn(8, 5, generator=generator)
+    exact = dict(rollout, logprobs=torch.masked_fill(logprobs_of(logits, responses), padding_mask, INVALID_LOGPROB),
+                 values=torch.masked_fill(values, padding_mask_p1, 0), returns=values + offsets)
+    wrapper = PolicyAndValueWrapper(*_policy_and_value(model_path))
+    stats = _update(wrapper, wrapper, exact, 8, 1, pad)
+    assert stats["ratio"].item() == pytest.approx(1.0, abs=1e-5)
+    assert stats["vf_loss"].item() == pytest.approx(0.5 * (offsets**2)[~padding_mask_p1].mean().item(), rel=1e-5)
