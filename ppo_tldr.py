@@ -74,20 +74,20 @@ class Args:
     sft_model_path: str = "cleanrl/EleutherAI_pythia-1b-deduped__sft__tldr"
     """the SFT policy: initialises the policy and the frozen reference policy"""
     sft_model_revision: Optional[str] = None
-    """branch, tag or commit of --sft-model-path on the hub (e.g. a run of the paper's release); None: the main branch. Only
-    for a hub id (a local folder has none)"""
+    """branch, tag or commit of --sft-model-path on the hub (e.g. a run of the paper's release); None: the main
+    branch. Only for a hub id (a local folder has none)"""
     reward_model_path: str = "cleanrl/EleutherAI_pythia-1b-deduped__reward__tldr"
     """the reward model (value_head folder, the N+ reference's ScalarModel, or a one-label
     AutoModelForSequenceClassification); also initialises the value model"""
     reward_model_revision: Optional[str] = None
-    """branch, tag or commit of --reward-model-path on the hub (e.g. a run of the paper's release); None: the main branch. Only
-    for a hub id (a local folder has none)"""
+    """branch, tag or commit of --reward-model-path on the hub (e.g. a run of the paper's release); None: the main
+    branch. Only for a hub id (a local folder has none)"""
     query_dataset: str = "vwxyzjn/summarize_from_feedback_tldr_3_filtered"
     """TL;DR posts: train split for rollouts (and its reference summaries for a missing reward bias), validation for
     the per-update score, validation + test for evaluation"""
     query_dataset_revision: Optional[str] = None
-    """branch, tag or commit of --query-dataset on the hub (e.g. a run of the paper's release); None: the main branch. Only
-    for a hub id (a local folder has none)"""
+    """branch, tag or commit of --query-dataset on the hub (e.g. a run of the paper's release); None: the main
+    branch. Only for a hub id (a local folder has none)"""
     query_length: int = 512
     """query length in tokens; longer posts are cut at their last newline [D2.2], shorter ones left-padded"""
     response_length: int = 53
@@ -830,7 +830,8 @@ if __name__ == "__main__":
         bias_source = None
         check_columns(dataset["train"], ["summary"], "--query-dataset (train; its reference summaries set the reward "
                       "model's missing bias [D15]; --no-compute-missing-bias leaves it 0)")
-        rows = dataset["train"].select(range(min(args.num_normalization_samples or len(dataset["train"]), len(dataset["train"]))))
+        num_rows = min(args.num_normalization_samples or len(dataset["train"]), len(dataset["train"]))
+        rows = dataset["train"].select(range(num_rows))
         norm_queries, norm_responses, norm_dropped = reference_summaries(rows, tokenizer, args.query_length,
                                                                          args.normalization_response_length)
         if not norm_queries:
@@ -850,8 +851,7 @@ if __name__ == "__main__":
                        f"--normalization-response-length left out)")
         logger.log({"normalization/bias": bias, **{f"normalization/{k}": v for k, v in stats.items()}}, step=0)
     reward_model.bias = value_model.bias = bias  # every score and the value model's initial outputs are normalised
-    if rank == 0:
-        print(f"[ppo] reward model normalisation bias {bias:.6g} ({bias_source})", flush=True)
+    print(f"[ppo] rank {rank}: reward model normalisation bias {bias!r} ({bias_source})", flush=True)
     unwrapped = PolicyAndValueWrapper(policy, value_model)
     model = DDP(unwrapped) if world_size > 1 and not args.fsdp else unwrapped
     if args.fsdp:

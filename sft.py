@@ -72,14 +72,14 @@ class Args:
     base_model: str = "EleutherAI/pythia-1b-deduped"
     """pretrained causal LM to fine-tune (hub id or local folder); its tokenizer gets a [PAD] token"""
     base_model_revision: Optional[str] = None
-    """branch, tag or commit of --base-model on the hub (e.g. a run of the paper's release); None: the main branch. Only
-    for a hub id (a local folder has none)"""
+    """branch, tag or commit of --base-model on the hub (e.g. a run of the paper's release); None: the main
+    branch. Only for a hub id (a local folder has none)"""
     query_dataset: str = "vwxyzjn/summarize_from_feedback_tldr_3_filtered"
     """SFT dataset (hub id or local folder): TL;DR columns id, subreddit, title, post, summary, or prompt/completion
     columns; splits train (trained on) and validation / test (evaluated)"""
     query_dataset_revision: Optional[str] = None
-    """branch, tag or commit of --query-dataset on the hub (e.g. a run of the paper's release); None: the main branch. Only
-    for a hub id (a local folder has none)"""
+    """branch, tag or commit of --query-dataset on the hub (e.g. a run of the paper's release); None: the main
+    branch. Only for a hub id (a local folder has none)"""
     query_length: int = 512
     """maximum query length in tokens; longer TL;DR posts are cut at newlines [D2.2], longer prompts are an error"""
     response_length: int = 53

@@ -1,7 +1,7 @@
 # See README.md "value_head.py": the scalar head shared by reward_model.py (producer) and ppo_tldr.py (consumer).
 """A transformer backbone with a scalar head: the reward model and PPO's value model.
 
-    model = ScalarModel.from_pretrained("path/or/hub-id")     # this format, or AutoModelForSequenceClassification
+    model = ScalarModel.from_pretrained("path/or/hub-id", revision=None)  # any of FORMATS (README.md "value_head.py")
     reward_logits, scores, sequence_lengths = get_reward(model, query_responses, pad_token_id, context_length)
 
 Saved as a plain folder: the backbone with its own `save_pretrained` (config.json + weights, loadable by AutoModel),
@@ -94,17 +94,17 @@ class ScalarModel(nn.Module):
                 raise ValueError(f"{path}: config.json has num_labels={config.num_labels}; a reward model has 1")
             rename = {"score.": "scalar_head."}  # + the backbone's own prefix, below
         else:
-            held = sorted(os.listdir(path)) if os.path.isdir(path) else [n for n in (*WEIGHT_FILES, "config.json") if find(n)]
+            held = sorted(os.listdir(path)) if os.path.isdir(path) else [n for n in ["config.json", *WEIGHT_FILES] if find(n)]
             raise ValueError(f"{path} is in none of the formats tried ({'; '.join(FORMATS)}): config.json architectures "
                              f"{architectures}; it holds {held}")
         model = cls(AutoModel.from_config(edit_config(config) if edit_config else config, dtype=torch.float32), bias)
         model.has_stored_bias = stored
         if fmt == FORMATS[2]:
             rename[model.backbone.base_model_prefix + "."] = "backbone."  # e.g. gpt_neox.
-        files = next(([name] if not name.endswith("json") else sorted(set(json.load(open(find(name)))["weight_map"].values()))
-                      for name in WEIGHT_FILES if find(name)), None)  # the first one present; an index lists shards
-        if files is None:
+        first = next((name for name in WEIGHT_FILES if find(name)), None)  # an index lists the shards
+        if first is None:
             raise ValueError(f"{path} ({fmt}): no weights, none of {WEIGHT_FILES}")
+        files = sorted(set(json.load(open(find(first)))["weight_map"].values())) if first.endswith("json") else [first]
         state = {}
         for name in files:
             if not find(name):
@@ -116,7 +116,8 @@ class ScalarModel(nn.Module):
                 state[key if prefix is None else rename[prefix] + key[len(prefix):]] = value
         if fmt == FORMATS[0]:
             files.append(HEAD_WEIGHTS)
-            state.update({f"scalar_head.{k}": v for k, v in (load_file(find(HEAD_WEIGHTS)) if find(HEAD_WEIGHTS) else {}).items()})
+            head = load_file(find(HEAD_WEIGHTS)) if find(HEAD_WEIGHTS) else {}
+            state.update({f"scalar_head.{k}": v for k, v in head.items()})
         expected, names = model.state_dict(), {new: old for old, new in rename.items()}
         as_file = lambda k: next((names[p] + k[len(p):] for p in names if k.startswith(p)), k)  # named as in the files
         optional = {"scalar_head.bias"} if fmt == FORMATS[2] else set()  # a classifier's score may have no bias (0)
@@ -126,7 +127,8 @@ class ScalarModel(nn.Module):
                                  for k, v in state.items() if k in expected and v.shape != expected[k].shape]}
         if any(wrong.values()):
             raise ValueError(f"{path} ({fmt}; weights {files}): the weights do not match its config: " + "; ".join(
-                f"{what} ({len(keys)}): {', '.join(keys[:4])}{' ...' * (len(keys) > 4)}" for what, keys in wrong.items() if keys))
+                f"{what} ({len(keys)}): {', '.join(keys[:4])}{' ...' * (len(keys) > 4)}" for what, keys in wrong.items()
+                if keys))
         model.load_state_dict(state, strict=False)  # copies into the fp32 parameters
         return model
 

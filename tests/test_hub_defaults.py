@@ -146,7 +146,7 @@ def test_the_literal_default_command_computes_logs_and_saves_the_bias(hub, world
     assert metrics[0]["step"] == 0 and "normalization/bias" in metrics[0]
     assert [m["step"] for m in metrics if "ppo/episode" in m] == [1, 2]
     bias = metrics[0]["normalization/bias"]
-    assert bias != 0.0 and f"bias {bias:.6g}" in result.stdout
+    assert bias != 0.0 and f"rank 0: reward model normalisation bias {bias!r}" in result.stdout
     assert json.loads((tmp_path / "run" / "value_model" / "value_head.json").read_text())["bias"] == bias
     assert (tmp_path / "run" / "model.safetensors").exists()
 
@@ -154,7 +154,7 @@ def test_the_literal_default_command_computes_logs_and_saves_the_bias(hub, world
 def test_a_released_reward_model_by_its_branch(hub, world, tmp_path):
     result = run_ppo(hub, world, tmp_path / "run", "--reward-model-path", RELEASE_ID,
                      "--reward-model-revision", RELEASE_BRANCH)
-    assert f"normalisation bias {RELEASE_BIAS:.6g} (stored)" in result.stdout
+    assert f"normalisation bias {RELEASE_BIAS!r} (stored)" in result.stdout
     metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert all("normalization/bias" not in m for m in metrics)  # a stored bias is used as it is
     assert json.loads((tmp_path / "run" / "value_model" / "value_head.json").read_text())["bias"] == RELEASE_BIAS
@@ -172,6 +172,7 @@ def test_the_release_repo_main_branch_is_not_a_model(hub, world, tmp_path):
 def test_bias_at_ppo_start_equals_the_one_reward_model_py_stores(world, tmp_path):
     """reward_model.py trains and stores its bias; the same weights written in the reference's format without a bias
     make ppo_tldr.py compute it at start, from the same references: the two agree."""
+    from test_dpo import free_port
     from test_reward_model import run_script, world_cli
 
     out = tmp_path / "rm"
@@ -193,14 +194,21 @@ def test_bias_at_ppo_start_equals_the_one_reward_model_py_stores(world, tmp_path
     for name in os.listdir(out):
         if name.startswith(("tokenizer", "special_tokens")):
             (unbiased / name).write_bytes((out / name).read_bytes())
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "ppo_tldr.py"), "--sft-model-path",
-                             str(world / "base_model"), "--reward-model-path", str(unbiased), "--query-dataset",
-                             str(world / "tldr_sft"), "--query-length", "128", "--response-length", "8",
-                             "--total-episodes", "8", "--batch-size", "8", "--local-micro-batch-size", "8",
-                             "--local-rollout-forward-batch-size", "8", "--num-ppo-epochs", "1", "--no-run-eval",
-                             "--num-normalization-samples", "24", "--normalization-response-length", "64",
-                             "--output-dir", str(tmp_path / "ppo")],
-                            cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    computed = json.loads((tmp_path / "ppo" / "metrics.jsonl").read_text().splitlines()[0])["normalization/bias"]
+    def ppo(out, *launcher):
+        result = subprocess.run([*launcher, os.path.join(ROOT, "ppo_tldr.py"), "--sft-model-path",
+                                 str(world / "base_model"), "--reward-model-path", str(unbiased), "--query-dataset",
+                                 str(world / "tldr_sft"), "--query-length", "128", "--response-length", "8",
+                                 "--total-episodes", "8", "--batch-size", "8", "--local-micro-batch-size", "4",
+                                 "--local-rollout-forward-batch-size", "4", "--num-ppo-epochs", "1", "--no-run-eval",
+                                 "--num-normalization-samples", "24", "--normalization-response-length", "64",
+                                 "--output-dir", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+        return json.loads((out / "metrics.jsonl").read_text().splitlines()[0])["normalization/bias"], result.stdout
+
+    computed, _ = ppo(tmp_path / "ppo", sys.executable)
     assert computed == pytest.approx(stored, abs=1e-6) and stored != 0.0
+    # two processes: each scores half of the references; both get every score, hence the same bias
+    two, stdout = ppo(tmp_path / "ppo2", sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                      "--master-port", str(free_port()))
+    assert two == pytest.approx(computed, abs=1e-6)
+    assert all(f"rank {r}: reward model normalisation bias {two!r}" in stdout for r in (0, 1))
