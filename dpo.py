@@ -74,14 +74,14 @@ class Args:
     """preference pairs (hub id or folder): raw OpenAI columns (info, summaries, choice, batch, split, extra) or the
     standard prompt/chosen/rejected strings; split "train" trains, every other split is evaluated"""
     label_dataset_revision: Optional[str] = None
-    """branch, tag or commit of --label-dataset on the hub (e.g. a run of the paper's release); None: the main
-    branch. Only for a hub id (a local folder has none)"""
+    """branch, tag or commit of --label-dataset on the hub; None: the main branch. Only for a hub id (a local
+    folder has none)"""
     query_dataset: str = "vwxyzjn/summarize_from_feedback_tldr_3_filtered"
     """SFT set (hub id or folder; columns id, subreddit, title, post, summary): its validation posts are the
     prompts of the generation evaluation, its summaries the references"""
     query_dataset_revision: Optional[str] = None
-    """branch, tag or commit of --query-dataset on the hub (e.g. a run of the paper's release); None: the main
-    branch. Only for a hub id (a local folder has none)"""
+    """branch, tag or commit of --query-dataset on the hub; None: the main branch. Only for a hub id (a local
+    folder has none)"""
     query_length: int = 512
     """maximum query length in tokens; longer posts are cut at their last newline [D2.2]"""
     response_length: int = 169

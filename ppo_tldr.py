@@ -86,8 +86,8 @@ class Args:
     """TL;DR posts: train split for rollouts (and its reference summaries for a missing reward bias), validation for
     the per-update score, validation + test for evaluation"""
     query_dataset_revision: Optional[str] = None
-    """branch, tag or commit of --query-dataset on the hub (e.g. a run of the paper's release); None: the main
-    branch. Only for a hub id (a local folder has none)"""
+    """branch, tag or commit of --query-dataset on the hub; None: the main branch. Only for a hub id (a local
+    folder has none)"""
     query_length: int = 512
     """query length in tokens; longer posts are cut at their last newline [D2.2], shorter ones left-padded"""
     response_length: int = 53

@@ -77,13 +77,13 @@ class Args:
     """preference pairs: OpenAI columns (info, summaries, choice, batch, split, extra) or prompt/chosen/rejected;
     split "train" trains, every other split is evaluated"""
     label_dataset_revision: Optional[str] = None
-    """branch, tag or commit of --label-dataset on the hub (e.g. a run of the paper's release); None: the main
-    branch. Only for a hub id (a local folder has none)"""
+    """branch, tag or commit of --label-dataset on the hub; None: the main branch. Only for a hub id (a local
+    folder has none)"""
     query_dataset: str = "vwxyzjn/summarize_from_feedback_tldr_3_filtered"
     """SFT data (subreddit, title, post, summary); its train split's reference summaries set the bias [D15]"""
     query_dataset_revision: Optional[str] = None
-    """branch, tag or commit of --query-dataset on the hub (e.g. a run of the paper's release); None: the main
-    branch. Only for a hub id (a local folder has none)"""
+    """branch, tag or commit of --query-dataset on the hub; None: the main branch. Only for a hub id (a local
+    folder has none)"""
     query_length: int = 512
     """maximum query length in tokens; longer TL;DR posts are cut at a newline [D2.2]"""
     response_length: int = 169

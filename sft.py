@@ -78,8 +78,8 @@ class Args:
     """SFT dataset (hub id or local folder): TL;DR columns id, subreddit, title, post, summary, or prompt/completion
     columns; splits train (trained on) and validation / test (evaluated)"""
     query_dataset_revision: Optional[str] = None
-    """branch, tag or commit of --query-dataset on the hub (e.g. a run of the paper's release); None: the main
-    branch. Only for a hub id (a local folder has none)"""
+    """branch, tag or commit of --query-dataset on the hub; None: the main branch. Only for a hub id (a local
+    folder has none)"""
     query_length: int = 512
     """maximum query length in tokens; longer TL;DR posts are cut at newlines [D2.2], longer prompts are an error"""
     response_length: int = 53
