@@ -34,6 +34,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel as DDP
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers.utils import cached_file
 
 
 @dataclass
@@ -70,12 +71,21 @@ class Args:
     # ---- end of the common block; then the script's model/data paths, lengths, batch sizes, optimiser, algorithm ----
     sft_model_path: str = "cleanrl/EleutherAI_pythia-1b-deduped__sft__tldr"
     """SFT checkpoint (hub id or folder): initialises the policy and the frozen reference; its tokenizer is used"""
+    sft_model_revision: Optional[str] = None
+    """branch, tag or commit of --sft-model-path on the hub (e.g. a run of the paper's release); None: the main
+    branch. Only for a hub id (a local folder has none)"""
     label_dataset: str = "vwxyzjn/summarize_from_feedback_oai_preprocessing_1706381144"
     """preference pairs (hub id or folder): raw OpenAI columns (info, summaries, choice, batch, split, extra) or the
     standard prompt/chosen/rejected strings; split "train" trains, every other split is evaluated"""
+    label_dataset_revision: Optional[str] = None
+    """branch, tag or commit of --label-dataset on the hub; None: the main branch. Only for a hub id (a local
+    folder has none)"""
     query_dataset: str = "vwxyzjn/summarize_from_feedback_tldr_3_filtered"
     """SFT set (hub id or folder; columns id, subreddit, title, post, summary): its validation posts are the
     prompts of the generation evaluation, its summaries the references"""
+    query_dataset_revision: Optional[str] = None
+    """branch, tag or commit of --query-dataset on the hub; None: the main branch. Only for a hub id (a local
+    folder has none)"""
     query_length: int = 512
     """maximum query length in tokens; longer posts are cut at their last newline [D2.2]"""
     response_length: int = 169
@@ -86,7 +96,7 @@ class Args:
     """number of training pairs to use (the first ones of the shuffle); None = one epoch over all kept pairs"""
     batch_size: int = 64
     """preference pairs per optimizer update, over all processes"""
-    local_micro_batch_size: int = 8
+    local_micro_batch_size: int = 1
     """preference pairs per forward/backward per process (each pair is two sequences: chosen and rejected)"""
     local_eval_batch_size: int = 8
     """pairs (preference evaluation) or posts (generation) per forward per process in the evaluation"""
@@ -140,33 +150,45 @@ def seed_everything(seed):
     torch.manual_seed(seed)  # also seeds every CUDA device
 
 
-def load_tokenizer(path, arg):
-    """Tokenizer with a dedicated [PAD] token: EOS as pad would teach the policy never to stop."""
-    tokenizer = AutoTokenizer.from_pretrained(path, padding_side="right")
+def load_tokenizer(path, arg, revision=None):
+    """Tokenizer (of `path` at `revision`) with a dedicated [PAD] token: EOS as pad would teach the policy never to
+    stop. A tokenizer that already holds [PAD] (the hub's SFT checkpoints) keeps its id."""
+    tokenizer = AutoTokenizer.from_pretrained(path, revision=revision, padding_side="right")
     if tokenizer.eos_token_id is None:
         raise ValueError(f"{arg} {path}: its tokenizer has no EOS token; responses must end with one [D3]")
     tokenizer.add_special_tokens({"pad_token": "[PAD]"})  # Pythia: new id 50277, inside the 50304 embedding rows
     return tokenizer
 
 
-def check_model_path(path, arg):
-    """Fail fast on a local model path that does not exist (a hub id `org/name` is left to transformers)."""
-    looks_like_hub_id = path.count("/") == 1 and not path.startswith((".", "~")) and os.environ.get("HF_HUB_OFFLINE") != "1"
-    if not os.path.isdir(path) and not looks_like_hub_id:
-        raise ValueError(f"{arg}: {path!r} is not a folder (expected a saved model folder or a hub id org/name)")
+def check_model_path(path, arg, revision=None):
+    """Fail fast on a model that cannot be found: a local path that is not a folder, a revision of a local folder,
+    or, offline (HF_HUB_OFFLINE=1), a hub id `org/name` whose config.json at `revision` is not in the cache (online,
+    a hub id is left to transformers)."""
+    hub_id = path.count("/") == 1 and not path.startswith((".", "~", "/"))
+    if os.path.isdir(path) and revision is not None:
+        raise ValueError(f"{arg.removesuffix('-path')}-revision {revision}: {path} is a local folder, it has no revisions")
+    if os.path.isdir(path) or (hub_id and os.environ.get("HF_HUB_OFFLINE") != "1") or (hub_id and cached_file(
+            path, "config.json", revision=revision, _raise_exceptions_for_missing_entries=False,
+            _raise_exceptions_for_connection_errors=False)):
+        return
+    raise ValueError(f"{arg}: {path!r} is not a folder, nor (offline) a hub id org/name in the Hugging Face cache at "
+                     f"revision {revision or 'main'}")
 
 
-def config_without_dropout(path):
-    """The model config with every dropout probability set to 0 [D7]."""
-    config = AutoConfig.from_pretrained(path)
+def config_without_dropout(path, revision=None):
+    """The model config of `path` (at `revision`), or `path` itself if it is a config, with every dropout probability
+    set to 0 [D7]."""
+    config = AutoConfig.from_pretrained(path, revision=revision) if isinstance(path, str) else path
     for key in [k for k in config.to_dict() if "dropout" in k and isinstance(getattr(config, k), float)]:
         setattr(config, key, 0.0)
     return config
 
 
-def load_policy(path, tokenizer, device):
-    """A causal LM with dropout disabled [D7]; embeddings grow only if the tokenizer outgrew them."""
-    model = AutoModelForCausalLM.from_pretrained(path, config=config_without_dropout(path))
+def load_policy(path, tokenizer, device, revision=None):
+    """A causal LM (of `path` at `revision`) in fp32 whatever its stored dtype, dropout disabled [D7]; embeddings
+    grow only if the tokenizer outgrew them."""
+    model = AutoModelForCausalLM.from_pretrained(path, revision=revision, config=config_without_dropout(path, revision),
+                                                 dtype=torch.float32)
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
         model.resize_token_embeddings(len(tokenizer))  # only for models without spare rows (Pythia has them)
     return model.to(device)
@@ -200,11 +222,13 @@ def right_pad(tokens, length, pad_token_id):
     return tokens + [pad_token_id] * (length - len(tokens))
 
 
-def load_data(path, arg, split=None):
-    """load_dataset(path, split=split), failing with the argument's name when the data cannot be read (the datasets
-    library refuses a local split without rows: 'Instruction "validation" corresponds to no data!')."""
+def load_data(path, arg, split=None, revision=None):
+    """load_dataset(path, split=split, revision=revision), failing with the argument's name when the data cannot be
+    read (the datasets library refuses a local split without rows: 'Instruction "validation" corresponds to no data!')."""
+    if os.path.isdir(path) and revision is not None:
+        raise ValueError(f"{arg}-revision {revision}: {path} is a local folder, it has no revisions")
     try:
-        return load_dataset(path, split=split)
+        return load_dataset(path, split=split, revision=revision)
     except ValueError as error:
         problem = "a split is empty" if "corresponds to no data" in str(error) else "cannot be loaded"
         raise ValueError(f"{arg} {path}: {problem} ({error})") from error
@@ -484,7 +508,7 @@ def validate_args(args, world_size):
                          f"and {args.keep_checkpoints}")
     if args.fsdp and world_size == 1:
         raise ValueError("--fsdp shards the model over processes: launch with torchrun --nproc-per-node N (N > 1)")
-    check_model_path(args.sft_model_path, "--sft-model-path")
+    check_model_path(args.sft_model_path, "--sft-model-path", args.sft_model_revision)
     for arg, path in [("--label-dataset", args.label_dataset), ("--query-dataset", args.query_dataset)]:
         if path.startswith(("/", ".")) and not os.path.exists(path):
             raise ValueError(f"{arg} {path}: no such file or folder")
@@ -630,19 +654,19 @@ if __name__ == "__main__":
     rank, world_size, device = init_distributed()
     torch.backends.cuda.matmul.fp32_precision = "tf32" if args.tf32 else "ieee"  # CUDA matmuls; no convolutions here
     grad_accum = validate_args(args, world_size)
-    label_datasets = load_data(args.label_dataset, "--label-dataset")
+    label_datasets = load_data(args.label_dataset, "--label-dataset", revision=args.label_dataset_revision)
     if "train" not in label_datasets:
         raise ValueError(f"--label-dataset {args.label_dataset}: no 'train' split (has {list(label_datasets)})")
     data_format = preference_format(label_datasets["train"])
     if args.run_eval:
-        query_dataset = load_data(args.query_dataset, "--query-dataset", "validation")
+        query_dataset = load_data(args.query_dataset, "--query-dataset", "validation", args.query_dataset_revision)
         check_columns(query_dataset, SFT_COLUMNS, "--query-dataset")
         if args.num_eval_samples is not None:
             if args.num_eval_samples > len(query_dataset) and rank == 0:
                 print(f"--num-eval-samples {args.num_eval_samples}: the validation split has only "
                       f"{len(query_dataset)} posts; generating for all of them", flush=True)
             query_dataset = query_dataset.select(range(min(args.num_eval_samples, len(query_dataset))))
-    tokenizer = load_tokenizer(args.sft_model_path, "--sft-model-path")
+    tokenizer = load_tokenizer(args.sft_model_path, "--sft-model-path", args.sft_model_revision)
     pad_token_id, eos_token_id = tokenizer.pad_token_id, tokenizer.eos_token_id
     sequence_length = max(args.query_length, args.cnndm_query_length) + args.response_length  # the longest [D5]
 
@@ -714,11 +738,11 @@ if __name__ == "__main__":
         return math.ceil(len(dataset) / world_size)
 
     # Policy and frozen reference, both from the SFT checkpoint, dropout off [D7].
-    policy = load_policy(args.sft_model_path, tokenizer, device)
+    policy = load_policy(args.sft_model_path, tokenizer, device, args.sft_model_revision)
     policy.train()
     if args.fsdp:  # sharded before the reference loads (two whole 6.9B models would not fit one GPU)
         shard_model(policy, args.bf16 and device.type == "cuda")  # its gradients are reduce-scattered
-    ref_model = load_policy(args.sft_model_path, tokenizer, device)
+    ref_model = load_policy(args.sft_model_path, tokenizer, device, args.sft_model_revision)
     ref_model.eval().requires_grad_(False)
     if args.fsdp:
         shard_model(ref_model, args.bf16 and device.type == "cuda")

@@ -36,6 +36,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel as DDP
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers.utils import cached_file
 
 from value_head import ScalarModel, get_reward
 
@@ -76,14 +77,35 @@ class Args:
     # ---- models and data ----
     sft_model_path: str = "cleanrl/EleutherAI_pythia-1b-deduped__sft__tldr"
     """the SFT policy: initialises the policy and the frozen reference policy"""
+    sft_model_revision: Optional[str] = None
+    """branch, tag or commit of --sft-model-path on the hub (e.g. a run of the paper's release); None: the main
+    branch. Only for a hub id (a local folder has none)"""
     reward_model_path: str = "cleanrl/EleutherAI_pythia-1b-deduped__reward__tldr"
-    """the reward model (value_head folder or AutoModelForSequenceClassification); also initialises the value model"""
+    """the reward model (value_head folder, the N+ reference's ScalarModel, or a one-label
+    AutoModelForSequenceClassification); also initialises the value model"""
+    reward_model_revision: Optional[str] = None
+    """branch, tag or commit of --reward-model-path on the hub (e.g. a run of the paper's release); None: the main
+    branch. Only for a hub id (a local folder has none)"""
     query_dataset: str = "vwxyzjn/summarize_from_feedback_tldr_3_filtered"
-    """TL;DR posts: train split for rollouts, validation for the per-update score, validation + test for evaluation"""
+    """TL;DR posts: train split for rollouts (and its reference summaries for a missing reward bias), validation for
+    the per-update score, validation + test for evaluation"""
+    query_dataset_revision: Optional[str] = None
+    """branch, tag or commit of --query-dataset on the hub; None: the main branch. Only for a hub id (a local
+    folder has none)"""
     query_length: int = 512
     """query length in tokens; longer posts are cut at their last newline [D2.2], shorter ones left-padded"""
     response_length: int = 53
     """tokens sampled per response; sampling never stops early [D23.1]"""
+    compute_missing_bias: bool = True
+    """a reward model whose files hold no normalisation bias (the hub's converted sequence classifier) gets it at the
+    start as reward_model.py sets it [D15]: the mean score of --query-dataset's train reference summaries; it is
+    printed, logged and saved with the value model. A stored bias is used as it is. Off: bias 0"""
+    num_normalization_samples: Optional[int] = None
+    """reference summaries (the first ones of the train split) scored for a missing bias; None: all (as
+    reward_model.py's default)"""
+    normalization_response_length: int = 169
+    """reward_model.py's --response-length for a missing bias: longer reference summaries (tokens, EOS included) are
+    left out, and query + summary are right-padded to --query-length + this"""
     # ---- batch sizes ----
     total_episodes: int = 1_000_000
     """episodes (sampled responses) to train on; updates = total_episodes // batch_size"""
@@ -91,7 +113,7 @@ class Args:
     """episodes per PPO update over all devices (the algorithm's knob; independent of the number of devices)"""
     num_mini_batches: int = 1
     """mini-batches per PPO epoch (one optimizer step each)"""
-    local_micro_batch_size: int = 64
+    local_micro_batch_size: int = 16
     """episodes per device per forward/backward; gradient accumulation = batch_size / num_mini_batches /
     (local_micro_batch_size * devices)"""
     local_rollout_forward_batch_size: int = 64
@@ -186,18 +208,28 @@ def seed_everything(seed):
     torch.manual_seed(seed)  # also seeds every CUDA device
 
 
-def check_model_path(path, arg):
-    """Fail fast on a local model path that does not exist (a hub id `org/name` is left to transformers)."""
-    looks_like_hub_id = path.count("/") == 1 and not path.startswith((".", "~")) and os.environ.get("HF_HUB_OFFLINE") != "1"
-    if not os.path.isdir(path) and not looks_like_hub_id:
-        raise ValueError(f"{arg}: {path!r} is not a folder (expected a saved model folder or a hub id org/name)")
+def check_model_path(path, arg, revision=None):
+    """Fail fast on a model that cannot be found: a local path that is not a folder, a revision of a local folder,
+    or, offline (HF_HUB_OFFLINE=1), a hub id `org/name` whose config.json at `revision` is not in the cache (online,
+    a hub id is left to transformers)."""
+    hub_id = path.count("/") == 1 and not path.startswith((".", "~", "/"))
+    if os.path.isdir(path) and revision is not None:
+        raise ValueError(f"{arg.removesuffix('-path')}-revision {revision}: {path} is a local folder, it has no revisions")
+    if os.path.isdir(path) or (hub_id and os.environ.get("HF_HUB_OFFLINE") != "1") or (hub_id and cached_file(
+            path, "config.json", revision=revision, _raise_exceptions_for_missing_entries=False,
+            _raise_exceptions_for_connection_errors=False)):
+        return
+    raise ValueError(f"{arg}: {path!r} is not a folder, nor (offline) a hub id org/name in the Hugging Face cache at "
+                     f"revision {revision or 'main'}")
 
 
-def load_data(path, arg, split=None):
-    """load_dataset(path, split=split), failing with the argument's name when the data cannot be read (the datasets
-    library refuses a local split without rows: 'Instruction "validation" corresponds to no data!')."""
+def load_data(path, arg, split=None, revision=None):
+    """load_dataset(path, split=split, revision=revision), failing with the argument's name when the data cannot be
+    read (the datasets library refuses a local split without rows: 'Instruction "validation" corresponds to no data!')."""
+    if os.path.isdir(path) and revision is not None:
+        raise ValueError(f"{arg}-revision {revision}: {path} is a local folder, it has no revisions")
     try:
-        return load_dataset(path, split=split)
+        return load_dataset(path, split=split, revision=revision)
     except ValueError as error:
         problem = "a split is empty" if "corresponds to no data" in str(error) else "cannot be loaded"
         raise ValueError(f"{arg} {path}: {problem} ({error})") from error
@@ -210,26 +242,30 @@ def check_columns(dataset, columns, arg):
         raise ValueError(f"{arg}: the dataset lacks the column(s) {missing}; it has {dataset.column_names}")
 
 
-def load_tokenizer(path, arg):
-    """Tokenizer with a dedicated [PAD] token: EOS as pad would teach the policy never to stop."""
-    tokenizer = AutoTokenizer.from_pretrained(path, padding_side="right")
+def load_tokenizer(path, arg, revision=None):
+    """Tokenizer (of `path` at `revision`) with a dedicated [PAD] token: EOS as pad would teach the policy never to
+    stop. A tokenizer that already holds [PAD] (the hub's SFT checkpoints) keeps its id."""
+    tokenizer = AutoTokenizer.from_pretrained(path, revision=revision, padding_side="right")
     if tokenizer.eos_token_id is None:
         raise ValueError(f"{arg} {path}: its tokenizer has no EOS token; responses must end with one [D3]")
     tokenizer.add_special_tokens({"pad_token": "[PAD]"})  # Pythia: new id 50277, inside the 50304 embedding rows
     return tokenizer
 
 
-def config_without_dropout(path):
-    """The model config with every dropout probability set to 0 [D7]."""
-    config = AutoConfig.from_pretrained(path)
+def config_without_dropout(path, revision=None):
+    """The model config of `path` (at `revision`), or `path` itself if it is a config, with every dropout probability
+    set to 0 [D7]."""
+    config = AutoConfig.from_pretrained(path, revision=revision) if isinstance(path, str) else path
     for key in [k for k in config.to_dict() if "dropout" in k and isinstance(getattr(config, k), float)]:
         setattr(config, key, 0.0)
     return config
 
 
-def load_policy(path, tokenizer, device):
-    """A causal LM with dropout disabled [D7]; embeddings grow only if the tokenizer outgrew them."""
-    model = AutoModelForCausalLM.from_pretrained(path, config=config_without_dropout(path))
+def load_policy(path, tokenizer, device, revision=None):
+    """A causal LM (of `path` at `revision`) in fp32 whatever its stored dtype, dropout disabled [D7]; embeddings
+    grow only if the tokenizer outgrew them."""
+    model = AutoModelForCausalLM.from_pretrained(path, revision=revision, config=config_without_dropout(path, revision),
+                                                 dtype=torch.float32)
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
         model.resize_token_embeddings(len(tokenizer))  # only for models without spare rows (Pythia has them)
     return model.to(device)
@@ -341,6 +377,69 @@ def generate(model, queries, pad_token_id, response_length, temperature):
             m.reshard()
             m.set_reshard_after_forward(m is not model, recurse=False)
     return torch.cat([queries] + tokens, dim=1), torch.stack(all_logits, dim=1)
+
+
+def right_pad(tokens, length, pad_token_id):
+    return tokens + [pad_token_id] * (length - len(tokens))
+
+
+def eval_chunks(share, size, longest_share, filler):
+    """This process's `share` of an evaluation set in chunks of `size`, as many chunks as the longest share on any
+    process makes: under FSDP every process must run the same forwards, so a shorter share ends with chunks of one
+    `filler` item whose results are dropped. Yields (chunk, keep)."""
+    for start in range(0, longest_share, size):
+        chunk = share[start : start + size]
+        yield (chunk, True) if chunk else ([filler], False)
+
+
+def gather_lists(items, world_size):
+    """The concatenation of every rank's list (all ranks get it); the list itself without a process group."""
+    if world_size == 1:
+        return items
+    gathered = [None] * world_size
+    dist.all_gather_object(gathered, items)
+    return [item for part in gathered for item in part]
+
+
+def normalization_stats(scores):
+    """(bias, stats): the mean score becomes the bias [D15]; stats of the scores minus the bias."""
+    scores = torch.tensor(scores, dtype=torch.float64)
+    bias = scores.mean().item()
+    normalized = scores - bias
+    std = normalized.std().item() if len(normalized) > 1 else 0.0
+    stats = dict(mean=normalized.mean().item(), std=std, min=normalized.min().item(), max=normalized.max().item())
+    return bias, stats
+
+
+def reference_summaries(rows, tokenizer, query_length, response_length):
+    """(queries, responses, dropped): the TL;DR queries [D2.2] and reference summaries " {summary}" + EOS [D3] that
+    set the normalisation bias [D15]; a summary over `response_length` tokens (EOS included) is dropped and counted."""
+    queries, responses, dropped = [], [], 0
+    for row in rows:
+        response = tokenizer.encode(" " + row["summary"]) + [tokenizer.eos_token_id]  # leading space, EOS [D3]
+        if len(response) > response_length:
+            dropped += 1
+            continue
+        queries.append(tokenize_query(tokenizer, row, query_length))  # [D2.2]
+        responses.append(response)
+    return queries, responses, dropped
+
+
+@torch.no_grad()
+def normalization_bias(reward_model, queries, responses, pad_token_id, length, batch_size, device, rank, world_size,
+                       autocast):
+    """(bias, stats) as reward_model.py computes them after training [D15]: each query + reference summary
+    right-padded to `length` tokens and scored at its EOS; each process scores its share (the same number of forwards
+    everywhere, for FSDP) and every process gets all scores in the same order (all_gather_object: no tensor in the
+    collective), hence the same bias."""
+    share, scores = list(range(rank, len(queries), world_size)), []
+    for idxs, keep in eval_chunks(share, batch_size, math.ceil(len(queries) / world_size), 0):
+        batch = torch.tensor([right_pad(queries[i] + responses[i], length, pad_token_id) for i in idxs], device=device)
+        with autocast:
+            _, score, _ = get_reward(reward_model, batch, pad_token_id, context_length=0)
+        if keep:
+            scores += score.float().tolist()
+    return normalization_stats(gather_lists(scores, world_size))
 
 
 def masked_mean(values, mask, axis=None):
@@ -779,9 +878,9 @@ if __name__ == "__main__":
     num_updates = args.total_episodes // args.batch_size
     if num_updates < 1:
         raise ValueError(f"--total-episodes {args.total_episodes} is smaller than one --batch-size {args.batch_size}")
-    check_model_path(args.sft_model_path, "--sft-model-path")
-    check_model_path(args.reward_model_path, "--reward-model-path")
-    dataset = load_data(args.query_dataset, "--query-dataset")
+    check_model_path(args.sft_model_path, "--sft-model-path", args.sft_model_revision)
+    check_model_path(args.reward_model_path, "--reward-model-path", args.reward_model_revision)
+    dataset = load_data(args.query_dataset, "--query-dataset", revision=args.query_dataset_revision)
     for split in ["train", "validation"] + (["test"] if args.run_eval else []):
         if split not in dataset:
             raise ValueError(f"--query-dataset {args.query_dataset} has no {split!r} split (it has {list(dataset)})")
@@ -803,16 +902,17 @@ if __name__ == "__main__":
         raise ValueError(f"--kl-target must be positive (a KL in nats per response), got {args.kl_target}")
     if args.kl_horizon <= 0:
         raise ValueError(f"--kl-horizon must be positive (episodes), got {args.kl_horizon}")
-    tokenizer = load_tokenizer(args.sft_model_path, "--sft-model-path")
+    tokenizer = load_tokenizer(args.sft_model_path, "--sft-model-path", args.sft_model_revision)
     pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
     reward_tokenizer = None  # the reward model reads the policy's token ids: its tokenizer must be the same
-    if os.path.isdir(args.reward_model_path) and not os.path.isfile(f"{args.reward_model_path}/tokenizer_config.json"):
+    if not cached_file(args.reward_model_path, "tokenizer_config.json", revision=args.reward_model_revision,
+                       _raise_exceptions_for_missing_entries=False, _raise_exceptions_for_connection_errors=False):
         print(f"[ppo] --reward-model-path {args.reward_model_path} holds no tokenizer: it cannot be checked against "
               f"the policy's, so it is taken to be the same", flush=True)
-    else:
-        reward_tokenizer = load_tokenizer(args.reward_model_path, "--reward-model-path")
-    if reward_tokenizer is not None and (reward_tokenizer.get_vocab() != tokenizer.get_vocab()
-                                         or reward_tokenizer.eos_token_id != eos):
+    else:  # as shipped, without a [PAD] of its own (the hub's): pad ids never reach a model, so [PAD] is left out
+        reward_tokenizer = AutoTokenizer.from_pretrained(args.reward_model_path, revision=args.reward_model_revision)
+    vocab = lambda t: {token: i for token, i in t.get_vocab().items() if token != "[PAD]"}
+    if reward_tokenizer is not None and (vocab(reward_tokenizer) != vocab(tokenizer) or reward_tokenizer.eos_token_id != eos):
         raise ValueError(f"--reward-model-path {args.reward_model_path}: its tokenizer differs from --sft-model-path's "
                          f"({len(reward_tokenizer)} vs {len(tokenizer)} tokens, EOS {reward_tokenizer.eos_token_id} vs "
                          f"{eos}); the reward model must read the policy's token ids")
@@ -832,9 +932,9 @@ if __name__ == "__main__":
     if checkpoint is not None:
         run_name = checkpoint["run_name"]
     seed_everything(args.seed + rank * 100003)
-    logger = Logger(args, run_name, output_dir, rank, checkpoint)  # the first write into output_dir
 
-    # ---- models: policy and reference from SFT, reward and value from the reward model ----
+    # ---- models: reward and value from the reward model (first: a bad one fails before anything is written),
+    # policy and reference from SFT ----
     def prepare(model, frozen):
         """Frozen models in eval mode without gradients; gradient checkpointing on the trained ones if asked. Under
         --fsdp each model is sharded as soon as it is loaded: the four whole 6.9B models would not fit one GPU."""
@@ -848,13 +948,36 @@ if __name__ == "__main__":
             model.compile(dynamic=True)
         return model
 
-    policy = prepare(load_policy(args.sft_model_path, tokenizer, device), frozen=False)
-    ref_policy = prepare(load_policy(args.sft_model_path, tokenizer, device), frozen=True)
-    scalar_config = config_without_dropout(args.reward_model_path)
-    reward_model = ScalarModel.from_pretrained(args.reward_model_path, config=scalar_config).to(device)
-    reward_model = prepare(reward_model, frozen=True)
-    value_model = ScalarModel.from_pretrained(args.reward_model_path, config=scalar_config).to(device)
-    value_model = prepare(value_model, frozen=False)
+    reward_model = ScalarModel.from_pretrained(args.reward_model_path, args.reward_model_revision, config_without_dropout)
+    bias, bias_source = reward_model.bias, "stored" if reward_model.has_stored_bias else "none stored, not computed"
+    if checkpoint is not None and "reward_bias" in checkpoint:
+        bias, bias_source = checkpoint["reward_bias"], "the resumed run's"
+    elif not reward_model.has_stored_bias and args.compute_missing_bias:  # checked and tokenised before anything is written
+        bias_source = None
+        check_columns(dataset["train"], ["summary"], "--query-dataset (train; its reference summaries set the reward "
+                      "model's missing bias [D15]; --no-compute-missing-bias leaves it 0)")
+        num_rows = min(args.num_normalization_samples or len(dataset["train"]), len(dataset["train"]))
+        rows = dataset["train"].select(range(num_rows))
+        norm_queries, norm_responses, norm_dropped = reference_summaries(rows, tokenizer, args.query_length,
+                                                                         args.normalization_response_length)
+        if not norm_queries:
+            raise ValueError(f"--query-dataset {args.query_dataset}: no train reference summary fits "
+                             f"--normalization-response-length {args.normalization_response_length}")
+    reward_model = prepare(reward_model.to(device), frozen=True)
+    value_model = ScalarModel.from_pretrained(args.reward_model_path, args.reward_model_revision, config_without_dropout)
+    value_model = prepare(value_model.to(device), frozen=False)
+    policy = prepare(load_policy(args.sft_model_path, tokenizer, device, args.sft_model_revision), frozen=False)
+    ref_policy = prepare(load_policy(args.sft_model_path, tokenizer, device, args.sft_model_revision), frozen=True)
+    logger = Logger(args, run_name, output_dir, rank, checkpoint)  # the first write into output_dir
+    if bias_source is None:  # [D15] as reward_model.py sets it after training; the same value on every process
+        bias, stats = normalization_bias(reward_model, norm_queries, norm_responses, pad,
+                                         args.query_length + args.normalization_response_length,
+                                         args.local_rollout_forward_batch_size, device, rank, world_size, autocast)
+        bias_source = (f"computed: mean score of {len(norm_queries)} train reference summaries ({norm_dropped} over "
+                       f"--normalization-response-length left out)")
+        logger.log({"normalization/bias": bias, **{f"normalization/{k}": v for k, v in stats.items()}}, step=0)
+    reward_model.bias = value_model.bias = bias  # every score and the value model's initial outputs are normalised
+    print(f"[ppo] rank {rank}: reward model normalisation bias {bias!r} ({bias_source})", flush=True)
     unwrapped = PolicyAndValueWrapper(policy, value_model)
     model = DDP(unwrapped) if world_size > 1 and not args.fsdp else unwrapped
     if args.fsdp:
@@ -877,7 +1000,7 @@ if __name__ == "__main__":
     def write_checkpoint(update):
         model_state, optimizer_state = get_state_dict(unwrapped, optimizer, options=full_state)  # gathers FSDP shards
         state = dict(rng=rng_states(world_size), update=update, episode=global_step, optimizer_steps=optimizer_steps,
-                     kl_coef=kl_coef)
+                     kl_coef=kl_coef, reward_bias=bias)
         if rank == 0:  # the prompt order is a function of the update counter: it is the data-loader position
             save_checkpoint(output_dir, update, dict(state, model=model_state, optimizer=optimizer_state,
                                                      args=asdict(args), run_name=run_name, **logger.state()),

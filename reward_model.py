@@ -35,6 +35,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel as DDP
 from transformers import AutoConfig, AutoTokenizer
+from transformers.utils import cached_file
 
 from value_head import ScalarModel, get_reward
 
@@ -73,11 +74,20 @@ class Args:
     # ---- end of the common block; then the script's model/data paths, lengths, batch sizes, optimiser, algorithm ----
     sft_model_path: str = "cleanrl/EleutherAI_pythia-1b-deduped__sft__tldr"
     """SFT checkpoint (hub id or local folder): its backbone and tokenizer start the reward model [D10]"""
+    sft_model_revision: Optional[str] = None
+    """branch, tag or commit of --sft-model-path on the hub (e.g. a run of the paper's release); None: the main
+    branch. Only for a hub id (a local folder has none)"""
     label_dataset: str = "vwxyzjn/summarize_from_feedback_oai_preprocessing_1706381144"
     """preference pairs: OpenAI columns (info, summaries, choice, batch, split, extra) or prompt/chosen/rejected;
     split "train" trains, every other split is evaluated"""
+    label_dataset_revision: Optional[str] = None
+    """branch, tag or commit of --label-dataset on the hub; None: the main branch. Only for a hub id (a local
+    folder has none)"""
     query_dataset: str = "vwxyzjn/summarize_from_feedback_tldr_3_filtered"
     """SFT data (subreddit, title, post, summary); its train split's reference summaries set the bias [D15]"""
+    query_dataset_revision: Optional[str] = None
+    """branch, tag or commit of --query-dataset on the hub; None: the main branch. Only for a hub id (a local
+    folder has none)"""
     query_length: int = 512
     """maximum query length in tokens; longer TL;DR posts are cut at a newline [D2.2]"""
     response_length: int = 169
@@ -86,9 +96,9 @@ class Args:
     """number of training pairs to use (a random subset of the train split); None: all of them, one epoch"""
     batch_size: int = 64
     """pairs per optimizer update, summed over all devices"""
-    local_micro_batch_size: int = 8
+    local_micro_batch_size: int = 1
     """pairs per device per forward/backward (2x sequences: chosen and rejected in one pass)"""
-    local_eval_batch_size: int = 16
+    local_eval_batch_size: int = 8
     """pairs per device per forward in evaluation; reference summaries per forward in the normalisation"""
     num_eval_samples: Optional[int] = None
     """pairs evaluated per validation split (the first ones); None: all"""
@@ -131,25 +141,35 @@ def seed_everything(seed):
     torch.manual_seed(seed)  # also seeds every CUDA device
 
 
-def load_tokenizer(path, arg):
-    """Tokenizer with a dedicated [PAD] token: EOS as pad would teach the policy never to stop."""
-    tokenizer = AutoTokenizer.from_pretrained(path, padding_side="right")
+def load_tokenizer(path, arg, revision=None):
+    """Tokenizer (of `path` at `revision`) with a dedicated [PAD] token: EOS as pad would teach the policy never to
+    stop. A tokenizer that already holds [PAD] (the hub's SFT checkpoints) keeps its id."""
+    tokenizer = AutoTokenizer.from_pretrained(path, revision=revision, padding_side="right")
     if tokenizer.eos_token_id is None:
         raise ValueError(f"{arg} {path}: its tokenizer has no EOS token; responses must end with one [D3]")
     tokenizer.add_special_tokens({"pad_token": "[PAD]"})  # Pythia: new id 50277, inside the 50304 embedding rows
     return tokenizer
 
 
-def check_model_path(path, arg):
-    """Fail fast on a local model path that does not exist (a hub id `org/name` is left to transformers)."""
-    looks_like_hub_id = path.count("/") == 1 and not path.startswith((".", "~")) and os.environ.get("HF_HUB_OFFLINE") != "1"
-    if not os.path.isdir(path) and not looks_like_hub_id:
-        raise ValueError(f"{arg}: {path!r} is not a folder (expected a saved model folder or a hub id org/name)")
+def check_model_path(path, arg, revision=None):
+    """Fail fast on a model that cannot be found: a local path that is not a folder, a revision of a local folder,
+    or, offline (HF_HUB_OFFLINE=1), a hub id `org/name` whose config.json at `revision` is not in the cache (online,
+    a hub id is left to transformers)."""
+    hub_id = path.count("/") == 1 and not path.startswith((".", "~", "/"))
+    if os.path.isdir(path) and revision is not None:
+        raise ValueError(f"{arg.removesuffix('-path')}-revision {revision}: {path} is a local folder, it has no revisions")
+    if os.path.isdir(path) or (hub_id and os.environ.get("HF_HUB_OFFLINE") != "1") or (hub_id and cached_file(
+            path, "config.json", revision=revision, _raise_exceptions_for_missing_entries=False,
+            _raise_exceptions_for_connection_errors=False)):
+        return
+    raise ValueError(f"{arg}: {path!r} is not a folder, nor (offline) a hub id org/name in the Hugging Face cache at "
+                     f"revision {revision or 'main'}")
 
 
-def config_without_dropout(path):
-    """The model config with every dropout probability set to 0 [D7]."""
-    config = AutoConfig.from_pretrained(path)
+def config_without_dropout(path, revision=None):
+    """The model config of `path` (at `revision`), or `path` itself if it is a config, with every dropout probability
+    set to 0 [D7]."""
+    config = AutoConfig.from_pretrained(path, revision=revision) if isinstance(path, str) else path
     for key in [k for k in config.to_dict() if "dropout" in k and isinstance(getattr(config, k), float)]:
         setattr(config, key, 0.0)
     return config
@@ -183,11 +203,13 @@ def right_pad(tokens, length, pad_token_id):
     return tokens + [pad_token_id] * (length - len(tokens))
 
 
-def load_data(path, arg, split=None):
-    """load_dataset(path, split=split), failing with the argument's name when the data cannot be read (the datasets
-    library refuses a local split without rows: 'Instruction "validation" corresponds to no data!')."""
+def load_data(path, arg, split=None, revision=None):
+    """load_dataset(path, split=split, revision=revision), failing with the argument's name when the data cannot be
+    read (the datasets library refuses a local split without rows: 'Instruction "validation" corresponds to no data!')."""
+    if os.path.isdir(path) and revision is not None:
+        raise ValueError(f"{arg}-revision {revision}: {path} is a local folder, it has no revisions")
     try:
-        return load_dataset(path, split=split)
+        return load_dataset(path, split=split, revision=revision)
     except ValueError as error:
         problem = "a split is empty" if "corresponds to no data" in str(error) else "cannot be loaded"
         raise ValueError(f"{arg} {path}: {problem} ({error})") from error
@@ -519,6 +541,20 @@ def normalization_stats(scores):
     return bias, stats
 
 
+def reference_summaries(rows, tokenizer, query_length, response_length):
+    """(queries, responses, dropped): the TL;DR queries [D2.2] and reference summaries " {summary}" + EOS [D3] that
+    set the normalisation bias [D15]; a summary over `response_length` tokens (EOS included) is dropped and counted."""
+    queries, responses, dropped = [], [], 0
+    for row in rows:
+        response = tokenizer.encode(" " + row["summary"]) + [tokenizer.eos_token_id]  # leading space, EOS [D3]
+        if len(response) > response_length:
+            dropped += 1
+            continue
+        queries.append(tokenize_query(tokenizer, row, query_length))  # [D2.2]
+        responses.append(response)
+    return queries, responses, dropped
+
+
 # ------------------------------------------------------------------ main ----------------------------------------
 if __name__ == "__main__":
     args = tyro.cli(Args)
@@ -540,14 +576,14 @@ if __name__ == "__main__":
         raise ValueError("--fsdp shards the model over processes: launch with torchrun --nproc-per-node N (N > 1)")
     gradient_accumulation_steps = exact_div(args.batch_size, args.local_micro_batch_size * world_size,
                                             "--batch-size / (--local-micro-batch-size * number of processes)")
-    check_model_path(args.sft_model_path, "--sft-model-path")
-    tokenizer = load_tokenizer(args.sft_model_path, "--sft-model-path")
+    check_model_path(args.sft_model_path, "--sft-model-path", args.sft_model_revision)
+    tokenizer = load_tokenizer(args.sft_model_path, "--sft-model-path", args.sft_model_revision)
     pad_token_id = tokenizer.pad_token_id
-    label_splits = load_data(args.label_dataset, "--label-dataset")
+    label_splits = load_data(args.label_dataset, "--label-dataset", revision=args.label_dataset_revision)
     if "train" not in label_splits:
         raise ValueError(f"--label-dataset {args.label_dataset}: no train split (it has {list(label_splits)})")
     eval_splits = [split for split in label_splits if split != "train"] if args.run_eval else []
-    query_rows = load_data(args.query_dataset, "--query-dataset", "train")
+    query_rows = load_data(args.query_dataset, "--query-dataset", "train", args.query_dataset_revision)
     check_columns(query_rows, QUERY_COLUMNS, f"--query-dataset {args.query_dataset}")
 
     # ---- 1. tokenize: query + chosen and query + rejected, right-padded at batching [D12] ----
@@ -571,14 +607,9 @@ if __name__ == "__main__":
     if num_train_pairs % args.batch_size and rank == 0:
         print(f"{num_train_pairs % args.batch_size} training pairs left out: not a full batch of {args.batch_size}")
     # the reference summaries of the SFT train split, scored after training for the bias [D15]
-    norm_queries, norm_responses, norm_dropped = [], [], 0
-    for row in query_rows.select(range(min(args.num_normalization_samples or len(query_rows), len(query_rows)))):
-        response = tokenizer.encode(" " + row["summary"]) + [tokenizer.eos_token_id]  # leading space, EOS [D3]
-        if len(response) > args.response_length:
-            norm_dropped += 1
-            continue
-        norm_queries.append(tokenize_query(tokenizer, row, args.query_length))  # [D2.2]
-        norm_responses.append(response)
+    norm_rows = query_rows.select(range(min(args.num_normalization_samples or len(query_rows), len(query_rows))))
+    norm_queries, norm_responses, norm_dropped = reference_summaries(norm_rows, tokenizer, args.query_length,
+                                                                     args.response_length)
     if not norm_queries:
         raise ValueError(f"--query-dataset {args.query_dataset}: no reference summary fits --response-length")
     if rank == 0:
@@ -593,7 +624,8 @@ if __name__ == "__main__":
         run_name = checkpoint["run_name"]
     seed_everything(args.seed + rank * 100003)
     logger = Logger(args, run_name, output_dir, rank, checkpoint)  # the first write into output_dir
-    model = ScalarModel.from_backbone(args.sft_model_path, config=config_without_dropout(args.sft_model_path))
+    model = ScalarModel.from_backbone(args.sft_model_path, revision=args.sft_model_revision,
+                                      config=config_without_dropout(args.sft_model_path, args.sft_model_revision))
     model = model.to(device)  # fp32 weights; [PAD] ids are replaced by 0 before the embedding, so no resize
     if args.fsdp:  # every process drew its own head: take rank 0's (DDP does that itself), then shard
         for tensor in model.scalar_head.state_dict().values():  # the backbone is the same SFT checkpoint everywhere

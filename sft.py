@@ -38,6 +38,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel as DDP
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers.utils import cached_file
 
 
 @dataclass
@@ -74,9 +75,15 @@ class Args:
     # ---- end of the common block; then the script's model/data paths, lengths, batch sizes, optimiser, algorithm ----
     base_model: str = "EleutherAI/pythia-1b-deduped"
     """pretrained causal LM to fine-tune (hub id or local folder); its tokenizer gets a [PAD] token"""
+    base_model_revision: Optional[str] = None
+    """branch, tag or commit of --base-model on the hub (e.g. a run of the paper's release); None: the main
+    branch. Only for a hub id (a local folder has none)"""
     query_dataset: str = "vwxyzjn/summarize_from_feedback_tldr_3_filtered"
     """SFT dataset (hub id or local folder): TL;DR columns id, subreddit, title, post, summary, or prompt/completion
     columns; splits train (trained on) and validation / test (evaluated)"""
+    query_dataset_revision: Optional[str] = None
+    """branch, tag or commit of --query-dataset on the hub; None: the main branch. Only for a hub id (a local
+    folder has none)"""
     query_length: int = 512
     """maximum query length in tokens; longer TL;DR posts are cut at newlines [D2.2], longer prompts are an error"""
     response_length: int = 53
@@ -89,9 +96,9 @@ class Args:
     """passes over the train split (reshuffled each epoch with seed + epoch)"""
     batch_size: int = 128
     """sequences per optimizer update, over all processes (independent of the number of devices)"""
-    local_micro_batch_size: int = 16
+    local_micro_batch_size: int = 1
     """sequences per process per forward/backward; accumulation = batch_size / (micro x number of processes)"""
-    local_eval_batch_size: int = 16
+    local_eval_batch_size: int = 4
     """sequences per process per evaluation forward (loss and generation)"""
     lr: float = 3e-6
     """AdamW learning rate at the first update; decays to 0 along a cosine, no warm-up"""
@@ -129,33 +136,45 @@ def seed_everything(seed):
     torch.manual_seed(seed)  # also seeds every CUDA device
 
 
-def load_tokenizer(path, arg):
-    """Tokenizer with a dedicated [PAD] token: EOS as pad would teach the policy never to stop."""
-    tokenizer = AutoTokenizer.from_pretrained(path, padding_side="right")
+def load_tokenizer(path, arg, revision=None):
+    """Tokenizer (of `path` at `revision`) with a dedicated [PAD] token: EOS as pad would teach the policy never to
+    stop. A tokenizer that already holds [PAD] (the hub's SFT checkpoints) keeps its id."""
+    tokenizer = AutoTokenizer.from_pretrained(path, revision=revision, padding_side="right")
     if tokenizer.eos_token_id is None:
         raise ValueError(f"{arg} {path}: its tokenizer has no EOS token; responses must end with one [D3]")
     tokenizer.add_special_tokens({"pad_token": "[PAD]"})  # Pythia: new id 50277, inside the 50304 embedding rows
     return tokenizer
 
 
-def check_model_path(path, arg):
-    """Fail fast on a local model path that does not exist (a hub id `org/name` is left to transformers)."""
-    looks_like_hub_id = path.count("/") == 1 and not path.startswith((".", "~")) and os.environ.get("HF_HUB_OFFLINE") != "1"
-    if not os.path.isdir(path) and not looks_like_hub_id:
-        raise ValueError(f"{arg}: {path!r} is not a folder (expected a saved model folder or a hub id org/name)")
+def check_model_path(path, arg, revision=None):
+    """Fail fast on a model that cannot be found: a local path that is not a folder, a revision of a local folder,
+    or, offline (HF_HUB_OFFLINE=1), a hub id `org/name` whose config.json at `revision` is not in the cache (online,
+    a hub id is left to transformers)."""
+    hub_id = path.count("/") == 1 and not path.startswith((".", "~", "/"))
+    if os.path.isdir(path) and revision is not None:
+        raise ValueError(f"{arg.removesuffix('-path')}-revision {revision}: {path} is a local folder, it has no revisions")
+    if os.path.isdir(path) or (hub_id and os.environ.get("HF_HUB_OFFLINE") != "1") or (hub_id and cached_file(
+            path, "config.json", revision=revision, _raise_exceptions_for_missing_entries=False,
+            _raise_exceptions_for_connection_errors=False)):
+        return
+    raise ValueError(f"{arg}: {path!r} is not a folder, nor (offline) a hub id org/name in the Hugging Face cache at "
+                     f"revision {revision or 'main'}")
 
 
-def config_without_dropout(path):
-    """The model config with every dropout probability set to 0 [D7]."""
-    config = AutoConfig.from_pretrained(path)
+def config_without_dropout(path, revision=None):
+    """The model config of `path` (at `revision`), or `path` itself if it is a config, with every dropout probability
+    set to 0 [D7]."""
+    config = AutoConfig.from_pretrained(path, revision=revision) if isinstance(path, str) else path
     for key in [k for k in config.to_dict() if "dropout" in k and isinstance(getattr(config, k), float)]:
         setattr(config, key, 0.0)
     return config
 
 
-def load_policy(path, tokenizer, device):
-    """A causal LM with dropout disabled [D7]; embeddings grow only if the tokenizer outgrew them."""
-    model = AutoModelForCausalLM.from_pretrained(path, config=config_without_dropout(path))
+def load_policy(path, tokenizer, device, revision=None):
+    """A causal LM (of `path` at `revision`) in fp32 whatever its stored dtype, dropout disabled [D7]; embeddings
+    grow only if the tokenizer outgrew them."""
+    model = AutoModelForCausalLM.from_pretrained(path, revision=revision, config=config_without_dropout(path, revision),
+                                                 dtype=torch.float32)
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
         model.resize_token_embeddings(len(tokenizer))  # only for models without spare rows (Pythia has them)
     return model.to(device)
@@ -189,11 +208,13 @@ def right_pad(tokens, length, pad_token_id):
     return tokens + [pad_token_id] * (length - len(tokens))
 
 
-def load_data(path, arg, split=None):
-    """load_dataset(path, split=split), failing with the argument's name when the data cannot be read (the datasets
-    library refuses a local split without rows: 'Instruction "validation" corresponds to no data!')."""
+def load_data(path, arg, split=None, revision=None):
+    """load_dataset(path, split=split, revision=revision), failing with the argument's name when the data cannot be
+    read (the datasets library refuses a local split without rows: 'Instruction "validation" corresponds to no data!')."""
+    if os.path.isdir(path) and revision is not None:
+        raise ValueError(f"{arg}-revision {revision}: {path} is a local folder, it has no revisions")
     try:
-        return load_dataset(path, split=split)
+        return load_dataset(path, split=split, revision=revision)
     except ValueError as error:
         problem = "a split is empty" if "corresponds to no data" in str(error) else "cannot be loaded"
         raise ValueError(f"{arg} {path}: {problem} ({error})") from error
@@ -615,8 +636,8 @@ if __name__ == "__main__":
 
     # 0. Check every argument and the dataset's columns before any model loads
     gradient_accumulation_steps = check_args(args, world_size)
-    check_model_path(args.base_model, "--base-model")
-    dataset = load_data(args.query_dataset, "--query-dataset")
+    check_model_path(args.base_model, "--base-model", args.base_model_revision)
+    dataset = load_data(args.query_dataset, "--query-dataset", revision=args.query_dataset_revision)
     if "train" not in dataset:
         raise ValueError(f"--query-dataset: no train split; it has {list(dataset)}")
     prompt_completion = all(c in dataset["train"].column_names for c in PROMPT_COMPLETION_COLUMNS)
@@ -630,7 +651,7 @@ if __name__ == "__main__":
         print(f"--query-dataset lacks {[s for s in EVAL_SPLITS if s not in eval_splits]}: evaluating {eval_splits}")
 
     # 1. Tokenize: query [D2.2] + " " + summary + EOS [D3]; drop responses over response_length as the reference
-    tokenizer = load_tokenizer(args.base_model, "--base-model")
+    tokenizer = load_tokenizer(args.base_model, "--base-model", args.base_model_revision)
     data = {}
     for split in ["train"] + eval_splits:
         rows = dataset[split]
@@ -667,7 +688,7 @@ if __name__ == "__main__":
         run_name = checkpoint["run_name"]
     seed_everything(args.seed + rank * 100003)
     logger = Logger(args, run_name, output_dir, rank, checkpoint)  # the first write into output_dir
-    policy = load_policy(args.base_model, tokenizer, device)
+    policy = load_policy(args.base_model, tokenizer, device, args.base_model_revision)
     if args.fsdp:  # sharded parameters, gradients and AdamW states; gradients reduce-scattered
         shard_model(policy, args.bf16 and device.type == "cuda")
         print(f"rank {rank}: FSDP holds {sum(p.to_local().numel() for p in policy.parameters())} of the "

@@ -1,7 +1,7 @@
 # See README.md "value_head.py": the scalar head shared by reward_model.py (producer) and ppo_tldr.py (consumer).
 """A transformer backbone with a scalar head: the reward model and PPO's value model.
 
-    model = ScalarModel.from_pretrained("path/or/hub-id")     # this format, or AutoModelForSequenceClassification
+    model = ScalarModel.from_pretrained("path/or/hub-id", revision=None)  # any of FORMATS (README.md "value_head.py")
     reward_logits, scores, sequence_lengths = get_reward(model, query_responses, pad_token_id, context_length)
 
 Saved as a plain folder: the backbone with its own `save_pretrained` (config.json + weights, loadable by AutoModel),
@@ -14,10 +14,15 @@ import os
 import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
-from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification
+from transformers import AutoConfig, AutoModel
+from transformers.utils import cached_file
 
 HEAD_WEIGHTS = "value_head.safetensors"
 HEAD_CONFIG = "value_head.json"
+WEIGHT_FILES = ["model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json"]
+FORMATS = [f"value_head folder ({HEAD_CONFIG} + {HEAD_WEIGHTS} + backbone)",
+           'N+ reference ScalarModel (config.json architectures ["ScalarModel"], lm_backbone.* + scalar_head.*)',
+           "*ForSequenceClassification with num_labels 1 (its score layer is the head)"]
 
 
 def scalar_head(hidden_size):
@@ -60,31 +65,71 @@ class ScalarModel(nn.Module):
 
     @classmethod
     def from_backbone(cls, path, **kwargs):
-        """A fresh head on a pretrained backbone (e.g. the SFT policy, whose LM head is dropped) [D10, D11]."""
-        return cls(AutoModel.from_pretrained(path, **kwargs))
+        """A fresh head on a pretrained backbone (e.g. the SFT policy, whose LM head is dropped) [D10, D11]; fp32."""
+        return cls(AutoModel.from_pretrained(path, dtype=torch.float32, **kwargs))
 
     @classmethod
-    def from_pretrained(cls, path, **kwargs):
-        """Load this folder format, or an AutoModelForSequenceClassification with num_labels=1 (its `score`
-        becomes the head, bias 0 unless its config records one). `kwargs` go to the transformers loader."""
-        if os.path.isdir(path) and os.path.exists(os.path.join(path, HEAD_CONFIG)):
-            with open(os.path.join(path, HEAD_CONFIG)) as f:
-                head_config = json.load(f)
-            model = cls(AutoModel.from_pretrained(path, **kwargs), bias=head_config["bias"])
-            model.scalar_head.load_state_dict(load_file(os.path.join(path, HEAD_WEIGHTS)))
-            return model
-        config = AutoConfig.from_pretrained(path)
-        if not any(a.endswith("ForSequenceClassification") for a in (config.architectures or [])):
-            raise ValueError(f"{path} is neither a value_head folder (no {HEAD_CONFIG}) nor a "
-                             f"*ForSequenceClassification checkpoint (architectures: {config.architectures})")
-        if config.num_labels != 1:
-            raise ValueError(f"{path} is a sequence classifier with num_labels={config.num_labels}; a reward model needs 1")
-        classifier = AutoModelForSequenceClassification.from_pretrained(path, **kwargs)
-        model = cls(classifier.base_model, bias=getattr(config, "bias", 0.0))
-        score = classifier.score
-        model.scalar_head.weight.data.copy_(score.weight.data)
-        if score.bias is not None:
-            model.scalar_head.bias.data.copy_(score.bias.data)
+    def from_pretrained(cls, path, revision=None, edit_config=None):
+        """Load a folder or hub id (at `revision`; None: main) in one of FORMATS, told apart by its files; weights of
+        any dtype load into fp32. `edit_config(config)` may change the backbone's config before it is built.
+        `has_stored_bias` records whether the files hold the normalisation bias [D15] (else it is 0): always in this
+        format; in the reference's, its config.json `bias`; in a sequence classifier, a `bias` in its config.json."""
+        find = lambda name: cached_file(path, name, revision=revision, _raise_exceptions_for_missing_entries=False,
+                                        _raise_exceptions_for_connection_errors=False)
+        config_file = find("config.json")
+        raw = json.load(open(config_file)) if config_file else {}
+        architectures = raw.get("architectures") or []
+        if find(HEAD_CONFIG):  # this project's folder: backbone keys unprefixed, the head in its own file
+            fmt, bias, stored = FORMATS[0], json.load(open(find(HEAD_CONFIG)))["bias"], True
+            config, rename = AutoConfig.from_pretrained(path, revision=revision), {"": "backbone."}
+        elif "ScalarModel" in architectures:  # the N+ reference's: config of its own, backbone config nested in it
+            base = {k: v for k, v in raw["base_config"].items() if k != "_name_or_path"}  # a stale local path: unused
+            fmt, bias, stored = FORMATS[1], raw.get("bias", 0.0), "bias" in raw
+            config = AutoConfig.for_model(base.pop("model_type"), **base)
+            rename = {"lm_backbone.": "backbone.", "scalar_head.": "scalar_head."}
+        elif any(a.endswith("ForSequenceClassification") for a in architectures):
+            fmt, bias, stored = FORMATS[2], raw.get("bias", 0.0), "bias" in raw
+            config = AutoConfig.from_pretrained(path, revision=revision)
+            if config.num_labels != 1:
+                raise ValueError(f"{path}: config.json has num_labels={config.num_labels}; a reward model has 1")
+            rename = {"score.": "scalar_head."}  # + the backbone's own prefix, below
+        else:
+            held = sorted(os.listdir(path)) if os.path.isdir(path) else [n for n in ["config.json", *WEIGHT_FILES] if find(n)]
+            raise ValueError(f"{path} is in none of the formats tried ({'; '.join(FORMATS)}): config.json architectures "
+                             f"{architectures}; it holds {held}")
+        model = cls(AutoModel.from_config(edit_config(config) if edit_config else config, dtype=torch.float32), bias)
+        model.has_stored_bias = stored
+        if fmt == FORMATS[2]:
+            rename[model.backbone.base_model_prefix + "."] = "backbone."  # e.g. gpt_neox.
+        first = next((name for name in WEIGHT_FILES if find(name)), None)  # an index lists the shards
+        if first is None:
+            raise ValueError(f"{path} ({fmt}): no weights, none of {WEIGHT_FILES}")
+        files = sorted(set(json.load(open(find(first)))["weight_map"].values())) if first.endswith("json") else [first]
+        state = {}
+        for name in files:
+            if not find(name):
+                raise ValueError(f"{path}: the weight shard {name} is missing")
+            weights = (load_file(find(name)) if name.endswith(".safetensors")
+                       else torch.load(find(name), map_location="cpu", weights_only=True))  # no pickle
+            for key, value in weights.items():  # the files' names -> this module's (an unknown prefix stays)
+                prefix = next((p for p in rename if key.startswith(p)), None)
+                state[key if prefix is None else rename[prefix] + key[len(prefix):]] = value
+        if fmt == FORMATS[0]:
+            files.append(HEAD_WEIGHTS)
+            head = load_file(find(HEAD_WEIGHTS)) if find(HEAD_WEIGHTS) else {}
+            state.update({f"scalar_head.{k}": v for k, v in head.items()})
+        expected, names = model.state_dict(), {new: old for old, new in rename.items()}
+        as_file = lambda k: next((names[p] + k[len(p):] for p in names if k.startswith(p)), k)  # named as in the files
+        optional = {"scalar_head.bias"} if fmt == FORMATS[2] else set()  # a classifier's score may have no bias (0)
+        wrong = {"missing": [as_file(k) for k in expected if k not in state and k not in optional],
+                 "unexpected": [as_file(k) for k in state if k not in expected],
+                 "wrong shape": [f"{as_file(k)} {tuple(v.shape)}, expected {tuple(expected[k].shape)}"
+                                 for k, v in state.items() if k in expected and v.shape != expected[k].shape]}
+        if any(wrong.values()):
+            raise ValueError(f"{path} ({fmt}; weights {files}): the weights do not match its config: " + "; ".join(
+                f"{what} ({len(keys)}): {', '.join(keys[:4])}{' ...' * (len(keys) > 4)}" for what, keys in wrong.items()
+                if keys))
+        model.load_state_dict(state, strict=False)  # copies into the fp32 parameters
         return model
 
 

@@ -275,6 +275,18 @@ def bad_inputs(world, reward_model, tmp_path_factory):
     tokenizer = AutoTokenizer.from_pretrained(str(reward_model))
     tokenizer.add_tokens(["zyzzyva"])
     tokenizer.save_pretrained(str(root / "other_tokenizer"))
+    from safetensors.torch import load_file, save_file
+    from transformers import GPTNeoXForSequenceClassification
+
+    for labels, name in [(2, "two_labels"), (1, "headless")]:  # reward models that must fail before any write
+        GPTNeoXForSequenceClassification.from_pretrained(str(world / "base_model"), num_labels=labels).save_pretrained(
+            str(root / name))
+    weights = load_file(str(root / "headless" / "model.safetensors"))
+    save_file({k: v for k, v in weights.items() if k != "score.weight"}, str(root / "headless" / "model.safetensors"))
+    shutil.copytree(reward_model, root / "wrong_shape")
+    head = load_file(str(root / "wrong_shape" / "value_head.safetensors"))
+    save_file({"weight": head["weight"][:, :-1].contiguous(), "bias": head["bias"]},
+              str(root / "wrong_shape" / "value_head.safetensors"))
     for name, split in [("tldr_sft", "validation"), ("tldr_preference", "train")]:
         for s in datasets.load_dataset(str(world / name)):
             rows = datasets.load_dataset(str(world / name), split=s)
@@ -292,6 +304,11 @@ BAD_INPUTS = [  # (scripts, extra arguments, what the message must say)
     ("sft.py ppo_tldr.py", ["--query-dataset", "{bad}/tldr_sft_empty"], "split is empty"),
     ("reward_model.py dpo.py", ["--label-dataset", "{bad}/tldr_preference_empty"], "split is empty"),
     ("ppo_tldr.py", ["--reward-model-path", "{bad}/other_tokenizer"], "its tokenizer differs from --sft-model-path's"),
+    ("ppo_tldr.py", ["--reward-model-path", "{bad}/two_labels"], "num_labels=2; a reward model has 1"),
+    ("ppo_tldr.py", ["--reward-model-path", "{bad}/headless"], "the weights do not match its config: missing (1): "
+     "score.weight"),
+    ("ppo_tldr.py", ["--reward-model-path", "{bad}/wrong_shape"], "wrong shape (1): scalar_head.weight (1, 63), "
+     "expected (1, 64)"),
     ("sft.py ppo_tldr.py reward_model.py dpo.py", ["--resume"], "holds no complete checkpoint"),
 ]
 
