@@ -227,7 +227,7 @@ def run_ppo(w, shape, out_dir, peak):
            w["query_dataset"], "--query-length", q, "--response-length", p["response_length"], "--batch-size",
            p["batch_size"], "--total-episodes", p["batch_size"] * p["updates"], "--local-micro-batch-size", p["micro"],
            "--local-rollout-forward-batch-size", p["chunk"], "--num-ppo-epochs", p["epochs"], "--lr", "3e-6",
-           "--no-run-eval", "--checkpoint-every", "0"]
+           "--no-run-eval", "--checkpoint-every", "0", "--no-compute-missing-bias"]  # the classifier has no bias
     result = run_stage("ppo", "ppo_tldr.py", cli, out_dir, "ppo")
     with open(os.path.join(result["run_dir"], "metrics.jsonl")) as f:
         metrics = [json.loads(line) for line in f if '"ppo/episode"' in line][1:]  # after the warm-up update

@@ -301,7 +301,7 @@ def run_ours(c, w, run_dir):
            "--batch-size", c["batch_size"], "--num-mini-batches", 1, "--num-ppo-epochs", c["num_ppo_epochs"],
            "--local-micro-batch-size", c["local_micro_batch_size"],
            "--local-rollout-forward-batch-size", c["local_rollout_forward_batch_size"],
-           "--lr", c["lr"], "--eps", c["eps"], "--no-run-eval", "--output-dir", run_dir]
+           "--lr", c["lr"], "--eps", c["eps"], "--no-run-eval", "--no-compute-missing-bias", "--output-dir", run_dir]  # as TRL: no normalisation pass
     cmd = [str(x) for x in cmd]
     rc, peak_mib, lines = run_measured(cmd, thread_env(c["threads"]), os.path.join(run_dir + ".log"))
     if rc != 0:
