@@ -53,13 +53,13 @@ SETTINGS = {
     "quick": dict(
         size="quick", query_length=96, response_length=40, eval_posts=64, judge_posts=1000,
         sft=["--lr", "3e-3", "--batch-size", "32", "--local-micro-batch-size", "32", "--num-train-epochs", "2",
-             "--total-episodes", "57600"],
-        reward_model=["--lr", "3e-4", "--batch-size", "32", "--local-micro-batch-size", "32", "--total-episodes", "6400",
+             "--total-episodes", "48000"],
+        reward_model=["--lr", "3e-4", "--batch-size", "32", "--local-micro-batch-size", "32", "--total-episodes", "9600",
                       "--num-normalization-samples", "2000", "--local-eval-batch-size", "64"],
         ppo=["--lr", "1e-4", "--total-episodes", "1920", "--batch-size", "64", "--local-micro-batch-size", "32",
              "--local-rollout-forward-batch-size", "32", "--sample-table-every", "5"],
         dpo=["--lr", "3e-4", "--beta", "0.1", "--batch-size", "32", "--local-micro-batch-size", "32",
-             "--local-eval-batch-size", "64", "--total-episodes", "6400"],
+             "--local-eval-batch-size", "64", "--total-episodes", "9600"],
     ),
     # The test suite's: every stage for two updates on the test world; it checks the plumbing, not the numbers.
     "smoke": dict(
@@ -340,8 +340,9 @@ def plot(results, out_dir):
             means.append(stat["win_rate"]["mean"])
             errors.append(stat["win_rate"]["sd"] if len(values) > 1 else stat["win_rate_se"]["mean"])
             ax.scatter([x] * len(values), values, color="black", s=8, zorder=3)
-        bars = ax.bar([-0.5 * width + k * width] + xs, [0.5] + means, width, yerr=[0.0] + errors, capsize=3,
-                      label=f"temperature {t}")
+        color = f"C{k}"
+        ax.bar_label(ax.bar((k - 0.5) * width, 0.5, width, color=color), fmt="%.2f", fontsize=8)
+        bars = ax.bar(xs, means, width, yerr=errors, capsize=3, color=color, label=f"temperature {t}")
         ax.bar_label(bars, fmt="%.2f", fontsize=8, padding=4)
     ax.set_xticks(range(4), ["reference", "SFT", "PPO", "DPO"])
     ax.set_ylabel("gold-judge win rate vs reference")

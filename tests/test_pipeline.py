@@ -130,3 +130,15 @@ def test_smoke_pipeline_end_to_end_with_two_seeds_and_no_matplotlib(tmp_path, mo
     table = out.rstrip().split("\n")
     assert table[-1].startswith("| total (wall time) |") and table[-4].startswith("| PPO |")
     assert " (sd " in table[-4] and " ± " in table[-6]  # PPO: spread over 2 seeds; the one SFT: standard error
+
+
+def test_plots_show_every_seed(tmp_path):
+    pytest.importorskip("matplotlib")
+    policies = {"sft": {t: {"1": metrics(0.3)} for t in pipeline.TEMPERATURES},
+                "ppo": {t: {"1": metrics(0.8), "2": metrics(0.9)} for t in pipeline.TEMPERATURES},
+                "dpo": {t: {"1": metrics(0.7), "2": metrics(0.6)} for t in pipeline.TEMPERATURES}}
+    summary, _ = pipeline.summarize(policies, {"1": "1", "2": "1"})
+    curves = dict(episode=[64, 128], scores=[0.1, 0.2], kl=[0.0, 0.1], validation_score=[0.2, 0.3],
+                  gold_episode=[64], gold_win_rate=[0.5])
+    assert pipeline.plot(dict(policies=policies, summary=summary, ppo_curves={"1": curves, "2": curves}), str(tmp_path))
+    assert (tmp_path / "ppo_curves.png").stat().st_size > 0 and (tmp_path / "win_rate_by_stage.png").stat().st_size > 0
