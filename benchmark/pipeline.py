@@ -53,13 +53,13 @@ SETTINGS = {
     "quick": dict(
         size="quick", query_length=96, response_length=40, eval_posts=64, judge_posts=1000,
         sft=["--lr", "3e-3", "--batch-size", "32", "--local-micro-batch-size", "32", "--num-train-epochs", "2",
-             "--total-episodes", "48000"],
-        reward_model=["--lr", "3e-4", "--batch-size", "32", "--local-micro-batch-size", "32", "--total-episodes", "9600",
+             "--total-episodes", "57600"],
+        reward_model=["--lr", "3e-4", "--batch-size", "32", "--local-micro-batch-size", "32", "--total-episodes", "6400",
                       "--num-normalization-samples", "2000", "--local-eval-batch-size", "64"],
         ppo=["--lr", "1e-4", "--total-episodes", "1920", "--batch-size", "64", "--local-micro-batch-size", "32",
              "--local-rollout-forward-batch-size", "32", "--sample-table-every", "5"],
         dpo=["--lr", "3e-4", "--beta", "0.1", "--batch-size", "32", "--local-micro-batch-size", "32",
-             "--local-eval-batch-size", "64", "--total-episodes", "9600"],
+             "--local-eval-batch-size", "64", "--total-episodes", "6400"],
     ),
     # The test suite's: every stage for two updates on the test world; it checks the plumbing, not the numbers.
     "smoke": dict(
