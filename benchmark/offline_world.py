@@ -68,7 +68,7 @@ SIZES = {
     "tiny": Size(64, 2, 2, (512, 64, 64), (512, 128, 32)),
     # ~1M parameters: the benchmark's world (sft.py -> reward_model.py -> ppo_tldr.py / dpo.py in ~41 min on 2 cores).
     "small": Size(128, 4, 4, (20_000, 1_000, 1_000), (20_000, 2_000, 200)),
-    # the tiny model on enough posts to learn to summarise: the README's quick pipeline (about 5 min on 2 cores).
+    # ~200k parameters on 30k posts: the quick pipeline (pipeline.py --quick, 5-6 min on 2 cores).
     "quick": Size(64, 2, 2, (30_000, 1_000, 1_000), (10_000, 1_000, 200)),
 }
 
