@@ -435,7 +435,8 @@ def parse_args(argv):
                         help="only draw the plots of an earlier run from RESULTS_DIR/results.json (needs matplotlib)")
     cli = parser.parse_args(argv)
     if cli.plot is not None:
-        given = [f for f in ["quick", "smoke", "work_dir", "results_dir", "seed", "seeds", "full_seeds"] if getattr(cli, f)]
+        given = [f for f in ["quick", "smoke", "work_dir", "results_dir", "seed", "seeds", "full_seeds"]
+                 if getattr(cli, f) not in (None, False)]
         if given:
             parser.error(f"--plot draws an earlier run's plots and takes no other option, got --{given[0].replace('_', '-')}")
         return cli

@@ -104,6 +104,7 @@ def test_summary_over_seeds_and_gains_against_the_sft_each_run_started_from():
     (["--full-seeds"], "give --seeds"),
     (["--quick", "--smoke"], "one of them"),
     (["--plot", "runs/x", "--quick"], "--quick"),
+    (["--plot", "runs/x", "--seed", "0"], "--seed"),
 ])
 def test_bad_options_are_refused(argv, message, capsys):
     with pytest.raises(SystemExit):
