@@ -436,7 +436,7 @@ def parse_args(argv):
     cli = parser.parse_args(argv)
     if cli.plot is not None:
         given = [f for f in ["quick", "smoke", "work_dir", "results_dir", "seed", "seeds", "full_seeds"]
-                 if getattr(cli, f) not in (None, False)]
+                 if getattr(cli, f) is not None and getattr(cli, f) is not False]
         if given:
             parser.error(f"--plot draws an earlier run's plots and takes no other option, got --{given[0].replace('_', '-')}")
         return cli
