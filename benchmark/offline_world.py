@@ -68,6 +68,8 @@ SIZES = {
     "tiny": Size(64, 2, 2, (512, 64, 64), (512, 128, 32)),
     # ~1M parameters: the benchmark's world (sft.py -> reward_model.py -> ppo_tldr.py / dpo.py in ~41 min on 2 cores).
     "small": Size(128, 4, 4, (20_000, 1_000, 1_000), (20_000, 2_000, 200)),
+    # ~200k parameters on 30k posts: the quick pipeline (pipeline.py --quick, 5-6 min on 2 cores).
+    "quick": Size(64, 2, 2, (30_000, 1_000, 1_000), (10_000, 1_000, 200)),
 }
 
 
@@ -335,7 +337,8 @@ def build(out_dir, size="tiny", seed=1, temperature=1.25, verbose=True):
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out-dir", required=True, help="folder to write tldr_sft/, tldr_preference/, base_model/ into")
-    parser.add_argument("--size", default="tiny", choices=sorted(SIZES), help="tiny (tests) or small (benchmark)")
+    parser.add_argument("--size", default="tiny", choices=sorted(SIZES),
+                        help="tiny (tests), quick (the quick pipeline) or small (benchmark)")
     parser.add_argument("--seed", type=int, default=1, help="seed: the same seed writes byte-identical files")
     parser.add_argument("--label-temperature", type=float, default=1.25,
                         help="Bradley-Terry temperature of the labels (higher = noisier)")

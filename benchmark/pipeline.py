@@ -2,20 +2,27 @@
 """The offline RLHF benchmark: world -> sft.py -> reward_model.py -> ppo_tldr.py and dpo.py, judged by the gold judge.
 
     python benchmark/pipeline.py                      # benchmark-sized world, ~41 min on 2 idle CPU cores
-    python benchmark/pipeline.py --quick              # test-sized world, a few minutes
+    python benchmark/pipeline.py --quick              # quick world, about 5 min on 2 idle cores
+    python benchmark/pipeline.py --quick --seeds 1 2 3                # PPO and DPO with 3 seeds from one SFT and RM
+    python benchmark/pipeline.py --quick --seeds 1 2 3 --full-seeds   # the whole pipeline with each seed
+    python benchmark/pipeline.py --plot runs/quick    # draw the plots of an earlier run from its results.json
 
 Every stage runs through its script's command line (no private shortcuts), with fixed seeds. Every policy is then
 evaluated on held-out validation posts with the gold judge (benchmark/offline_world.py `score`): win rate against
 the reference summaries (ties half, as the paper reports), mean gold score, mean response length and EOS rate, at
 temperature 0.01 (as the scripts evaluate) and 0.7 (as PPO samples). The reward model's validation accuracy is
-measured against the noisy labels and against the noiseless judge. Writes results.md, results.json and plots.
+measured against the noisy labels and against the noiseless judge. Writes results.md, results.json and, when
+matplotlib is installed, plots; the last thing on stdout is a table of every stage.
 """
 
 import argparse
 import json
+import math
 import os
 import platform
+import shlex
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -43,26 +50,74 @@ SETTINGS = {
         dpo=["--lr", "1e-4", "--beta", "0.1", "--batch-size", "32", "--local-micro-batch-size", "32",
              "--local-eval-batch-size", "32", "--total-episodes", "9216"],  # 288 of the 625 updates of one epoch
     ),
+    # The test model on the quick world. SFT 1,800 updates of 32: 1,500 had not learnt to copy the main fact (greedy
+    # win 0.05), nor had 2,400 updates of 16 (0.01); with 128-token queries and the scripts' response lengths (53 and
+    # 169 tokens), 2,400 updates won 0.06 and the pipeline took 8.6 minutes.
     "quick": dict(
-        size="tiny", query_length=128, eval_posts=64, judge_posts=64,
-        sft=["--lr", "3e-3", "--batch-size", "32", "--local-micro-batch-size", "32", "--num-train-epochs", "20",
-             "--total-episodes", "9600"],
-        reward_model=["--lr", "3e-4", "--batch-size", "32", "--local-micro-batch-size", "32"],
-        ppo=["--lr", "1e-4", "--total-episodes", "1280", "--batch-size", "64", "--local-micro-batch-size", "32",
-             "--local-rollout-forward-batch-size", "64", "--sample-table-every", "4"],
-        dpo=["--lr", "3e-4", "--beta", "0.1", "--batch-size", "32", "--local-micro-batch-size", "16"],
+        size="quick", query_length=96, response_length=40, eval_posts=64, judge_posts=1000,
+        sft=["--lr", "3e-3", "--batch-size", "32", "--local-micro-batch-size", "32", "--num-train-epochs", "2",
+             "--total-episodes", "57600"],
+        reward_model=["--lr", "3e-4", "--batch-size", "32", "--local-micro-batch-size", "32", "--total-episodes", "6400",
+                      "--num-normalization-samples", "2000", "--local-eval-batch-size", "64"],
+        ppo=["--lr", "1e-4", "--total-episodes", "1920", "--batch-size", "64", "--local-micro-batch-size", "32",
+             "--local-rollout-forward-batch-size", "32", "--sample-table-every", "5"],
+        dpo=["--lr", "3e-4", "--beta", "0.1", "--batch-size", "32", "--local-micro-batch-size", "32",
+             "--local-eval-batch-size", "64", "--total-episodes", "6400"],
+    ),
+    # The test suite's: every stage for two updates on the test world; it checks the plumbing, not the numbers.
+    "smoke": dict(
+        size="tiny", query_length=96, response_length=40, eval_posts=8, judge_posts=16,
+        sft=["--lr", "3e-3", "--batch-size", "32", "--local-micro-batch-size", "32", "--total-episodes", "64",
+             "--local-eval-batch-size", "8"],
+        reward_model=["--lr", "3e-4", "--batch-size", "32", "--local-micro-batch-size", "32", "--total-episodes", "64",
+                      "--num-normalization-samples", "32", "--num-eval-samples", "32", "--local-eval-batch-size", "32"],
+        ppo=["--lr", "1e-4", "--total-episodes", "32", "--batch-size", "16", "--local-micro-batch-size", "16",
+             "--local-rollout-forward-batch-size", "16"],
+        dpo=["--lr", "3e-4", "--batch-size", "32", "--local-micro-batch-size", "32", "--total-episodes", "64",
+             "--local-eval-batch-size", "8"],
     ),
 }
+RESPONSE_LENGTH = 53  # tokens generated per post in the evaluation, unless the setting says: SFT's and PPO's default
+TEMPERATURES = ("0.01", "0.7")
+STAGES = ("sft", "reward_model", "ppo", "dpo")
+POLICIES = ("sft", "ppo", "dpo")
 
 
-def run_stage(name, command, log_dir):
-    """Run one script through its command line; its output goes to {log_dir}/{name}.log. Returns seconds taken."""
+def plan(seeds, full_seeds):
+    """The runs, one per seed: its stages and the seed whose world, SFT policy and reward model it uses. Without
+    --full-seeds the world, SFT and reward model run once (first seed) and PPO and DPO start from them with each
+    seed, the comparison the paper makes; with it, every seed runs the whole pipeline."""
+    return [dict(seed=seed, base=seed if full_seeds else seeds[0],
+                 stages=["world", *STAGES] if full_seeds or i == 0 else ["ppo", "dpo"]) for i, seed in enumerate(seeds)]
+
+
+def stage_command(stage, settings, seed_dir, base_dir, seed):
+    """The command line of one stage; its output folder is {seed_dir}/{stage}, its inputs come from base_dir."""
+    world, sft_dir, rm_dir = (os.path.join(base_dir, n) for n in ["world", "sft", "reward_model"])
+    out = ["--output-dir", os.path.join(seed_dir, stage), "--seed", str(seed), "--query-length", str(settings["query_length"])]
+    if "response_length" in settings:  # else each script's default (53 SFT and PPO, 169 reward model and DPO)
+        out += ["--response-length", str(settings["response_length"])]
+        out += ["--eval-response-length", str(settings["response_length"])] if stage == "dpo" else []
+    evaluated = ["--num-eval-samples", str(settings["eval_posts"])]
+    return {
+        "sft": ["sft.py", "--base-model", f"{world}/base_model", "--query-dataset", f"{world}/tldr_sft", *evaluated],
+        "reward_model": ["reward_model.py", "--sft-model-path", sft_dir, "--label-dataset", f"{world}/tldr_preference",
+                         "--query-dataset", f"{world}/tldr_sft"],
+        "ppo": ["ppo_tldr.py", "--sft-model-path", sft_dir, "--reward-model-path", rm_dir, "--query-dataset",
+                f"{world}/tldr_sft", *evaluated],
+        "dpo": ["dpo.py", "--sft-model-path", sft_dir, "--label-dataset", f"{world}/tldr_preference", "--query-dataset",
+                f"{world}/tldr_sft", *evaluated],
+    }[stage] + out + settings[stage]
+
+
+def run_stage(name, command, log_path):
+    """Run one script through its command line; its output goes to log_path. Returns seconds taken."""
     print(f"[pipeline] {name}: {' '.join(command)}", flush=True)
     start = time.time()
-    with open(os.path.join(log_dir, f"{name}.log"), "w") as log:
+    with open(log_path, "w") as log:
         result = subprocess.run([sys.executable, *command], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
     if result.returncode != 0:
-        raise SystemExit(f"[pipeline] {name} failed (exit {result.returncode}); see {log_dir}/{name}.log")
+        raise SystemExit(f"[pipeline] {name} failed (exit {result.returncode}); see {log_path}")
     print(f"[pipeline] {name}: done in {time.time() - start:.0f} s", flush=True)
     return time.time() - start
 
@@ -94,11 +149,18 @@ def evaluate_policy(policy_path, rows, query_length, response_length, temperatur
     return judge(rows, texts, ended, lengths)
 
 
+def binomial_se(p, n):
+    """Standard error of a win rate p measured on n posts, sqrt(p (1 - p) / n); ties (scored half) make the true
+    standard error smaller, so this is an upper bound."""
+    return math.sqrt(p * (1.0 - p) / n)
+
+
 def judge(rows, texts, ended, lengths):
     posts, references = [r["post"] for r in rows], [r["summary"] for r in rows]
     gold = [offline_world.score(post, text, end) for post, text, end in zip(posts, texts, ended)]
+    win_rate = offline_world.win_rate(posts, texts, references, ours_ended=ended)
     return dict(
-        win_rate=offline_world.win_rate(posts, texts, references, ours_ended=ended),
+        win_rate=win_rate, win_rate_se=binomial_se(win_rate, len(rows)),
         gold_score=sum(gold) / len(gold), response_tokens=sum(lengths) / len(lengths),
         eos_rate=sum(ended) / len(ended), example=texts[0],
     )
@@ -118,13 +180,14 @@ def reward_model_accuracy(eval_table, preference_rows):
 
 
 def ppo_curves(ppo_dir, validation_by_id):
-    """Per update: score, KL, validation score; per sample table: the gold win rate of the validation samples."""
+    """Per update: score, KL, validation score; per sample table (whichever samples_update_*.jsonl the run wrote):
+    the gold win rate of its validation samples."""
     metrics = [m for m in read_jsonl(os.path.join(ppo_dir, "metrics.jsonl")) if "ppo/episode" in m]
     curves = dict(episode=[m["ppo/episode"] for m in metrics], scores=[m["objective/scores"] for m in metrics],
                   kl=[m["objective/kl"] for m in metrics],
                   validation_score=[m["objective/validation_score"] for m in metrics], gold_episode=[], gold_win_rate=[])
-    tables = [f for f in os.listdir(ppo_dir) if f.startswith("samples_update_")]
-    for name in sorted(tables, key=lambda f: int(f.split("_")[-1].split(".")[0])):
+    tables = [f for f in os.listdir(ppo_dir) if f.startswith("samples_update_") and f.endswith(".jsonl")]
+    for name in sorted(tables, key=lambda f: int(f[len("samples_update_"):-len(".jsonl")])):
         table = read_jsonl(os.path.join(ppo_dir, name))
         rows = [validation_by_id[r["id"]] for r in table]
         curves["gold_episode"].append(table[0]["episode"])
@@ -133,9 +196,123 @@ def ppo_curves(ppo_dir, validation_by_id):
     return curves
 
 
-def plot(results, curves, out_dir):
-    import matplotlib
+def mean_sd(values):
+    """Mean and sample standard deviation (n - 1) over seeds; sd is None for a single seed."""
+    return dict(mean=statistics.mean(values), sd=statistics.stdev(values) if len(values) > 1 else None, n=len(values))
 
+
+def summarize(policies, base_of):
+    """Per stage and temperature: mean and sd over seeds of each metric; per comparison (PPO - SFT, DPO - SFT,
+    PPO - DPO): the win-rate difference per seed, each PPO/DPO run against the SFT policy it started from."""
+    summary = {stage: {t: {k: mean_sd([r[k] for r in by_seed.values()])
+                           for k in ["win_rate", "win_rate_se", "gold_score", "response_tokens", "eos_rate"]}
+                       for t, by_seed in policies[stage].items()} for stage in POLICIES}
+    gains = {}
+    for a, b in [("ppo", "sft"), ("dpo", "sft"), ("ppo", "dpo")]:
+        gains[f"{a} - {b}"] = {}
+        for t in TEMPERATURES:
+            per_seed = {seed: r["win_rate"] - policies[b][t][base_of[seed] if b == "sft" else seed]["win_rate"]
+                        for seed, r in policies[a][t].items()}
+            gains[f"{a} - {b}"][t] = dict(per_seed=per_seed, **mean_sd(list(per_seed.values())))
+    return summary, gains
+
+
+def fmt_sd(stat, digits=3):
+    return "-" if stat["sd"] is None else f"{stat['sd']:.{digits}f}"
+
+
+def write_markdown(results, out_dir):
+    seeds, n = results["seeds"], results["judge_posts"]
+    first = str(seeds[0])
+    world = results["world"][first]
+    how = ("every stage (world, SFT, reward model, PPO, DPO) with each seed" if results["full_seeds"] else
+           f"world, SFT and reward model with seed {seeds[0]}; PPO and DPO from them with each seed")
+    lines = [f"Command: `{results['command']}`  ", f"Machine: {results['machine']}  ",
+             f"World: size {world['size']}, {world['parameters']:,} parameters, labels agree with the gold judge "
+             f"{world['label_agreement_with_gold_judge']['validation']:.3f} (validation, seed {first})  ",
+             f"Seeds {', '.join(map(str, seeds))}: {how}.  ",
+             f"Judged on the first {n} SFT validation posts; ± is the binomial standard error of a win rate, "
+             f"sqrt(p (1 - p) / {n}) (an upper bound: ties count half).", "",
+             "| policy | seed | temperature | win rate vs reference | gold score | response tokens | EOS rate |",
+             "|---|---|---|---|---|---|---|"]
+    for seed, gold in results["reference_gold_score"].items():
+        lines.append(f"| reference summaries | {seed} | - | 0.500 | {gold:.3f} | - | - |")
+    for stage in POLICIES:
+        for t, by_seed in results["policies"][stage].items():
+            for seed, r in by_seed.items():
+                lines.append(f"| {stage.upper()} | {seed} | {t} | {r['win_rate']:.3f} ± {r['win_rate_se']:.3f} | "
+                             f"{r['gold_score']:.3f} | {r['response_tokens']:.1f} | {r['eos_rate']:.3f} |")
+    if len(seeds) > 1:
+        lines += ["", "Over seeds (mean, and the standard deviation over seeds):", "",
+                  "| policy | temperature | seeds | win rate: mean | sd | binomial SE (mean) | gold score: mean | sd | "
+                  "EOS rate: mean |", "|---|---|---|---|---|---|---|---|---|"]
+        for stage in POLICIES:
+            for t, s in results["summary"][stage].items():
+                lines.append(f"| {stage.upper()} | {t} | {s['win_rate']['n']} | {s['win_rate']['mean']:.3f} | "
+                             f"{fmt_sd(s['win_rate'])} | {s['win_rate_se']['mean']:.3f} | {s['gold_score']['mean']:.3f} | "
+                             f"{fmt_sd(s['gold_score'])} | {s['eos_rate']['mean']:.3f} |")
+    lines += ["", "Win-rate differences (each PPO and DPO run against the SFT policy it started from):", "",
+              "| difference | temperature | per seed | mean | sd over seeds |", "|---|---|---|---|---|"]
+    for name, by_t in results["gains"].items():
+        for t, g in by_t.items():
+            per_seed = ", ".join(f"{v:+.3f}" for v in g["per_seed"].values())
+            lines.append(f"| {name.upper()} | {t} | {per_seed} | {g['mean']:+.3f} | {fmt_sd(g)} |")
+    lines += ["", "| reward model | accuracy against the labels | against the noiseless gold judge | labels agree |",
+              "|---|---|---|---|"]
+    for seed, rm in results["reward_model"].items():
+        agreement = results["world"][seed]["label_agreement_with_gold_judge"]["validation"]
+        lines.append(f"| seed {seed} | {rm['accuracy_labels']:.3f} | {rm['accuracy_gold_judge']:.3f} | {agreement:.3f} |")
+    columns = [str(s) for s in seeds]
+    lines += ["", "| stage | " + " | ".join(f"seconds, seed {s}" for s in columns) + " |",
+              "|---|" + "---|" * len(columns)]
+    for stage, by_seed in results["seconds"].items():
+        lines.append(f"| {stage} | " + " | ".join(f"{by_seed[s]:.0f}" if s in by_seed else "-" for s in columns) + " |")
+    lines += ["", f"Wall time of the whole command: {results['wall_seconds']:.0f} s."]
+    text = "\n".join(lines) + "\n"
+    with open(os.path.join(out_dir, "results.md"), "w") as f:
+        f.write(text)
+    return text
+
+
+def stage_table(results):
+    """The closing table on stdout: per stage, the greedy win rate, gold score and EOS rate, and its seconds."""
+    seeds, greedy = results["seeds"], TEMPERATURES[0]
+    summary, seconds = results["summary"], results["seconds"]
+
+    def win(stage):
+        s = summary[stage][greedy]
+        if s["win_rate"]["n"] == 1:
+            return f"{s['win_rate']['mean']:.3f} ± {s['win_rate_se']['mean']:.3f}"
+        return f"{s['win_rate']['mean']:.3f} (sd {s['win_rate']['sd']:.3f}, {s['win_rate']['n']} seeds)"
+
+    def secs(stage):
+        return f"{sum(seconds[stage].values()):.0f}"
+
+    references = list(results["reference_gold_score"].values())
+    lines = [f"Greedy (temperature {greedy}) on {results['judge_posts']} validation posts; ± is the binomial standard "
+             "error" + ("." if len(seeds) == 1 else ", sd the standard deviation over seeds; seconds summed over seeds."),
+             "", "| stage | win rate vs reference | gold score | EOS rate | seconds |", "|---|---|---|---|---|",
+             f"| world | - | - | - | {secs('world')} |",
+             f"| reference summaries | 0.500 | {statistics.mean(references):.3f} | - | - |"]
+    for stage in STAGES:
+        if stage == "reward_model":
+            lines.append(f"| reward model | - | - | - | {secs(stage)} |")
+            continue
+        s = summary[stage][greedy]
+        lines.append(f"| {stage.upper()} | {win(stage)} | {s['gold_score']['mean']:.3f} | {s['eos_rate']['mean']:.3f} | "
+                     f"{secs(stage)} |")
+    lines += [f"| evaluation | - | - | - | {secs('evaluation')} |",
+              f"| total (wall time) | - | - | - | {results['wall_seconds']:.0f} |"]
+    return "\n".join(lines)
+
+
+def plot(results, out_dir):
+    """ppo_curves.png (one line per seed) and win_rate_by_stage.png (mean over seeds, every seed a dot, error bars:
+    the sd over seeds, or the binomial standard error for one seed). Returns False when matplotlib is missing."""
+    try:
+        import matplotlib
+    except ModuleNotFoundError:
+        return False
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -144,121 +321,171 @@ def plot(results, curves, out_dir):
                                           ("kl", "episode", "KL(policy || SFT), summed over tokens"),
                                           ("validation_score", "episode", "validation score (temperature 0.01)"),
                                           ("gold_win_rate", "gold_episode", "gold win rate vs reference (validation batch)")]):
-        ax.plot(curves[x], curves[key])
+        for seed, curves in results["ppo_curves"].items():
+            ax.plot(curves[x], curves[key], marker="." if key == "gold_win_rate" else None, label=f"seed {seed}")
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("episodes")
         ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(os.path.join(out_dir, "ppo_curves.png"), dpi=110)
+    plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(6.5, 3.8))
-    stages = ["reference", "sft", "ppo", "dpo"]
     width = 0.38
-    for k, temperature in enumerate(["0.01", "0.7"]):
-        values = [0.5 if s == "reference" else results["policies"][s][temperature]["win_rate"] for s in stages]
-        bars = ax.bar([i + (k - 0.5) * width for i in range(len(stages))], values, width, label=f"temperature {temperature}")
-        ax.bar_label(bars, fmt="%.2f", fontsize=8)
-    ax.set_xticks(range(len(stages)), ["reference", "SFT", "PPO", "DPO"])
+    for k, t in enumerate(TEMPERATURES):
+        xs, means, errors = [], [], []
+        for i, stage in enumerate(POLICIES):
+            x = i + 1 + (k - 0.5) * width
+            values = [r["win_rate"] for r in results["policies"][stage][t].values()]
+            stat = results["summary"][stage][t]
+            xs.append(x)
+            means.append(stat["win_rate"]["mean"])
+            errors.append(stat["win_rate"]["sd"] if len(values) > 1 else stat["win_rate_se"]["mean"])
+            ax.scatter([x] * len(values), values, color="black", s=8, zorder=3)
+        color = f"C{k}"
+        ax.bar_label(ax.bar((k - 0.5) * width, 0.5, width, color=color), fmt="%.2f", fontsize=8)
+        bars = ax.bar(xs, means, width, yerr=errors, capsize=3, color=color, label=f"temperature {t}")
+        ax.bar_label(bars, fmt="%.2f", fontsize=8, padding=4)
+    ax.set_xticks(range(4), ["reference", "SFT", "PPO", "DPO"])
     ax.set_ylabel("gold-judge win rate vs reference")
-    ax.set_ylim(0, 1.05)
+    ax.set_ylim(0, 1.1)
     ax.axhline(0.5, color="gray", lw=0.8, ls="--")
     ax.legend(fontsize=8, loc="upper left")
     fig.tight_layout()
     fig.savefig(os.path.join(out_dir, "win_rate_by_stage.png"), dpi=110)
+    plt.close(fig)
+    return True
 
 
-def write_markdown(results, command, out_dir):
-    lines = [f"Command: `{command}`  ", f"Machine: {results['machine']}  ",
-             f"World: size {results['world']['size']}, {results['world']['parameters']:,} parameters, "
-             f"labels agree with the gold judge {results['world']['label_agreement_with_gold_judge']['validation']:.3f} "
-             f"(validation)  ", f"Judged on the first {results['judge_posts']} SFT validation posts.", "",
-             "| policy | temperature | win rate vs reference | gold score | response tokens | EOS rate |",
-             "|---|---|---|---|---|---|",
-             f"| reference summaries | - | 0.500 | {results['reference_gold_score']:.3f} | - | - |"]
-    for stage in ["sft", "ppo", "dpo"]:
-        for temperature, r in results["policies"][stage].items():
-            lines.append(f"| {stage.upper()} | {temperature} | {r['win_rate']:.3f} | {r['gold_score']:.3f} | "
-                         f"{r['response_tokens']:.1f} | {r['eos_rate']:.3f} |")
-    rm = results["reward_model"]
-    lines += ["", f"Reward model validation accuracy: {rm['accuracy_labels']:.3f} against the labels, "
-              f"{rm['accuracy_gold_judge']:.3f} against the noiseless gold judge (the labels themselves agree "
-              f"{results['world']['label_agreement_with_gold_judge']['validation']:.3f}).", "",
-              "| stage | seconds |", "|---|---|"]
-    lines += [f"| {k} | {v:.0f} |" for k, v in results["seconds"].items()]
-    text = "\n".join(lines) + "\n"
-    with open(os.path.join(out_dir, "results.md"), "w") as f:
-        f.write(text)
-    return text
+def run_pipeline(settings, seeds, full_seeds, work, command):
+    """Every stage of every seed, then the gold-judge evaluation of every policy; returns the results."""
+    start = time.time()
+    runs = plan(seeds, full_seeds)
+    seconds = {k: {} for k in ["world", *STAGES, "evaluation"]}
+    worlds = {}
+    for run in runs:
+        seed, seed_dir = run["seed"], os.path.join(work, f"seed{run['seed']}")
+        base_dir = os.path.join(work, f"seed{run['base']}")
+        os.makedirs(seed_dir, exist_ok=True)
+        for stage in run["stages"]:
+            if stage == "world":
+                t = time.time()
+                worlds[str(seed)] = offline_world.build(os.path.join(seed_dir, "world"), settings["size"], seed, verbose=False)
+                seconds["world"][str(seed)] = time.time() - t
+                continue
+            shutil.rmtree(os.path.join(seed_dir, stage), ignore_errors=True)  # a fresh start: a script refuses to
+            # start a fresh run over an earlier run's checkpoints
+            seconds[stage][str(seed)] = run_stage(f"{stage} (seed {seed})", stage_command(stage, settings, seed_dir,
+                                                                                          base_dir, seed),
+                                                  os.path.join(seed_dir, f"{stage}.log"))
+
+    import datasets
+
+    policies = {stage: {t: {} for t in TEMPERATURES} for stage in POLICIES}
+    reward_model, curves, reference_gold = {}, {}, {}
+    for run in runs:
+        t0 = time.time()
+        seed, seed_dir = str(run["seed"]), os.path.join(work, f"seed{run['seed']}")
+        world = os.path.join(work, f"seed{run['base']}", "world")
+        validation = datasets.load_dataset(f"{world}/tldr_sft", split="validation")
+        rows = [validation[i] for i in range(min(settings["judge_posts"], len(validation)))]
+        if "world" in run["stages"]:
+            reference_gold[seed] = sum(offline_world.score(r["post"], r["summary"]) for r in rows) / len(rows)
+        for stage in [s for s in POLICIES if s in run["stages"]]:
+            for t in TEMPERATURES:
+                policies[stage][t][seed] = evaluate_policy(os.path.join(seed_dir, stage), rows, settings["query_length"],
+                                                           settings.get("response_length", RESPONSE_LENGTH), float(t),
+                                                           run["seed"])
+            print(f"[pipeline] {stage} (seed {seed}): " + ", ".join(
+                f"T={t} win {policies[stage][t][seed]['win_rate']:.3f} gold {policies[stage][t][seed]['gold_score']:.2f}"
+                for t in TEMPERATURES), flush=True)
+        if "reward_model" in run["stages"]:
+            preference_validation = datasets.load_dataset(f"{world}/tldr_preference", split="validation")
+            labels, gold = reward_model_accuracy(read_jsonl(os.path.join(seed_dir, "reward_model", "eval_validation.jsonl")),
+                                                 preference_validation)
+            reward_model[seed] = dict(accuracy_labels=labels, accuracy_gold_judge=gold)
+        curves[seed] = ppo_curves(os.path.join(seed_dir, "ppo"), {r["id"]: r for r in validation})
+        seconds["evaluation"][seed] = time.time() - t0
+
+    summary, gains = summarize(policies, {str(r["seed"]): str(r["base"]) for r in runs})
+    import torch
+
+    return dict(
+        command=command, machine=f"{platform.machine()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}",
+        seeds=seeds, full_seeds=full_seeds, world=worlds, judge_posts=len(rows), reference_gold_score=reference_gold,
+        policies=policies, summary=summary, gains=gains, reward_model=reward_model, ppo_curves=curves, seconds=seconds,
+        wall_seconds=time.time() - start,
+    )
 
 
-def main():
+def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="test-sized world and short runs (a few minutes)")
-    parser.add_argument("--work-dir", default="runs/benchmark", help="folder for the world, the models and the logs")
+    parser.add_argument("--quick", action="store_true", help="the quick world and short runs (about 5 minutes)")
+    parser.add_argument("--smoke", action="store_true",
+                        help="the test suite's setting: a few updates per stage on the test world (plumbing only)")
+    parser.add_argument("--work-dir", default=None, help="folder for the worlds, the models and the logs, one "
+                        "subfolder per seed (default: runs/benchmark)")
     parser.add_argument("--results-dir", default=None, help="folder for results.md/json and plots (default: work dir)")
-    parser.add_argument("--seed", type=int, default=1, help="seed of the world and of every stage")
-    cli = parser.parse_args()
-    settings = SETTINGS["quick" if cli.quick else "small"]
-    work = os.path.abspath(cli.work_dir)
+    parser.add_argument("--seed", type=int, default=None, help="seed of the world and of every stage (default: 1)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=None,
+                        help="seeds of PPO and DPO, each run from the SFT policy and reward model of the first seed")
+    parser.add_argument("--full-seeds", action="store_true", help="with --seeds: run the whole pipeline with each seed")
+    parser.add_argument("--plot", default=None, metavar="RESULTS_DIR",
+                        help="only draw the plots of an earlier run from RESULTS_DIR/results.json (needs matplotlib)")
+    cli = parser.parse_args(argv)
+    if cli.plot is not None:
+        given = [f for f in ["quick", "smoke", "work_dir", "results_dir", "seed", "seeds", "full_seeds"]
+                 if getattr(cli, f) is not None and getattr(cli, f) is not False]
+        if given:
+            parser.error(f"--plot draws an earlier run's plots and takes no other option, got --{given[0].replace('_', '-')}")
+        return cli
+    if cli.quick and cli.smoke:
+        parser.error("--quick and --smoke are two different settings: give one of them")
+    if cli.seed is not None and cli.seeds is not None:
+        parser.error("give --seed (one seed) or --seeds (several), not both")
+    if cli.seeds is not None and len(set(cli.seeds)) != len(cli.seeds):
+        parser.error(f"--seeds must be distinct, got {cli.seeds}")
+    if cli.full_seeds and cli.seeds is None:
+        parser.error("--full-seeds repeats the whole pipeline for each of --seeds: give --seeds")
+    cli.seeds = cli.seeds or [1 if cli.seed is None else cli.seed]
+    return cli
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    cli = parse_args(argv)
+    if cli.plot is not None:
+        with open(os.path.join(cli.plot, "results.json")) as f:
+            results = json.load(f)
+        if not plot(results, cli.plot):
+            raise SystemExit("[pipeline] --plot needs matplotlib: pip install matplotlib")
+        print(f"[pipeline] wrote {cli.plot}/ppo_curves.png and {cli.plot}/win_rate_by_stage.png")
+        return
+    settings = SETTINGS["quick" if cli.quick else "smoke" if cli.smoke else "small"]
+    work = os.path.abspath(cli.work_dir or "runs/benchmark")
     results_dir = os.path.abspath(cli.results_dir or work)
     os.makedirs(work, exist_ok=True)
     os.makedirs(results_dir, exist_ok=True)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("WANDB_MODE", "offline")
-    seconds = {}
-
-    start = time.time()
-    world = os.path.join(work, "world")
-    stats = offline_world.build(world, settings["size"], cli.seed, verbose=False)
-    seconds["world"] = time.time() - start
-    common = ["--seed", str(cli.seed), "--query-length", str(settings["query_length"])]
-    sft_dir, rm_dir, ppo_dir, dpo_dir = (os.path.join(work, n) for n in ["sft", "reward_model", "ppo", "dpo"])
-    for stage_dir in (sft_dir, rm_dir, ppo_dir, dpo_dir):  # every stage starts afresh (a script refuses to start a
-        shutil.rmtree(stage_dir, ignore_errors=True)  # fresh run over an earlier run's checkpoints)
-    seconds["sft"] = run_stage("sft", ["sft.py", "--base-model", f"{world}/base_model", "--query-dataset",
-                                       f"{world}/tldr_sft", "--output-dir", sft_dir, "--num-eval-samples",
-                                       str(settings["eval_posts"]), *common, *settings["sft"]], work)
-    seconds["reward_model"] = run_stage("reward_model", [
-        "reward_model.py", "--sft-model-path", sft_dir, "--label-dataset", f"{world}/tldr_preference",
-        "--query-dataset", f"{world}/tldr_sft", "--output-dir", rm_dir, *common, *settings["reward_model"]], work)
-    seconds["ppo"] = run_stage("ppo", [
-        "ppo_tldr.py", "--sft-model-path", sft_dir, "--reward-model-path", rm_dir, "--query-dataset",
-        f"{world}/tldr_sft", "--output-dir", ppo_dir, "--num-eval-samples", str(settings["eval_posts"]),
-        *common, *settings["ppo"]], work)
-    seconds["dpo"] = run_stage("dpo", [
-        "dpo.py", "--sft-model-path", sft_dir, "--label-dataset", f"{world}/tldr_preference", "--query-dataset",
-        f"{world}/tldr_sft", "--output-dir", dpo_dir, "--num-eval-samples", str(settings["eval_posts"]),
-        *common, *settings["dpo"]], work)
-
     import datasets
+    import transformers
 
-    start = time.time()
-    validation = datasets.load_dataset(f"{world}/tldr_sft", split="validation")
-    rows = [validation[i] for i in range(min(settings["judge_posts"], len(validation)))]
-    policies = {}
-    for stage, path in [("sft", sft_dir), ("ppo", ppo_dir), ("dpo", dpo_dir)]:
-        policies[stage] = {str(t): evaluate_policy(path, rows, settings["query_length"], 53, t, cli.seed)
-                           for t in (0.01, 0.7)}
-        print(f"[pipeline] {stage}: " + ", ".join(f"T={t} win {r['win_rate']:.3f} gold {r['gold_score']:.2f}"
-                                                  for t, r in policies[stage].items()), flush=True)
-    preference_validation = datasets.load_dataset(f"{world}/tldr_preference", split="validation")
-    accuracy_labels, accuracy_gold = reward_model_accuracy(read_jsonl(os.path.join(rm_dir, "eval_validation.jsonl")),
-                                                           preference_validation)
-    curves = ppo_curves(ppo_dir, {r["id"]: r for r in validation})
-    seconds["evaluation"] = time.time() - start
+    datasets.disable_progress_bars()  # the world's parquet and model writes
+    transformers.utils.logging.disable_progress_bar()
 
-    results = dict(
-        machine=f"{platform.machine()}, {os.cpu_count()} cores, torch threads {__import__('torch').get_num_threads()}",
-        world=stats, judge_posts=len(rows),
-        reference_gold_score=sum(offline_world.score(r["post"], r["summary"]) for r in rows) / len(rows),
-        policies=policies, reward_model=dict(accuracy_labels=accuracy_labels, accuracy_gold_judge=accuracy_gold),
-        ppo_curves=curves, seconds=seconds,
-    )
+    results = run_pipeline(settings, cli.seeds, cli.full_seeds, work, shlex.join(["python", "benchmark/pipeline.py", *argv]))
     with open(os.path.join(results_dir, "results.json"), "w") as f:
         json.dump(results, f, indent=2)
-    plot(results, curves, results_dir)
-    command = "python benchmark/pipeline.py" + (" --quick" if cli.quick else "")
-    print(write_markdown(results, command, results_dir))
+    write_markdown(results, results_dir)
+    print(f"[pipeline] wrote {results_dir}/results.md and results.json", flush=True)
+    if plot(results, results_dir):
+        print(f"[pipeline] wrote {results_dir}/ppo_curves.png and win_rate_by_stage.png", flush=True)
+    else:
+        print(f"[pipeline] no plots: matplotlib is not installed; `pip install matplotlib`, then "
+              f"`python benchmark/pipeline.py --plot {shlex.quote(results_dir)}` draws them from results.json", flush=True)
+    print(stage_table(results))
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
 import json
+import sys
 
 import pytest
 
@@ -37,3 +38,108 @@ def test_ppo_curves_read_metrics_and_sample_tables(tmp_path):
     curves = pipeline.ppo_curves(str(tmp_path), {"x": dict(post=POST, summary="my mom hid my keys.")})
     assert curves["episode"] == [64, 128] and curves["kl"] == [0.01, 0.02]
     assert curves["gold_episode"] == [128, 640] and curves["gold_win_rate"] == [0.0, 1.0]
+
+
+def test_ppo_curves_read_whichever_sample_tables_exist(tmp_path):
+    metrics = [{"step": 1, "ppo/episode": 64, "objective/scores": 0.1, "objective/kl": 0.0,
+                "objective/validation_score": 0.3}]
+    (tmp_path / "metrics.jsonl").write_text(json.dumps(metrics[0]) + "\n")
+    (tmp_path / "samples_update_221.jsonl.tmp").write_text("not a table\n")  # not a finished table: not read
+    curves = pipeline.ppo_curves(str(tmp_path), {})
+    assert curves["validation_score"] == [0.3] and curves["gold_episode"] == [] and curves["gold_win_rate"] == []
+
+
+def test_binomial_standard_error():
+    assert pipeline.binomial_se(0.5, 100) == pytest.approx(0.05)
+    assert pipeline.binomial_se(0.9, 100) == pytest.approx(0.03)
+    assert pipeline.binomial_se(1.0, 10) == 0.0
+
+
+def test_plan_shares_sft_and_reward_model_unless_full_seeds():
+    assert pipeline.plan([1, 2], full_seeds=False) == [
+        dict(seed=1, base=1, stages=["world", "sft", "reward_model", "ppo", "dpo"]),
+        dict(seed=2, base=1, stages=["ppo", "dpo"]),
+    ]
+    assert pipeline.plan([3, 5], full_seeds=True) == [
+        dict(seed=3, base=3, stages=["world", "sft", "reward_model", "ppo", "dpo"]),
+        dict(seed=5, base=5, stages=["world", "sft", "reward_model", "ppo", "dpo"]),
+    ]
+
+
+def test_stage_commands_read_the_base_seed_and_write_their_own():
+    settings = pipeline.SETTINGS["smoke"]
+    command = pipeline.stage_command("ppo", settings, "/w/seed2", "/w/seed1", 2)
+    assert command[0] == "ppo_tldr.py"
+    for flag, value in [("--sft-model-path", "/w/seed1/sft"), ("--reward-model-path", "/w/seed1/reward_model"),
+                        ("--query-dataset", "/w/seed1/world/tldr_sft"), ("--output-dir", "/w/seed2/ppo"), ("--seed", "2")]:
+        assert command[command.index(flag) + 1] == value
+
+
+def metrics(win_rate):
+    return dict(win_rate=win_rate, win_rate_se=pipeline.binomial_se(win_rate, 100), gold_score=2 * win_rate,
+                response_tokens=10.0, eos_rate=1.0, example="")
+
+
+def test_summary_over_seeds_and_gains_against_the_sft_each_run_started_from():
+    policies = {"sft": {t: {"1": metrics(0.3)} for t in pipeline.TEMPERATURES},
+                "ppo": {t: {"1": metrics(0.8), "2": metrics(0.9)} for t in pipeline.TEMPERATURES},
+                "dpo": {t: {"1": metrics(0.7), "2": metrics(0.6)} for t in pipeline.TEMPERATURES}}
+    summary, gains = pipeline.summarize(policies, {"1": "1", "2": "1"})
+    ppo = summary["ppo"]["0.01"]["win_rate"]
+    assert ppo["mean"] == pytest.approx(0.85) and ppo["sd"] == pytest.approx(0.05 * 2 ** 0.5) and ppo["n"] == 2
+    assert summary["sft"]["0.01"]["win_rate"] == dict(mean=0.3, sd=None, n=1)  # one SFT policy: no spread
+    g = gains["ppo - sft"]["0.7"]
+    assert g["per_seed"] == pytest.approx({"1": 0.5, "2": 0.6}) and g["mean"] == pytest.approx(0.55)
+    assert g["sd"] == pytest.approx(0.05 * 2 ** 0.5)
+    g = gains["ppo - dpo"]["0.01"]
+    assert g["per_seed"] == pytest.approx({"1": 0.1, "2": 0.3}) and g["sd"] == pytest.approx(0.1 * 2 ** 0.5)
+    _, gains = pipeline.summarize({**policies, "sft": {t: {"1": metrics(0.3), "2": metrics(0.5)}
+                                                       for t in pipeline.TEMPERATURES}}, {"1": "1", "2": "2"})
+    assert gains["ppo - sft"]["0.01"]["per_seed"] == pytest.approx({"1": 0.5, "2": 0.4})  # --full-seeds: its own SFT
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--seed", "1", "--seeds", "2", "3"], "not both"),
+    (["--seeds", "1", "1"], "distinct"),
+    (["--full-seeds"], "give --seeds"),
+    (["--quick", "--smoke"], "one of them"),
+    (["--plot", "runs/x", "--quick"], "--quick"),
+    (["--plot", "runs/x", "--seed", "0"], "--seed"),
+])
+def test_bad_options_are_refused(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        pipeline.parse_args(argv)
+    assert message in capsys.readouterr().err
+
+
+def test_smoke_pipeline_end_to_end_with_two_seeds_and_no_matplotlib(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # CI has no matplotlib: the run must finish without it
+    pipeline.main(["--smoke", "--seeds", "1", "2", "--work-dir", str(tmp_path / "work"),
+                   "--results-dir", str(tmp_path / "results")])
+    out = capsys.readouterr().out
+    results = json.loads((tmp_path / "results" / "results.json").read_text())
+    assert results["seeds"] == [1, 2] and not results["full_seeds"]
+    assert set(results["policies"]["sft"]["0.01"]) == {"1"}  # one SFT policy and reward model, shared
+    assert set(results["policies"]["ppo"]["0.7"]) == set(results["policies"]["dpo"]["0.01"]) == {"1", "2"}
+    assert set(results["reward_model"]) == {"1"} and set(results["ppo_curves"]) == {"1", "2"}
+    assert results["seconds"]["ppo"].keys() == {"1", "2"} and results["seconds"]["sft"].keys() == {"1"}
+    assert results["judge_posts"] == pipeline.SETTINGS["smoke"]["judge_posts"]
+    md = (tmp_path / "results" / "results.md").read_text()
+    assert "| PPO | 2 | 0.7 |" in md and "| DPO - SFT | 0.01 |" in md and "Over seeds" in md
+    assert not list((tmp_path / "results").glob("*.png"))
+    assert "no plots: matplotlib is not installed" in out and "--plot" in out
+    table = out.rstrip().split("\n")
+    assert table[-1].startswith("| total (wall time) |") and table[-4].startswith("| PPO |")
+    assert " (sd " in table[-4] and " ± " in table[-6]  # PPO: spread over 2 seeds; the one SFT: standard error
+
+
+def test_plots_show_every_seed(tmp_path):
+    pytest.importorskip("matplotlib")
+    policies = {"sft": {t: {"1": metrics(0.3)} for t in pipeline.TEMPERATURES},
+                "ppo": {t: {"1": metrics(0.8), "2": metrics(0.9)} for t in pipeline.TEMPERATURES},
+                "dpo": {t: {"1": metrics(0.7), "2": metrics(0.6)} for t in pipeline.TEMPERATURES}}
+    summary, _ = pipeline.summarize(policies, {"1": "1", "2": "1"})
+    curves = dict(episode=[64, 128], scores=[0.1, 0.2], kl=[0.0, 0.1], validation_score=[0.2, 0.3],
+                  gold_episode=[64], gold_win_rate=[0.5])
+    assert pipeline.plot(dict(policies=policies, summary=summary, ppo_curves={"1": curves, "2": curves}), str(tmp_path))
+    assert (tmp_path / "ppo_curves.png").stat().st_size > 0 and (tmp_path / "win_rate_by_stage.png").stat().st_size > 0
