@@ -46,7 +46,8 @@ SETTINGS = {
                       "--num-normalization-samples", "2000", "--local-eval-batch-size", "32"],
         # PPO: the validation score is flat after ~320 episodes (README "Offline benchmark")
         ppo=["--lr", "5e-5", "--total-episodes", "2560", "--batch-size", "64", "--local-micro-batch-size", "32",
-             "--local-rollout-forward-batch-size", "64", "--sample-table-every", "5"],
+             "--local-rollout-forward-batch-size", "64", "--sample-table-every", "5",
+             "--local-eval-batch-size", "64"],  # the gold curve's validation batch (the reference samples 2)
         dpo=["--lr", "1e-4", "--beta", "0.1", "--batch-size", "32", "--local-micro-batch-size", "32",
              "--local-eval-batch-size", "32", "--total-episodes", "9216"],  # 288 of the 625 updates of one epoch
     ),
@@ -60,7 +61,8 @@ SETTINGS = {
         reward_model=["--lr", "3e-4", "--batch-size", "32", "--local-micro-batch-size", "32", "--total-episodes", "6400",
                       "--num-normalization-samples", "2000", "--local-eval-batch-size", "64"],
         ppo=["--lr", "1e-4", "--total-episodes", "1920", "--batch-size", "64", "--local-micro-batch-size", "32",
-             "--local-rollout-forward-batch-size", "32", "--sample-table-every", "5"],
+             "--local-rollout-forward-batch-size", "32", "--sample-table-every", "5",
+             "--local-eval-batch-size", "64"],  # the gold curve's validation batch (the reference samples 2)
         dpo=["--lr", "3e-4", "--beta", "0.1", "--batch-size", "32", "--local-micro-batch-size", "32",
              "--local-eval-batch-size", "64", "--total-episodes", "6400"],
     ),
