@@ -91,12 +91,15 @@ def test_tokenizer_and_model_are_pythia_like(world):
 
 def test_same_seed_writes_identical_files(world, tmp_path):
     w.build(str(tmp_path), size="tiny", seed=1, verbose=False)
-    for folder, _, files in os.walk(world):
+    built = 0
+    for folder, _, files in os.walk(tmp_path):  # every file the build writes (other tests add files to `world`)
         for name in files:
-            a = os.path.join(folder, name)
-            b = os.path.join(tmp_path, os.path.relpath(a, world))
+            b = os.path.join(folder, name)
+            a = os.path.join(world, os.path.relpath(b, tmp_path))
             with open(a, "rb") as fa, open(b, "rb") as fb:
                 assert fa.read() == fb.read(), a
+            built += 1
+    assert built >= 10  # parquet splits, world.json, the tokenizer and model files
 
 
 def test_unknown_size_is_refused(tmp_path):
