@@ -26,17 +26,16 @@ def world(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def reward_model(world):
+def reward_model(world, tmp_path_factory):
     """A reward model on the tiny base model (random head) with the policy's tokenizer: enough to exercise every code
-    path of ppo_tldr.py."""
+    path of ppo_tldr.py. Kept outside the world's folder, which must hold only what offline_world.build writes."""
     import torch
 
     from ppo_tldr import load_tokenizer
     from value_head import ScalarModel
 
-    path = world / "reward_model"
-    if not path.exists():
-        torch.manual_seed(0)
-        ScalarModel.from_backbone(str(world / "base_model")).save_pretrained(str(path))
-        load_tokenizer(str(world / "base_model"), "--sft-model-path").save_pretrained(str(path))
+    path = tmp_path_factory.mktemp("reward_model")
+    torch.manual_seed(0)
+    ScalarModel.from_backbone(str(world / "base_model")).save_pretrained(str(path))
+    load_tokenizer(str(world / "base_model"), "--sft-model-path").save_pretrained(str(path))
     return path

@@ -76,6 +76,7 @@ def test_the_audit_flags_tensors_created_without_a_device(tmp_path):
 
 
 # ------------------------------------------------------------ the four scripts, two processes -----------------
+@pytest.mark.slow
 def test_ppo_fsdp_collectives_on_the_device_and_one_gather_per_sampling_chunk(world, reward_model, tmp_path):
     """Two gloo processes, --fsdp (and the all-reduced advantage whitening), audited: no collective receives a CPU
     tensor, and sampling all-gathers each of the
@@ -98,6 +99,7 @@ def test_ppo_fsdp_collectives_on_the_device_and_one_gather_per_sampling_chunk(wo
         assert 10 * sampling <= generate_calls * response_length * blocks
 
 
+@pytest.mark.slow
 def test_sft_collectives_on_the_device(world, tmp_path):
     out = tmp_path / "sft"
     records, _ = run_audited("sft.py", [
@@ -107,6 +109,7 @@ def test_sft_collectives_on_the_device(world, tmp_path):
     assert_no_cpu_tensor_in_a_collective(records)
 
 
+@pytest.mark.slow
 def test_reward_model_fsdp_collectives_on_the_device(world, tmp_path):
     out = tmp_path / "rm"
     records, _ = run_audited("reward_model.py", [
@@ -119,6 +122,7 @@ def test_reward_model_fsdp_collectives_on_the_device(world, tmp_path):
     assert all(r["checked"].get("broadcast", 0) > 0 for r in records)  # the scalar head's broadcast was checked
 
 
+@pytest.mark.slow
 def test_dpo_collectives_on_the_device(world, tmp_path):
     out = tmp_path / "dpo"
     records, _ = run_audited("dpo.py", [
@@ -176,6 +180,7 @@ def test_generate_samples_the_same_tokens_and_logits_as_before(world, temperatur
     torch.testing.assert_close(logprobs_of(new_logits, response), logprobs_of(old_logits, response), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_a_ppo_run_logs_no_deprecation_warning_from_our_code(world, reward_model, tmp_path):
     """A tiny PPO run with every FutureWarning and DeprecationWarning shown: none points at one of our files."""
     out = tmp_path / "run"

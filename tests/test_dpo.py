@@ -238,6 +238,7 @@ def test_validate_args_derives_gradient_accumulation():
         dpo.validate_args(args, world_size=6)
 
 
+@pytest.mark.slow
 def test_script_fails_fast_on_a_missing_column(world, tmp_path):
     bad = tmp_path / "bad_preference"
     os.makedirs(bad / "data")
@@ -250,6 +251,7 @@ def test_script_fails_fast_on_a_missing_column(world, tmp_path):
 
 
 # ---------------------------------------------------------------- runs -------------------------------------------
+@pytest.mark.slow
 def test_smoke_run_on_the_tiny_world(world, tmp_path):
     out = tmp_path / "run"
     result = run([sys.executable] + tiny_args(world, out, "--total-episodes", "256", "--num-eval-samples", "8"))
@@ -291,6 +293,7 @@ def free_port():
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_disjoint_shards(world, tmp_path):
     out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
@@ -309,6 +312,7 @@ def test_torchrun_two_processes_disjoint_shards(world, tmp_path):
     assert (out / "model.safetensors").exists()
 
 
+@pytest.mark.slow
 def test_fsdp_shards_and_matches_ddp_and_resumes(world, tmp_path):
     """--fsdp on two gloo processes: each holds about half of the policy; training (reference on the fly), the
     preference evaluation and the generations for 5 posts (2 chunks of 2 on one process, 1 on the other) match a DDP run with

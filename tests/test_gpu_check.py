@@ -53,6 +53,7 @@ def test_word_level_tokenizer_has_pythias_shape(tmp_path):
         gpu_check.word_level_tokenizer(["a b c"], 3)
 
 
+@pytest.mark.slow
 def test_tiny_check_runs_every_stage_on_cpu(tmp_path):
     out = tmp_path / "check"
     result = subprocess.run([sys.executable, gpu_check.__file__, "--out-dir", str(out), "--tiny", "--peak-tflops", "0.1"],

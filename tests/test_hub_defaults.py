@@ -136,6 +136,7 @@ def test_sft_tokenizer_keeps_the_id_of_its_own_pad(world, tmp_path):
         assert loaded.pad_token_id == pad_id and len(loaded) == len(tokenizer)
 
 
+@pytest.mark.slow
 def test_the_literal_default_command_computes_logs_and_saves_the_bias(hub, world, tmp_path):
     from ppo_tldr import Args
 
@@ -151,6 +152,7 @@ def test_the_literal_default_command_computes_logs_and_saves_the_bias(hub, world
     assert (tmp_path / "run" / "model.safetensors").exists()
 
 
+@pytest.mark.slow
 def test_a_released_reward_model_by_its_branch(hub, world, tmp_path):
     result = run_ppo(hub, world, tmp_path / "run", "--reward-model-path", RELEASE_ID,
                      "--reward-model-revision", RELEASE_BRANCH)
@@ -160,6 +162,7 @@ def test_a_released_reward_model_by_its_branch(hub, world, tmp_path):
     assert json.loads((tmp_path / "run" / "value_model" / "value_head.json").read_text())["bias"] == RELEASE_BIAS
 
 
+@pytest.mark.slow
 def test_the_release_repo_main_branch_is_not_a_model(hub, world, tmp_path):
     env = {**os.environ, "HF_HOME": str(hub), "HF_HUB_OFFLINE": "1"}
     result = subprocess.run([sys.executable, os.path.join(ROOT, "ppo_tldr.py"), "--reward-model-path", RELEASE_ID,
@@ -169,6 +172,7 @@ def test_the_release_repo_main_branch_is_not_a_model(hub, world, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_bias_at_ppo_start_equals_the_one_reward_model_py_stores(world, tmp_path):
     """reward_model.py trains and stores its bias; the same weights written in the reference's format without a bias
     make ppo_tldr.py compute it at start, from the same references: the two agree."""

@@ -149,6 +149,7 @@ def test_logits_kept_at_the_response_positions_only_equal_the_full_forwards(worl
     assert not torch.allclose(kept[:, :-1], full[:, 6 - 2 : -2])  # a slice one position off differs
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("extra", [[], ["--group-by-length", "--local-rollout-forward-batch-size", "4"]])
 def test_first_minibatch_ratio_is_one_and_optimizer_steps(world, reward_model, tmp_path, extra):
     """One epoch, one mini-batch: every micro-batch precedes the only optimizer step, so the logged ratio is 1 and
@@ -167,6 +168,7 @@ def test_first_minibatch_ratio_is_one_and_optimizer_steps(world, reward_model, t
     assert [m["ppo/optimizer_steps"] for m in metrics] == [1, 2]
 
 
+@pytest.mark.slow
 def test_smoke_run_saves_a_loadable_policy_and_counts_optimizer_steps(world, reward_model, tmp_path):
     from transformers import AutoModelForCausalLM
 
@@ -211,6 +213,7 @@ def test_bad_arguments_fail_before_loading_models(world, reward_model, tmp_path,
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_an_unknown_kl_estimator_is_refused_by_the_command_line(world, reward_model, tmp_path):
     out = tmp_path / "run"
     result = subprocess.run([sys.executable, "ppo_tldr.py", *ppo_args(world, reward_model, out, "--total-episodes", "32"),
@@ -232,6 +235,7 @@ def test_a_dataset_without_the_needed_columns_is_named(world, reward_model, tmp_
         runpy.run_path("ppo_tldr.py", run_name="__main__")
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes(world, reward_model, tmp_path):
     """Two CPU processes (gloo): the global batch is split, statistics are gathered, evaluation rows are gathered,
     and the optimizer takes the same number of steps per update as one process would. The per-update validation
@@ -310,6 +314,7 @@ def _whiten_in_a_process_group(rank, world_size, port, values, mask, results):
     dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_global_advantage_whitening_uses_the_statistics_of_every_process():
     """Two gloo processes holding 2 rows each whiten exactly as one process holding all 4 rows; per-process
     whitening (the reference's) would not."""
@@ -333,6 +338,7 @@ def test_global_advantage_whitening_uses_the_statistics_of_every_process():
     assert not torch.allclose(masked_whiten(values[:2], mask[:2])[mask[:2]], expected[:2][mask[:2]], atol=1e-3)
 
 
+@pytest.mark.slow
 def test_fsdp_shards_and_matches_ddp_and_resumes(world, reward_model, tmp_path):
     """--fsdp on two gloo processes: each holds about half of the trained parameters; the run (rollouts, updates,
     evaluation with uneven shares of 7 posts, saved policy and value model) matches the DDP run with the same seeds;
@@ -442,6 +448,7 @@ def _update_in_a_process_group(rank, world_size, port, mode, model_path, rollout
     dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_ppo_update_on_two_processes_equals_one_process(world):
     """The PPO update (step 6) on a fixed batch of 16 episodes: one process with 2 micro-batches of 8 and two processes
     with 2 micro-batches of 4 each, under DDP and under FSDP, end with the same weights and losses (every response

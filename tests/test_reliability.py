@@ -18,6 +18,8 @@ import datasets
 import pytest
 import torch
 
+pytestmark = pytest.mark.slow  # every test here runs the scripts as subprocesses
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 TIMINGS = ("ppo/eps", "time/")

@@ -167,6 +167,7 @@ def test_train_shards_are_disjoint_and_share_one_shuffle():
 
 
 # ------------------------------------------------------------ bad inputs -------------------------------------
+@pytest.mark.slow
 @pytest.mark.parametrize("extra, message", [
     (["--batch-size", "24", "--local-micro-batch-size", "16"], "--batch-size / (--local-micro-batch-size"),
     (["--response-length", "0"], "--response-length must be positive"),
@@ -179,6 +180,7 @@ def test_bad_arguments_fail_fast(world, tmp_path, extra, message):
     assert not (tmp_path / "out").exists()  # failed before anything was written
 
 
+@pytest.mark.slow
 def test_missing_preference_column_is_named(world, tmp_path):
     rows = datasets.load_dataset(str(world / "tldr_preference"), split="train").remove_columns(["choice"])
     (tmp_path / "bad" / "data").mkdir(parents=True)
@@ -188,6 +190,7 @@ def test_missing_preference_column_is_named(world, tmp_path):
 
 
 # ------------------------------------------------------------ smoke run on the tiny world --------------------
+@pytest.mark.slow
 def test_smoke_run_trains_normalises_and_saves(world, tmp_path):
     out = tmp_path / "rm"
     result = run_script(*world_cli(world, out, "--lr", "3e-4", "--batch-size", "32", "--local-micro-batch-size", "16",
@@ -227,6 +230,7 @@ def test_smoke_run_trains_normalises_and_saves(world, tmp_path):
     assert scores.std().item() == pytest.approx(final["normalization/std"], rel=1e-3)
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes(world, tmp_path):
     out = tmp_path / "rm_ddp"
     result = run_script(*world_cli(world, out, "--lr", "3e-4", "--batch-size", "32", "--local-micro-batch-size", "8",
@@ -244,6 +248,7 @@ def test_torchrun_two_processes(world, tmp_path):
     assert (out / "value_head.json").exists()
 
 
+@pytest.mark.slow
 def test_fsdp_shards_and_matches_ddp_and_resumes(world, tmp_path):
     """--fsdp on two gloo processes: each holds about half of the parameters; training, the normalisation (33
     summaries: 3 chunks on one process, 2 on the other) and the evaluation (7 pairs) match the DDP run, head and bias

@@ -225,6 +225,7 @@ def test_check_args():
 
 
 # ------------------------------------------------------------ bad input (the real command line) ----------------
+@pytest.mark.slow
 def test_error_dataset_lacking_columns(world, tmp_path):
     folder = tmp_path / "bad_dataset"
     folder.mkdir()
@@ -234,12 +235,14 @@ def test_error_dataset_lacking_columns(world, tmp_path):
     assert "--query-dataset" in result.stderr and "['subreddit', 'summary']" in result.stderr
 
 
+@pytest.mark.slow
 def test_error_model_path_missing(world, tmp_path):
     result = run_sft("--base-model", str(tmp_path / "no_such_model"), "--query-dataset", str(world / "tldr_sft"))
     assert result.returncode != 0
     assert "--base-model" in result.stderr and "no_such_model" in result.stderr and "is not a folder" in result.stderr
 
 
+@pytest.mark.slow
 def test_error_batch_size_does_not_divide(world):
     result = run_sft("--base-model", str(world / "base_model"), "--query-dataset", str(world / "tldr_sft"),
                      "--batch-size", "30", "--local-micro-batch-size", "16")
@@ -257,6 +260,7 @@ def smoke_run(world, tmp_path_factory):
     return out, result
 
 
+@pytest.mark.slow
 def test_smoke_loss_falls_and_outputs_load(smoke_run):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -282,6 +286,7 @@ def test_smoke_loss_falls_and_outputs_load(smoke_run):
         assert all(1 <= r["response_tokens"] <= 53 and (r["has_eos"] or r["response_tokens"] == 53) for r in rows)
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_match_one(world, smoke_run, tmp_path):
     """Same global batch and seed on 2 processes: the same updates as one process up to float error (SFT samples
     nothing while training), which holds only if the two ranks trained on disjoint halves of each batch and the
@@ -308,6 +313,7 @@ def test_torchrun_two_processes_match_one(world, smoke_run, tmp_path):
     assert [r["id"] for r in rows_two] == [r["id"] for r in rows_one]  # gathered in dataset order
 
 
+@pytest.mark.slow
 def test_fsdp_shards_and_matches_ddp_and_resumes(world, tmp_path):
     """--fsdp on two gloo processes: each holds about half of the parameters; training (with accumulation) and the
     evaluation with uneven shares of 5 rows (2 chunks of 2 on one process, 1 on the other) match the DDP run; rolled back to its update-2 checkpoint and resumed, it
