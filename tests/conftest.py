@@ -1,6 +1,13 @@
-"""Shared fixtures: the tiny offline world, built once per test session; offline mode for every test."""
+"""Shared fixtures and runners: the tiny offline world, built once per test session; offline mode for every test;
+running a script (or torchrun) as a subprocess; a free port; the tiny world's paths on a script's command line.
 
+Cost tiers: a test that launches a script, torchrun or a process group, or trains, carries `@pytest.mark.slow`;
+`python -m pytest tests -q -m "not slow"` runs the formula and invariant tests alone."""
+
+import json
 import os
+import socket
+import subprocess
 import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -13,6 +20,47 @@ import pytest  # noqa: E402
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "benchmark"))
+# one thread per process: on a small shared CPU, torch's spinning worker threads slow a run down several times
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+
+
+def run_script(*command, torchrun=False, env=None, timeout=600):
+    """`python *command` (`torchrun`, 2 processes, with torchrun=True) from the repository root, one thread per process,
+    output captured; env adds to the environment. command: a script path relative to the root and its arguments."""
+    launcher = TORCHRUN if torchrun else [sys.executable]
+    return subprocess.run([*launcher, *map(str, command)], cwd=ROOT, env={**os.environ, **ONE_THREAD, **(env or {})},
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def run_ok(*command, **kwargs):
+    """run_script that must exit 0; a failure shows the ends of stdout and stderr."""
+    result = run_script(*command, **kwargs)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    return result
+
+
+def read_jsonl(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def world_args(world, script, reward_model=None):
+    """The tiny world's model and datasets (and the reward model, for ppo_tldr.py), under the names `script` gives
+    them."""
+    args = ["--base-model" if script == "sft.py" else "--sft-model-path", str(world / "base_model"),
+            "--query-dataset", str(world / "tldr_sft")]
+    if script in ("reward_model.py", "dpo.py"):
+        args += ["--label-dataset", str(world / "tldr_preference")]
+    if reward_model is not None:
+        args += ["--reward-model-path", str(reward_model)]
+    return args
 
 
 @pytest.fixture(scope="session")
@@ -26,17 +74,16 @@ def world(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def reward_model(world):
+def reward_model(world, tmp_path_factory):
     """A reward model on the tiny base model (random head) with the policy's tokenizer: enough to exercise every code
-    path of ppo_tldr.py."""
+    path of ppo_tldr.py. Kept outside the world's folder, which must hold only what offline_world.build writes."""
     import torch
 
     from ppo_tldr import load_tokenizer
     from value_head import ScalarModel
 
-    path = world / "reward_model"
-    if not path.exists():
-        torch.manual_seed(0)
-        ScalarModel.from_backbone(str(world / "base_model")).save_pretrained(str(path))
-        load_tokenizer(str(world / "base_model"), "--sft-model-path").save_pretrained(str(path))
+    path = tmp_path_factory.mktemp("reward_model")
+    torch.manual_seed(0)
+    ScalarModel.from_backbone(str(world / "base_model")).save_pretrained(str(path))
+    load_tokenizer(str(world / "base_model"), "--sft-model-path").save_pretrained(str(path))
     return path

@@ -48,7 +48,54 @@ def test_the_common_block_of_args_is_identical():
         assert block == first, f"the common block of {script} differs from {SCRIPTS[0]}'s"
 
 
-def test_importing_a_script_runs_nothing():
-    for script in SCRIPTS:
-        for node in parse(script).body:
-            assert not isinstance(node, (ast.For, ast.While, ast.With)), f"{script} runs code at import"
+def runs_at_import(tree):
+    """The top-level statements of a module that run code when it is imported. Allowed: imports; function and class
+    definitions (their decorators, bases and default values are part of the definition); a docstring (an expression
+    that is a constant); an assignment to plain names that calls nothing (its value made of literals, names,
+    attributes, operators, f-strings); `if __name__ == "__main__":` without an else. Anything else is returned."""
+    found = []
+    for node in tree.body:
+        if isinstance(node, (ast.Import, ast.ImportFrom, ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            continue
+        if isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant):
+            continue
+        if isinstance(node, (ast.Assign, ast.AnnAssign)) and node.value is not None:
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            runs = [n for n in ast.walk(node) if isinstance(n, (ast.Call, ast.Await, ast.Yield, ast.YieldFrom, ast.NamedExpr))]
+            if all(isinstance(t, ast.Name) for t in targets) and not runs:
+                continue
+        if isinstance(node, ast.If) and not node.orelse and ast.unparse(node.test) in (
+                "__name__ == '__main__'", "'__main__' == __name__"):
+            continue
+        found.append(ast.unparse(node).split("\n")[0])
+    return found
+
+
+@pytest.mark.parametrize("script", [*SCRIPTS, "value_head.py"])
+def test_importing_a_script_runs_nothing(script):
+    assert runs_at_import(parse(script)) == [], f"{script} runs code at import"
+
+
+@pytest.mark.parametrize("source", [
+    "args = tyro.cli(Args)",
+    "tyro.cli(Args)",
+    "import tyro\nfrom dataclasses import dataclass\n@dataclass\nclass Args:\n    seed: int = 1\ntyro.cli(Args)",
+    "DEVICE = torch.device('cuda')",
+    "COLUMNS = sorted(['b', 'a'])",
+    "for i in range(2):\n    pass",
+    "with open('x') as f:\n    pass",
+    "if DEBUG:\n    main()",
+    "if __name__ == '__main__':\n    main()\nelse:\n    main()",
+    "os.environ['X'] = '1'",
+    "X: int = len('ab')",
+    "torch.manual_seed(0)",
+])
+def test_the_import_check_rejects_a_statement_that_runs_code(source):
+    assert runs_at_import(ast.parse(source)) != []
+
+
+def test_the_import_check_accepts_definitions():
+    source = ('"""doc"""\nimport os\nfrom a import b\nN = 1.0\nNAMES = {"a", "b"}\nFILE = f"{N}.json"\nM = -N * 2\n'
+              "@dataclass\nclass Args:\n    seed: int = 1\ndef main():\n    tyro.cli(Args)\n"
+              "if __name__ == '__main__':\n    main()")
+    assert runs_at_import(ast.parse(source)) == []

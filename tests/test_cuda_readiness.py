@@ -4,22 +4,22 @@ numbers with the last-position prefill, no deprecation warnings from our calls, 
 
 import json
 import os
-import subprocess
-import sys
 import warnings
 
 import pytest
 import torch
 
+from conftest import run_ok, world_args
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 AUDIT = os.path.join(ROOT, "tests", "device_audit")
-TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
 
 
 def audited_env(out_dir):
-    """Environment of a run whose processes check every collective's tensors (tests/device_audit/sitecustomize.py)."""
+    """What a run's environment adds so that its processes check every collective's tensors
+    (tests/device_audit/sitecustomize.py)."""
     path = os.pathsep.join([AUDIT] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
-    return {**os.environ, "PYTHONPATH": path, "TLDR_DEVICE_AUDIT": str(out_dir), "OMP_NUM_THREADS": "1"}
+    return {"PYTHONPATH": path, "TLDR_DEVICE_AUDIT": str(out_dir)}
 
 
 def read_audits(out_dir):
@@ -30,9 +30,7 @@ def read_audits(out_dir):
 
 def run_audited(script, cli, out_dir):
     audit_dir = out_dir.parent / f"{out_dir.name}_audit"
-    result = subprocess.run([*TORCHRUN, script, *cli], cwd=ROOT, env=audited_env(audit_dir), capture_output=True,
-                            text=True, timeout=900)
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    result = run_ok(script, *cli, torchrun=True, env=audited_env(audit_dir), timeout=900)
     return read_audits(audit_dir), result
 
 
@@ -66,9 +64,7 @@ dist.destroy_process_group()
 def test_the_audit_flags_tensors_created_without_a_device(tmp_path):
     script = tmp_path / "ppo_tldr.py"  # the audit watches processes started on one of the scripts' names
     script.write_text(AUDIT_SELF_TEST)
-    env = audited_env(tmp_path / "audit")
-    env["TLDR_DEVICE_AUDIT_ROOT"] = str(tmp_path)
-    subprocess.run([sys.executable, str(script)], env=env, check=True, timeout=120)
+    run_ok(script, env={**audited_env(tmp_path / "audit"), "TLDR_DEVICE_AUDIT_ROOT": str(tmp_path)}, timeout=120)
     (record,) = [json.loads(p.read_text()) for p in (tmp_path / "audit").glob("audit_*.json")]
     assert [v["collective"] for v in record["violations"]] == ["all_reduce"] * 4
     assert [v["where"].split(":")[1] for v in record["violations"]] == ["7", "8", "13", "14"]
@@ -76,6 +72,7 @@ def test_the_audit_flags_tensors_created_without_a_device(tmp_path):
 
 
 # ------------------------------------------------------------ the four scripts, two processes -----------------
+@pytest.mark.slow
 def test_ppo_fsdp_collectives_on_the_device_and_one_gather_per_sampling_chunk(world, reward_model, tmp_path):
     """Two gloo processes, --fsdp (and the all-reduced advantage whitening), audited: no collective receives a CPU
     tensor, and sampling all-gathers each of the
@@ -83,8 +80,8 @@ def test_ppo_fsdp_collectives_on_the_device_and_one_gather_per_sampling_chunk(wo
     all-gathers than one per block and token (what a forward per token through a resharding block costs)."""
     response_length, updates, local_batch, chunk = 24, 2, 8, 4
     out = tmp_path / "ppo"
-    cli = ["--sft-model-path", str(world / "base_model"), "--reward-model-path", str(reward_model), "--query-dataset",
-           str(world / "tldr_sft"), "--query-length", "128", "--response-length", str(response_length),
+    cli = [*world_args(world, "ppo_tldr.py", reward_model), "--query-length", "128",
+           "--response-length", str(response_length),
            "--batch-size", str(2 * local_batch), "--total-episodes", str(2 * local_batch * updates),
            "--local-micro-batch-size", "4", "--local-rollout-forward-batch-size", str(chunk), "--num-ppo-epochs", "1",
            "--lr", "1e-4", "--no-run-eval", "--fsdp", "--global-advantage-whitening", "--output-dir", str(out)]
@@ -98,20 +95,21 @@ def test_ppo_fsdp_collectives_on_the_device_and_one_gather_per_sampling_chunk(wo
         assert 10 * sampling <= generate_calls * response_length * blocks
 
 
+@pytest.mark.slow
 def test_sft_collectives_on_the_device(world, tmp_path):
     out = tmp_path / "sft"
     records, _ = run_audited("sft.py", [
-        "--base-model", str(world / "base_model"), "--query-dataset", str(world / "tldr_sft"), "--query-length", "128",
+        *world_args(world, "sft.py"), "--query-length", "128",
         "--batch-size", "32", "--local-micro-batch-size", "8", "--lr", "3e-3", "--total-episodes", "64",
         "--num-eval-samples", "4", "--local-eval-batch-size", "2", "--output-dir", str(out)], out)
     assert_no_cpu_tensor_in_a_collective(records)
 
 
+@pytest.mark.slow
 def test_reward_model_fsdp_collectives_on_the_device(world, tmp_path):
     out = tmp_path / "rm"
     records, _ = run_audited("reward_model.py", [
-        "--sft-model-path", str(world / "base_model"), "--label-dataset", str(world / "tldr_preference"),
-        "--query-dataset", str(world / "tldr_sft"), "--output-dir", str(out), "--query-length", "128",
+        *world_args(world, "reward_model.py"), "--output-dir", str(out), "--query-length", "128",
         "--response-length", "64", "--lr", "3e-4", "--batch-size", "32", "--local-micro-batch-size", "8",
         "--local-eval-batch-size", "8", "--total-episodes", "64", "--num-eval-samples", "7",
         "--num-normalization-samples", "33", "--fsdp"], out)
@@ -119,11 +117,11 @@ def test_reward_model_fsdp_collectives_on_the_device(world, tmp_path):
     assert all(r["checked"].get("broadcast", 0) > 0 for r in records)  # the scalar head's broadcast was checked
 
 
+@pytest.mark.slow
 def test_dpo_collectives_on_the_device(world, tmp_path):
     out = tmp_path / "dpo"
     records, _ = run_audited("dpo.py", [
-        "--sft-model-path", str(world / "base_model"), "--query-dataset", str(world / "tldr_sft"),
-        "--label-dataset", str(world / "tldr_preference"), "--query-length", "128", "--lr", "3e-4", "--beta", "0.1",
+        *world_args(world, "dpo.py"), "--query-length", "128", "--lr", "3e-4", "--beta", "0.1",
         "--batch-size", "32", "--local-micro-batch-size", "8", "--local-eval-batch-size", "32",
         "--total-episodes", "64", "--num-eval-samples", "4", "--output-dir", str(out)], out)
     assert_no_cpu_tensor_in_a_collective(records)
@@ -176,17 +174,15 @@ def test_generate_samples_the_same_tokens_and_logits_as_before(world, temperatur
     torch.testing.assert_close(logprobs_of(new_logits, response), logprobs_of(old_logits, response), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_a_ppo_run_logs_no_deprecation_warning_from_our_code(world, reward_model, tmp_path):
     """A tiny PPO run with every FutureWarning and DeprecationWarning shown: none points at one of our files."""
     out = tmp_path / "run"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "always::FutureWarning,always::DeprecationWarning"}
-    result = subprocess.run([sys.executable, "ppo_tldr.py", "--sft-model-path", str(world / "base_model"),
-                             "--reward-model-path", str(reward_model), "--query-dataset", str(world / "tldr_sft"),
-                             "--query-length", "64", "--response-length", "8", "--batch-size", "8",
-                             "--total-episodes", "8", "--local-micro-batch-size", "8",
-                             "--local-rollout-forward-batch-size", "8", "--num-eval-samples", "2",
-                             "--output-dir", str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = run_ok("ppo_tldr.py", *world_args(world, "ppo_tldr.py", reward_model), "--query-length", "64",
+                    "--response-length", "8", "--batch-size", "8", "--total-episodes", "8",
+                    "--local-micro-batch-size", "8", "--local-rollout-forward-batch-size", "8",
+                    "--num-eval-samples", "2", "--output-dir", str(out),
+                    env={"PYTHONWARNINGS": "always::FutureWarning,always::DeprecationWarning"})
     ours = ("ppo_tldr.py", "value_head.py")
     flagged = [line for line in (result.stdout + result.stderr).splitlines()
                if ("FutureWarning" in line or "DeprecationWarning" in line) and any(f + ":" in line for f in ours)]

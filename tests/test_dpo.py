@@ -1,13 +1,9 @@
 """dpo.py: formulas against hand-computed values, invariants, bad inputs, a tiny-world smoke run and a torchrun run."""
 
 import ast
-import json
 import math
 import os
 import re
-import socket
-import subprocess
-import sys
 
 import datasets
 import pytest
@@ -16,6 +12,7 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import dpo
+from conftest import read_jsonl, run_ok, run_script, world_args
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "dpo.py")
@@ -23,21 +20,9 @@ PAD, EOS = 9, 0
 
 
 def tiny_args(world, output_dir, *extra):
-    return [SCRIPT, "--sft-model-path", str(world / "base_model"), "--query-dataset", str(world / "tldr_sft"),
-            "--label-dataset", str(world / "tldr_preference"), "--query-length", "128", "--lr", "3e-4",
+    return [SCRIPT, *world_args(world, "dpo.py"), "--query-length", "128", "--lr", "3e-4",
             "--beta", "0.1", "--batch-size", "32", "--local-micro-batch-size", "16", "--local-eval-batch-size", "32",
             "--output-dir", str(output_dir), *extra]
-
-
-def run(cmd, timeout=240):
-    # one thread per process: on a small shared CPU, torch's spinning worker threads slow a run down several times
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env)
-
-
-def read_jsonl(path):
-    with open(path) as f:
-        return [json.loads(line) for line in f]
 
 
 # ---------------------------------------------------------------- masks and sequence log-probs --------------------
@@ -238,22 +223,23 @@ def test_validate_args_derives_gradient_accumulation():
         dpo.validate_args(args, world_size=6)
 
 
+@pytest.mark.slow
 def test_script_fails_fast_on_a_missing_column(world, tmp_path):
     bad = tmp_path / "bad_preference"
     os.makedirs(bad / "data")
     bad_rows = datasets.Dataset.from_list([dict(prompt="a", answer="b")])
     bad_rows.to_parquet(str(bad / "data" / "train-00000-of-00001.parquet"))
-    result = run([sys.executable] + tiny_args(world, tmp_path / "out") + ["--label-dataset", str(bad)])
+    result = run_script(*tiny_args(world, tmp_path / "out"), "--label-dataset", str(bad))
     assert result.returncode != 0
     assert "--label-dataset" in result.stderr and "lacks the column(s) ['info', 'summaries', 'choice'" in result.stderr
     assert not (tmp_path / "out").exists()  # nothing trained or written
 
 
 # ---------------------------------------------------------------- runs -------------------------------------------
+@pytest.mark.slow
 def test_smoke_run_on_the_tiny_world(world, tmp_path):
     out = tmp_path / "run"
-    result = run([sys.executable] + tiny_args(world, out, "--total-episodes", "256", "--num-eval-samples", "8"))
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = run_ok(*tiny_args(world, out, "--total-episodes", "256", "--num-eval-samples", "8"))
     assert "kept 512 of 512 pairs" in result.stdout
     metrics = read_jsonl(out / "metrics.jsonl")
     train = [m for m in metrics if "train/loss" in m]
@@ -285,20 +271,11 @@ def test_smoke_run_on_the_tiny_world(world, tmp_path):
     assert not torch.equal(model.get_output_embeddings().weight, base.get_output_embeddings().weight)  # it trained
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
+@pytest.mark.slow
 def test_torchrun_two_processes_disjoint_shards(world, tmp_path):
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-           "--master-port", str(free_port())] + tiny_args(world, out, "--local-micro-batch-size", "8",
-                                                           "--total-episodes", "128", "--num-eval-samples", "4",
-                                                           "--precompute-ref-logprobs")
-    result = run(cmd)
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    result = run_ok(*tiny_args(world, out, "--local-micro-batch-size", "8", "--total-episodes", "128",
+                               "--num-eval-samples", "4", "--precompute-ref-logprobs"), torchrun=True)
     pattern = r"\[rank (\d)\] trains on 64 pairs .*first pair indices (\[[\d, ]+\])"
     shards = {int(m.group(1)): ast.literal_eval(m.group(2)) for m in re.finditer(pattern, result.stdout)}
     assert set(shards) == {0, 1} and not set(shards[0]) & set(shards[1])
@@ -309,6 +286,7 @@ def test_torchrun_two_processes_disjoint_shards(world, tmp_path):
     assert (out / "model.safetensors").exists()
 
 
+@pytest.mark.slow
 def test_fsdp_shards_and_matches_ddp_and_resumes(world, tmp_path):
     """--fsdp on two gloo processes: each holds about half of the policy; training (reference on the fly), the
     preference evaluation and the generations for 5 posts (2 chunks of 2 on one process, 1 on the other) match a DDP run with
@@ -318,14 +296,10 @@ def test_fsdp_shards_and_matches_ddp_and_resumes(world, tmp_path):
     from safetensors.torch import load_file
 
     def torchrun(out, *extra):
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-               "--master-port", str(free_port())] + tiny_args(
+        return run_ok(*tiny_args(
             world, out, "--local-micro-batch-size", "8", "--local-eval-batch-size", "2", "--total-episodes", "96",
             "--num-eval-samples", "5", "--eval-response-length", "16", "--checkpoint-every", "2",
-            "--keep-checkpoints", "2", *extra)
-        result = run(cmd)
-        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
-        return result
+            "--keep-checkpoints", "2", *extra), torchrun=True)
 
     ddp, fsdp, resumed = tmp_path / "ddp", tmp_path / "fsdp", tmp_path / "resumed"
     torchrun(ddp, "--precompute-ref-logprobs")

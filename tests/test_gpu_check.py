@@ -1,13 +1,12 @@
 """benchmark/gpu_check.py: its FLOP and MFU arithmetic, the Pythia-1B shapes, and the whole check at --tiny on CPU."""
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
 
 import gpu_check
+from conftest import run_ok
 
 
 def test_flops_and_mfu_by_hand():
@@ -53,11 +52,10 @@ def test_word_level_tokenizer_has_pythias_shape(tmp_path):
         gpu_check.word_level_tokenizer(["a b c"], 3)
 
 
+@pytest.mark.slow
 def test_tiny_check_runs_every_stage_on_cpu(tmp_path):
     out = tmp_path / "check"
-    result = subprocess.run([sys.executable, gpu_check.__file__, "--out-dir", str(out), "--tiny", "--peak-tflops", "0.1"],
-                            capture_output=True, text=True, timeout=300, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    run_ok(gpu_check.__file__, "--out-dir", str(out), "--tiny", "--peak-tflops", "0.1", timeout=300)
     report = json.loads((out / "gpu_check.json").read_text())
     for stage in ["ppo", "sft", "reward_model", "dpo"]:
         r = report["results"][stage]

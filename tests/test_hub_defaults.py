@@ -10,17 +10,15 @@ load writes; the runs below pass a local --query-dataset."""
 import hashlib
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPTNeoXForSequenceClassification
 
+from conftest import run_ok, run_script, world_args
 from test_value_head import reference_config
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SFT_ID = "cleanrl/EleutherAI_pythia-1b-deduped__sft__tldr"
 REWARD_ID = "cleanrl/EleutherAI_pythia-1b-deduped__reward__tldr"
 RELEASE_ID = "vwxyzjn/EleutherAI_pythia-1b-deduped__reward__tldr"
@@ -97,15 +95,11 @@ def hub(world, tmp_path_factory):
 
 
 def run_ppo(hub, world, out, *extra):
-    env = {**os.environ, "HF_HOME": str(hub), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     cli = ["--query-dataset", str(world / "tldr_sft"), "--query-length", "128", "--response-length", "8",
            "--total-episodes", "16", "--batch-size", "8", "--local-micro-batch-size", "4",
            "--local-rollout-forward-batch-size", "8", "--num-ppo-epochs", "1", "--num-eval-samples", "4",
            "--num-normalization-samples", "24", "--output-dir", str(out), *extra]
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "ppo_tldr.py"), *cli], cwd=ROOT, env=env,
-                            capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result
+    return run_ok("ppo_tldr.py", *cli, env={"HF_HOME": str(hub), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
 
 
 def test_hub_tokenizers_as_shipped(hub, monkeypatch):
@@ -136,6 +130,7 @@ def test_sft_tokenizer_keeps_the_id_of_its_own_pad(world, tmp_path):
         assert loaded.pad_token_id == pad_id and len(loaded) == len(tokenizer)
 
 
+@pytest.mark.slow
 def test_the_literal_default_command_computes_logs_and_saves_the_bias(hub, world, tmp_path):
     from ppo_tldr import Args
 
@@ -151,6 +146,7 @@ def test_the_literal_default_command_computes_logs_and_saves_the_bias(hub, world
     assert (tmp_path / "run" / "model.safetensors").exists()
 
 
+@pytest.mark.slow
 def test_a_released_reward_model_by_its_branch(hub, world, tmp_path):
     result = run_ppo(hub, world, tmp_path / "run", "--reward-model-path", RELEASE_ID,
                      "--reward-model-revision", RELEASE_BRANCH)
@@ -160,26 +156,24 @@ def test_a_released_reward_model_by_its_branch(hub, world, tmp_path):
     assert json.loads((tmp_path / "run" / "value_model" / "value_head.json").read_text())["bias"] == RELEASE_BIAS
 
 
+@pytest.mark.slow
 def test_the_release_repo_main_branch_is_not_a_model(hub, world, tmp_path):
-    env = {**os.environ, "HF_HOME": str(hub), "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "ppo_tldr.py"), "--reward-model-path", RELEASE_ID,
-                             "--query-dataset", str(world / "tldr_sft"), "--output-dir", str(tmp_path / "run")],
-                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    result = run_script("ppo_tldr.py", "--reward-model-path", RELEASE_ID, "--query-dataset", str(world / "tldr_sft"),
+                        "--output-dir", str(tmp_path / "run"), env={"HF_HOME": str(hub), "HF_HUB_OFFLINE": "1"})
     assert result.returncode != 0 and "--reward-model-path" in result.stderr and "revision main" in result.stderr
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_bias_at_ppo_start_equals_the_one_reward_model_py_stores(world, tmp_path):
     """reward_model.py trains and stores its bias; the same weights written in the reference's format without a bias
     make ppo_tldr.py compute it at start, from the same references: the two agree."""
-    from test_dpo import free_port
-    from test_reward_model import run_script, world_cli
+    from test_reward_model import world_cli
 
     out = tmp_path / "rm"
-    result = run_script(*world_cli(world, out, "--lr", "3e-4", "--batch-size", "32", "--local-micro-batch-size", "16",
-                                   "--total-episodes", "32", "--local-eval-batch-size", "8",
-                                   "--num-normalization-samples", "24", "--no-run-eval"))
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_ok(*world_cli(world, out, "--lr", "3e-4", "--batch-size", "32", "--local-micro-batch-size", "16",
+                      "--total-episodes", "32", "--local-eval-batch-size", "8", "--num-normalization-samples", "24",
+                      "--no-run-eval"))
     stored = json.loads((out / "value_head.json").read_text())["bias"]
     unbiased = tmp_path / "unbiased"
     unbiased.mkdir()
@@ -194,21 +188,17 @@ def test_bias_at_ppo_start_equals_the_one_reward_model_py_stores(world, tmp_path
     for name in os.listdir(out):
         if name.startswith(("tokenizer", "special_tokens")):
             (unbiased / name).write_bytes((out / name).read_bytes())
-    def ppo(out, *launcher):
-        result = subprocess.run([*launcher, os.path.join(ROOT, "ppo_tldr.py"), "--sft-model-path",
-                                 str(world / "base_model"), "--reward-model-path", str(unbiased), "--query-dataset",
-                                 str(world / "tldr_sft"), "--query-length", "128", "--response-length", "8",
-                                 "--total-episodes", "8", "--batch-size", "8", "--local-micro-batch-size", "4",
-                                 "--local-rollout-forward-batch-size", "4", "--num-ppo-epochs", "1", "--no-run-eval",
-                                 "--num-normalization-samples", "24", "--normalization-response-length", "64",
-                                 "--output-dir", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)
-        assert result.returncode == 0, result.stderr[-3000:]
+    def ppo(out, torchrun=False):
+        result = run_ok("ppo_tldr.py", *world_args(world, "ppo_tldr.py", unbiased), "--query-length", "128",
+                        "--response-length", "8", "--total-episodes", "8", "--batch-size", "8",
+                        "--local-micro-batch-size", "4", "--local-rollout-forward-batch-size", "4",
+                        "--num-ppo-epochs", "1", "--no-run-eval", "--num-normalization-samples", "24",
+                        "--normalization-response-length", "64", "--output-dir", str(out), torchrun=torchrun)
         return json.loads((out / "metrics.jsonl").read_text().splitlines()[0])["normalization/bias"], result.stdout
 
-    computed, _ = ppo(tmp_path / "ppo", sys.executable)
+    computed, _ = ppo(tmp_path / "ppo")
     assert computed == pytest.approx(stored, abs=1e-6) and stored != 0.0
     # two processes: each scores half of the references; both get every score, hence the same bias
-    two, stdout = ppo(tmp_path / "ppo2", sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-                      "--master-port", str(free_port()))
+    two, stdout = ppo(tmp_path / "ppo2", torchrun=True)
     assert two == pytest.approx(computed, abs=1e-6)
     assert all(f"rank {r}: reward model normalisation bias {two!r}" in stdout for r in (0, 1))

@@ -112,6 +112,7 @@ def test_bad_options_are_refused(argv, message, capsys):
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_smoke_pipeline_end_to_end_with_two_seeds_and_no_matplotlib(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # CI has no matplotlib: the run must finish without it
     pipeline.main(["--smoke", "--seeds", "1", "2", "--work-dir", str(tmp_path / "work"),

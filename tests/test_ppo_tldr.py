@@ -1,12 +1,12 @@
 import json
 import os
 import runpy
-import subprocess
 import sys
 
 import pytest
 import torch
 
+from conftest import free_port, read_jsonl, run_ok, run_script, world_args
 from ppo_tldr import (
     INVALID_LOGPROB, adaptive_kl_coef, compute_advantages, compute_rewards, first_true_indices, masked_mean, masked_var,
     masked_whiten, per_token_kl, prompt_indices, truncate_response, validation_indices,
@@ -122,14 +122,13 @@ def test_gae_whitens_over_valid_tokens_and_zeroes_padding():
 
 # ---------------------------------------------------------------- the real command line ------------------------
 def ppo_args(world, reward_model, output_dir, *extra):
-    return ["--sft-model-path", str(world / "base_model"), "--reward-model-path", str(reward_model),
-            "--query-dataset", str(world / "tldr_sft"), "--query-length", "128", "--response-length", "24",
+    return [*world_args(world, "ppo_tldr.py", reward_model), "--query-length", "128", "--response-length", "24",
             "--batch-size", "16", "--local-micro-batch-size", "8", "--local-rollout-forward-batch-size", "16",
             "--lr", "1e-4", "--output-dir", str(output_dir), *extra]
 
 
 def read_metrics(output_dir):
-    return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+    return read_jsonl(output_dir / "metrics.jsonl")
 
 
 def test_logits_kept_at_the_response_positions_only_equal_the_full_forwards(world):
@@ -149,6 +148,7 @@ def test_logits_kept_at_the_response_positions_only_equal_the_full_forwards(worl
     assert not torch.allclose(kept[:, :-1], full[:, 6 - 2 : -2])  # a slice one position off differs
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("extra", [[], ["--group-by-length", "--local-rollout-forward-batch-size", "4"]])
 def test_first_minibatch_ratio_is_one_and_optimizer_steps(world, reward_model, tmp_path, extra):
     """One epoch, one mini-batch: every micro-batch precedes the only optimizer step, so the logged ratio is 1 and
@@ -156,8 +156,8 @@ def test_first_minibatch_ratio_is_one_and_optimizer_steps(world, reward_model, t
     that drop different amounts of padding, and with the chunks grouped by length: the episodes are put back in order);
     one optimizer step per update."""
     out = tmp_path / "run"
-    subprocess.run([sys.executable, "ppo_tldr.py", *ppo_args(world, reward_model, out, "--total-episodes", "32",
-                    "--num-ppo-epochs", "1", "--num-mini-batches", "1", "--no-run-eval", *extra)], check=True)
+    run_ok("ppo_tldr.py", *ppo_args(world, reward_model, out, "--total-episodes", "32", "--num-ppo-epochs", "1",
+                                    "--num-mini-batches", "1", "--no-run-eval", *extra))
     metrics = [m for m in read_metrics(out) if "ppo/val/ratio" in m]
     for m in metrics:
         assert m["ppo/val/ratio"] == pytest.approx(1.0, abs=1e-5)
@@ -167,15 +167,16 @@ def test_first_minibatch_ratio_is_one_and_optimizer_steps(world, reward_model, t
     assert [m["ppo/optimizer_steps"] for m in metrics] == [1, 2]
 
 
+@pytest.mark.slow
 def test_smoke_run_saves_a_loadable_policy_and_counts_optimizer_steps(world, reward_model, tmp_path):
     from transformers import AutoModelForCausalLM
 
     from value_head import ScalarModel
 
     out = tmp_path / "run"
-    subprocess.run([sys.executable, "ppo_tldr.py", *ppo_args(world, reward_model, out, "--total-episodes", "48",
-                    "--num-ppo-epochs", "2", "--num-mini-batches", "2", "--local-micro-batch-size", "4",
-                    "--num-eval-samples", "8")], check=True)
+    run_ok("ppo_tldr.py", *ppo_args(world, reward_model, out, "--total-episodes", "48", "--num-ppo-epochs", "2",
+                                    "--num-mini-batches", "2", "--local-micro-batch-size", "4",
+                                    "--num-eval-samples", "8"))
     metrics = read_metrics(out)
     updates = [m for m in metrics if "ppo/episode" in m]
     assert [m["ppo/episode"] for m in updates] == [16, 32, 48]
@@ -211,10 +212,11 @@ def test_bad_arguments_fail_before_loading_models(world, reward_model, tmp_path,
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_an_unknown_kl_estimator_is_refused_by_the_command_line(world, reward_model, tmp_path):
     out = tmp_path / "run"
-    result = subprocess.run([sys.executable, "ppo_tldr.py", *ppo_args(world, reward_model, out, "--total-episodes", "32"),
-                             "--kl-estimator", "k2"], capture_output=True, text=True)
+    result = run_script("ppo_tldr.py", *ppo_args(world, reward_model, out, "--total-episodes", "32"),
+                        "--kl-estimator", "k2")
     assert result.returncode != 0 and "--kl-estimator" in result.stderr and "k2" in result.stderr
     assert not out.exists()
 
@@ -232,6 +234,7 @@ def test_a_dataset_without_the_needed_columns_is_named(world, reward_model, tmp_
         runpy.run_path("ppo_tldr.py", run_name="__main__")
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes(world, reward_model, tmp_path):
     """Two CPU processes (gloo): the global batch is split, statistics are gathered, evaluation rows are gathered,
     and the optimizer takes the same number of steps per update as one process would. The per-update validation
@@ -244,12 +247,9 @@ def test_torchrun_two_processes(world, reward_model, tmp_path):
     from value_head import ScalarModel, get_reward
 
     out = tmp_path / "run"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "ppo_tldr.py",
-                    *ppo_args(world, reward_model, out, "--total-episodes", "32", "--num-ppo-epochs", "2",
-                              "--local-rollout-forward-batch-size", "8", "--num-eval-samples", "6",
-                              "--checkpoint-every", "1", "--keep-checkpoints", "2")],
-                   check=True, env=env)
+    run_ok("ppo_tldr.py", *ppo_args(world, reward_model, out, "--total-episodes", "32", "--num-ppo-epochs", "2",
+                                    "--local-rollout-forward-batch-size", "8", "--num-eval-samples", "6",
+                                    "--checkpoint-every", "1", "--keep-checkpoints", "2"), torchrun=True)
     updates = [m for m in read_metrics(out) if "ppo/episode" in m]
     assert [m["ppo/episode"] for m in updates] == [16, 32]
     assert [m["ppo/optimizer_steps"] for m in updates] == [2, 4]
@@ -310,20 +310,17 @@ def _whiten_in_a_process_group(rank, world_size, port, values, mask, results):
     dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_global_advantage_whitening_uses_the_statistics_of_every_process():
     """Two gloo processes holding 2 rows each whiten exactly as one process holding all 4 rows; per-process
     whitening (the reference's) would not."""
-    import socket
-
     import torch.multiprocessing as mp
 
     from ppo_tldr import global_masked_whiten
 
     values = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0], [10.0, 20.0, 30.0], [0.0, -1.0, 7.0]])
     mask = torch.tensor([[1, 1, 0], [1, 1, 1], [1, 0, 0], [1, 1, 1]], dtype=torch.bool)
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     results = mp.Manager().dict()
     mp.spawn(_whiten_in_a_process_group, args=(2, port, values, mask, results), nprocs=2)
     together = torch.cat([results[0], results[1]])
@@ -333,25 +330,22 @@ def test_global_advantage_whitening_uses_the_statistics_of_every_process():
     assert not torch.allclose(masked_whiten(values[:2], mask[:2])[mask[:2]], expected[:2][mask[:2]], atol=1e-3)
 
 
+@pytest.mark.slow
 def test_fsdp_shards_and_matches_ddp_and_resumes(world, reward_model, tmp_path):
     """--fsdp on two gloo processes: each holds about half of the trained parameters; the run (rollouts, updates,
     evaluation with uneven shares of 7 posts, saved policy and value model) matches the DDP run with the same seeds;
     rolled back to its update-1 checkpoint and resumed, it ends the same."""
-    import os
     import re
     import shutil
 
     from safetensors.torch import load_file
 
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "ppo_tldr.py"]
     common = ["--total-episodes", "32", "--num-ppo-epochs", "2", "--local-micro-batch-size", "4", "--response-length",
               "16", "--local-rollout-forward-batch-size", "8", "--num-eval-samples", "7", "--checkpoint-every", "1",
               "--keep-checkpoints", "2"]
     ddp, fsdp, resumed = tmp_path / "ddp", tmp_path / "fsdp", tmp_path / "resumed"
-    subprocess.run([*torchrun, *ppo_args(world, reward_model, ddp, *common)], check=True, env=env)
-    result = subprocess.run([*torchrun, *ppo_args(world, reward_model, fsdp, *common, "--fsdp")], check=True, env=env,
-                            capture_output=True, text=True)
+    run_ok("ppo_tldr.py", *ppo_args(world, reward_model, ddp, *common), torchrun=True)
+    result = run_ok("ppo_tldr.py", *ppo_args(world, reward_model, fsdp, *common, "--fsdp"), torchrun=True)
     held = [tuple(map(int, m)) for m in re.findall(r"FSDP holds (\d+) of the (\d+)", result.stdout)]
     assert len(held) == 2 and sum(h for h, _ in held) == held[0][1] and all(h < total for h, total in held)
 
@@ -373,8 +367,7 @@ def test_fsdp_shards_and_matches_ddp_and_resumes(world, reward_model, tmp_path):
     shutil.copytree(fsdp, resumed)
     shutil.rmtree(resumed / "checkpoints" / "step_00000002")
     (resumed / "model.safetensors").unlink()
-    subprocess.run([*torchrun, *ppo_args(world, reward_model, resumed, *common, "--fsdp", "--resume")], check=True,
-                   env=env)
+    run_ok("ppo_tldr.py", *ppo_args(world, reward_model, resumed, *common, "--fsdp", "--resume"), torchrun=True)
     assert comparable(resumed) == comparable(fsdp)
     assert (resumed / "model.safetensors").read_bytes() == (fsdp / "model.safetensors").read_bytes()
 
@@ -442,12 +435,11 @@ def _update_in_a_process_group(rank, world_size, port, mode, model_path, rollout
     dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_ppo_update_on_two_processes_equals_one_process(world):
     """The PPO update (step 6) on a fixed batch of 16 episodes: one process with 2 micro-batches of 8 and two processes
     with 2 micro-batches of 4 each, under DDP and under FSDP, end with the same weights and losses (every response
     has the same number of valid tokens, so the per-micro-batch means average to the batch mean)."""
-    import socket
-
     import torch.multiprocessing as mp
 
     from ppo_tldr import PolicyAndValueWrapper, forward, logprobs_of
@@ -471,9 +463,7 @@ def test_ppo_update_on_two_processes_equals_one_process(world):
 
     results = mp.Manager().dict()
     for mode in ["ddp", "fsdp"]:
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
+        port = free_port()
         mp.spawn(_update_in_a_process_group, args=(2, port, mode, model_path, rollout, results), nprocs=2)
     initial = PolicyAndValueWrapper(*_policy_and_value(model_path)).state_dict()
     assert max((expected_state[k] - initial[k]).abs().max().item() for k in initial) > 1e-3  # the update moved

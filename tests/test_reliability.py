@@ -18,8 +18,11 @@ import datasets
 import pytest
 import torch
 
+from conftest import ONE_THREAD, run_ok, run_script, world_args
+
+pytestmark = pytest.mark.slow  # every test here runs the scripts as subprocesses
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 TIMINGS = ("ppo/eps", "time/")
 
 # Runs a script with torch.save replaced by one that, for the checkpoint of the given step, writes half of the file,
@@ -45,9 +48,8 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 
 def ppo_command(world, reward_model, out, *extra):
     """5 updates of 16 episodes, a checkpoint every 2 updates (2, 4) and at the end (5); sample tables at 1, 3, 5."""
-    return ["ppo_tldr.py", "--sft-model-path", str(world / "base_model"), "--reward-model-path", str(reward_model),
-            "--query-dataset", str(world / "tldr_sft"), "--query-length", "128", "--response-length", "16",
-            "--total-episodes", "80", "--batch-size", "16", "--local-micro-batch-size", "8",
+    return ["ppo_tldr.py", *world_args(world, "ppo_tldr.py", reward_model), "--query-length", "128",
+            "--response-length", "16", "--total-episodes", "80", "--batch-size", "16", "--local-micro-batch-size", "8",
             "--local-rollout-forward-batch-size", "16", "--num-ppo-epochs", "2", "--lr", "1e-3",
             "--sample-table-every", "2", "--num-eval-samples", "8", "--checkpoint-every", "2", "--keep-checkpoints", "2",
             "--output-dir", str(out), *extra]
@@ -55,9 +57,9 @@ def ppo_command(world, reward_model, out, *extra):
 
 def sft_command(world, reward_model, out, *extra):
     """8 updates of 16 sequences, a checkpoint every 2 updates and at the end."""
-    return ["sft.py", "--base-model", str(world / "base_model"), "--query-dataset", str(world / "tldr_sft"),
-            "--query-length", "128", "--batch-size", "16", "--local-micro-batch-size", "8", "--lr", "3e-3",
-            "--total-episodes", "128", "--num-eval-samples", "8", "--checkpoint-every", "2", "--keep-checkpoints", "2",
+    return ["sft.py", *world_args(world, "sft.py"), "--query-length", "128", "--batch-size", "16",
+            "--local-micro-batch-size", "8", "--lr", "3e-3", "--total-episodes", "128", "--num-eval-samples", "8",
+            "--checkpoint-every", "2", "--keep-checkpoints", "2",
             "--output-dir", str(out), *extra]
 
 
@@ -67,22 +69,10 @@ SCRIPTS = {  # name -> (command, progress line printed after the update the run 
 }
 
 
-def run(command, **kwargs):
-    result = subprocess.run([sys.executable, *command], cwd=ROOT, env={**ENV, **kwargs.pop("env", {})},
-                            capture_output=True, text=True, timeout=300, **kwargs)
-    return result
-
-
-def run_ok(command):
-    result = run(command)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result
-
-
 def kill_after_line(command, prefix):
     """Start the run, SIGKILL it as soon as it prints a line starting with `prefix` (training is under way)."""
-    process = subprocess.Popen([sys.executable, *command], cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True)
+    process = subprocess.Popen([sys.executable, *command], cwd=ROOT, env={**os.environ, **ONE_THREAD},
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     for line in process.stdout:
         if line.startswith(prefix):
             process.send_signal(signal.SIGKILL)
@@ -113,7 +103,7 @@ def uninterrupted(world, reward_model, tmp_path_factory):
     runs = {}
     for name, (command, _, _) in SCRIPTS.items():
         runs[name] = tmp_path_factory.mktemp(name) / "uninterrupted"
-        run_ok(command(world, reward_model, runs[name]))
+        run_ok(*command(world, reward_model, runs[name]))
     return runs
 
 
@@ -124,7 +114,7 @@ def test_killed_during_training_then_resumed_is_bit_identical(name, world, rewar
     kill_after_line(command(world, reward_model, out), line)
     assert checkpoints(out), "a checkpoint was written before the kill"
     assert len(metrics(out)) < len(metrics(uninterrupted[name]))
-    result = run_ok(command(world, reward_model, out, "--resume"))
+    result = run_ok(*command(world, reward_model, out, "--resume"))
     assert "resumed from update" in result.stdout
     assert metrics(out) == metrics(uninterrupted[name])
     assert outputs(out) == outputs(uninterrupted[name])  # weights, value model, eval and sample tables
@@ -136,41 +126,39 @@ def test_killed_while_writing_a_checkpoint_then_resumed_is_bit_identical(name, w
                                                                          tmp_path):
     command, _, crash_in = SCRIPTS[name]
     out = tmp_path / "run"
-    result = run(["-c", CRASH_IN_CHECKPOINT_WRITE, *command(world, reward_model, out)], env={"CRASH_IN": crash_in})
+    result = run_script("-c", CRASH_IN_CHECKPOINT_WRITE, *command(world, reward_model, out),
+                        env={"CRASH_IN": crash_in})
     assert result.returncode == -signal.SIGKILL
     assert checkpoints(out) == ["step_00000002", f"tmp_{crash_in}"]  # the half-written one was never renamed
     with pytest.raises(Exception):
         torch.load(out / "checkpoints" / f"tmp_{crash_in}" / "state.pt", weights_only=False)  # it is half a file
-    run_ok(command(world, reward_model, out, "--resume"))  # resumes from step 2, ignoring the half-written one
+    run_ok(*command(world, reward_model, out, "--resume"))  # resumes from step 2, ignoring the half-written one
     assert metrics(out) == metrics(uninterrupted[name])
     assert outputs(out) == outputs(uninterrupted[name])
     assert checkpoints(out) == checkpoints(uninterrupted[name])  # the tmp_ folder was cleared at the next write
 
 
 def test_same_seed_same_metrics_different_seed_different_samples(world, reward_model, uninterrupted, tmp_path):
-    run_ok(ppo_command(world, reward_model, tmp_path / "again"))
+    run_ok(*ppo_command(world, reward_model, tmp_path / "again"))
     assert metrics(tmp_path / "again") == metrics(uninterrupted["ppo"])
-    run_ok(ppo_command(world, reward_model, tmp_path / "seed2", "--seed", "2"))
+    run_ok(*ppo_command(world, reward_model, tmp_path / "seed2", "--seed", "2"))
     samples = [[json.loads(line)["response"] for line in (out / "samples_update_5.jsonl").read_text().splitlines()]
                for out in (uninterrupted["ppo"], tmp_path / "seed2")]
     assert samples[0] != samples[1]
     assert metrics(tmp_path / "seed2") != metrics(uninterrupted["ppo"])
 
 
-ROLLBACK_RUNS = {  # name -> (launcher, script, arguments): 4 updates, a checkpoint after each
-    "reward_model": ([], "reward_model.py", [
-        "--sft-model-path", "{world}/base_model", "--label-dataset", "{world}/tldr_preference", "--query-dataset",
-        "{world}/tldr_sft", "--query-length", "128", "--batch-size", "16", "--local-micro-batch-size", "8", "--lr",
-        "3e-4", "--total-episodes", "64", "--num-eval-samples", "16"]),
-    "dpo": ([], "dpo.py", [
-        "--sft-model-path", "{world}/base_model", "--label-dataset", "{world}/tldr_preference", "--query-dataset",
-        "{world}/tldr_sft", "--query-length", "128", "--batch-size", "16", "--local-micro-batch-size", "8", "--lr",
-        "3e-4", "--total-episodes", "64", "--num-eval-samples", "4"]),
-    "ppo_torchrun": (["-m", "torch.distributed.run", "--nproc-per-node", "2"], "ppo_tldr.py", [
-        "--sft-model-path", "{world}/base_model", "--reward-model-path", "{reward_model}", "--query-dataset",
-        "{world}/tldr_sft", "--query-length", "128", "--response-length", "16", "--total-episodes", "64",
-        "--batch-size", "16", "--local-micro-batch-size", "8", "--local-rollout-forward-batch-size", "8",
-        "--num-ppo-epochs", "2", "--lr", "1e-3", "--num-eval-samples", "6"]),
+ROLLBACK_RUNS = {  # name -> (torchrun?, script, arguments after the world's): 4 updates, a checkpoint after each
+    "reward_model": (False, "reward_model.py", [
+        "--query-length", "128", "--batch-size", "16", "--local-micro-batch-size", "8", "--lr", "3e-4",
+        "--total-episodes", "64", "--num-eval-samples", "16"]),
+    "dpo": (False, "dpo.py", [
+        "--query-length", "128", "--batch-size", "16", "--local-micro-batch-size", "8", "--lr", "3e-4",
+        "--total-episodes", "64", "--num-eval-samples", "4"]),
+    "ppo_torchrun": (True, "ppo_tldr.py", [
+        "--query-length", "128", "--response-length", "16", "--total-episodes", "64", "--batch-size", "16",
+        "--local-micro-batch-size", "8", "--local-rollout-forward-batch-size", "8", "--num-ppo-epochs", "2", "--lr",
+        "1e-3", "--num-eval-samples", "6"]),
 }
 
 
@@ -178,11 +166,11 @@ ROLLBACK_RUNS = {  # name -> (launcher, script, arguments): 4 updates, a checkpo
 def test_resume_from_an_earlier_checkpoint_reproduces_the_run(name, world, reward_model, tmp_path):
     """The reward model, DPO, and PPO under torchrun (2 processes: per-process random states): roll a finished run
     back to its update-2 checkpoint, delete its outputs, resume it; everything comes back the same."""
-    launcher, script, arguments = ROLLBACK_RUNS[name]
-    command = [*launcher, script, *[a.format(world=world, reward_model=reward_model) for a in arguments],
+    torchrun, script, arguments = ROLLBACK_RUNS[name]
+    command = [script, *world_args(world, script, reward_model if script == "ppo_tldr.py" else None), *arguments,
                "--checkpoint-every", "1", "--keep-checkpoints", "4"]
     finished, rolled_back = tmp_path / "finished", tmp_path / "rolled_back"
-    run_ok(command + ["--output-dir", str(finished)])
+    run_ok(*command, "--output-dir", str(finished), torchrun=torchrun)
     assert checkpoints(finished) == [f"step_0000000{i}" for i in (1, 2, 3, 4)]
     shutil.copytree(finished, rolled_back)
     for name in ["step_00000003", "step_00000004"]:
@@ -190,7 +178,7 @@ def test_resume_from_an_earlier_checkpoint_reproduces_the_run(name, world, rewar
     for name in outputs(rolled_back):  # left to resume from: the checkpoints, metrics.jsonl, update 1's samples
         if name != "samples_update_1.jsonl":
             os.remove(rolled_back / name)
-    result = run_ok(command + ["--output-dir", str(rolled_back), "--resume"])
+    result = run_ok(*command, "--output-dir", str(rolled_back), "--resume", torchrun=torchrun)
     assert "resumed from update 2" in result.stdout
     assert metrics(rolled_back) == metrics(finished)
     assert outputs(rolled_back) == outputs(finished)
@@ -204,7 +192,7 @@ def test_the_adaptive_kl_coefficient_follows_the_controller_and_a_resumed_run_co
     extra = ["--kl-target", "0.5", "--kl-horizon", "100", "--kl-estimator", "k3", "--checkpoint-every", "1",
              "--keep-checkpoints", "5"]
     finished, rolled_back = tmp_path / "finished", tmp_path / "rolled_back"
-    run_ok(ppo_command(world, reward_model, finished, *extra))
+    run_ok(*ppo_command(world, reward_model, finished, *extra))
     updates = [m for m in metrics(finished) if "objective/kl_coef" in m]
     assert len(updates) == 5 and updates[0]["objective/kl_coef"] == 0.05
     for previous, current in zip(updates, updates[1:]):
@@ -214,7 +202,7 @@ def test_the_adaptive_kl_coefficient_follows_the_controller_and_a_resumed_run_co
     shutil.copytree(finished, rolled_back)
     for name in ["step_00000003", "step_00000004", "step_00000005"]:
         shutil.rmtree(rolled_back / "checkpoints" / name)
-    result = run_ok(ppo_command(world, reward_model, rolled_back, *extra, "--resume"))
+    result = run_ok(*ppo_command(world, reward_model, rolled_back, *extra, "--resume"))
     assert "resumed from update 2" in result.stdout
     assert metrics(rolled_back) == metrics(finished)
 
@@ -231,7 +219,7 @@ def test_a_nan_score_stops_ppo_naming_it_and_the_update(world, reward_model, tmp
     for name in ["tokenizer.json", "tokenizer_config.json"]:
         shutil.copy(reward_model / name, broken / name)
     out = tmp_path / "run"
-    result = run(ppo_command(world, broken, out, "--missing-eos-score", "None"))  # every score is the model's
+    result = run_script(*ppo_command(world, broken, out, "--missing-eos-score", "None"))  # every score is the model's
     assert result.returncode != 0
     assert "objective/scores is NaN or inf at update 1" in result.stderr
     saved = torch.load(out / "nonfinite" / "rank0.pt", weights_only=False)
@@ -241,7 +229,7 @@ def test_a_nan_score_stops_ppo_naming_it_and_the_update(world, reward_model, tmp
 
 def test_a_nan_loss_stops_sft_and_keeps_the_last_good_checkpoint(world, reward_model, tmp_path):
     out = tmp_path / "run"
-    result = run(sft_command(world, reward_model, out, "--lr", "1e30", "--checkpoint-every", "1"))
+    result = run_script(*sft_command(world, reward_model, out, "--lr", "1e30", "--checkpoint-every", "1"))
     assert result.returncode != 0
     assert "train/loss is NaN or inf at update 2" in result.stderr
     assert checkpoints(out) == ["step_00000001"]
@@ -251,14 +239,10 @@ def test_a_nan_loss_stops_sft_and_keeps_the_last_good_checkpoint(world, reward_m
 # ------------------------------------------------------------ bad input ------------------------------------------
 def script_arguments(script, world, reward_model, out):
     common = ["--query-length", "128", "--batch-size", "16", "--local-micro-batch-size", "8", "--output-dir", str(out)]
-    if script == "sft.py":
-        return ["--base-model", str(world / "base_model"), "--query-dataset", str(world / "tldr_sft"), *common]
     if script == "ppo_tldr.py":
-        return ["--sft-model-path", str(world / "base_model"), "--reward-model-path", str(reward_model),
-                "--query-dataset", str(world / "tldr_sft"), "--local-rollout-forward-batch-size", "16",
+        return [*world_args(world, script, reward_model), "--local-rollout-forward-batch-size", "16",
                 "--total-episodes", "32", *common]
-    return ["--sft-model-path", str(world / "base_model"), "--label-dataset", str(world / "tldr_preference"),
-            "--query-dataset", str(world / "tldr_sft"), *common]
+    return [*world_args(world, script), *common]
 
 
 @pytest.fixture(scope="module")
@@ -329,8 +313,8 @@ def test_bad_input_fails_fast_and_leaves_a_good_output_alone(script, extra, mess
 
 
 def test_bad_input_exits_non_zero_with_the_message(world, reward_model, bad_inputs, tmp_path):
-    result = run(["ppo_tldr.py", *script_arguments("ppo_tldr.py", world, reward_model, tmp_path / "run"),
-                  "--sft-model-path", str(bad_inputs / "no_eos")])
+    result = run_script("ppo_tldr.py", *script_arguments("ppo_tldr.py", world, reward_model, tmp_path / "run"),
+                        "--sft-model-path", str(bad_inputs / "no_eos"))
     assert result.returncode != 0 and "--sft-model-path" in result.stderr and "has no EOS token" in result.stderr
     assert not (tmp_path / "run").exists()
 
@@ -340,8 +324,8 @@ def test_a_fresh_run_refuses_to_overwrite_checkpoints_and_resume_refuses_other_a
     out = tmp_path / "run"
     shutil.copytree(uninterrupted["sft"], out)
     before = outputs(out)
-    result = run(sft_command(world, reward_model, out))
+    result = run_script(*sft_command(world, reward_model, out))
     assert result.returncode != 0 and "pass --resume to continue it" in result.stderr
-    result = run(sft_command(world, reward_model, out, "--resume", "--lr", "1e-3"))
+    result = run_script(*sft_command(world, reward_model, out, "--resume", "--lr", "1e-3"))
     assert result.returncode != 0 and "--lr 0.003 -> 0.001" in result.stderr
     assert outputs(out) == before

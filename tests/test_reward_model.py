@@ -3,11 +3,8 @@ tiny world (loss falls, the saved model loads and scores the reference summaries
 
 import json
 import math
-import os
 import re
 import shutil
-import subprocess
-import sys
 
 import datasets
 import pytest
@@ -15,22 +12,15 @@ import torch
 from transformers import GPTNeoXConfig, GPTNeoXModel
 
 import reward_model as rm
+from conftest import run_ok, run_script, world_args
 from value_head import ScalarModel, get_reward
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PAD, EOS = 99, 0
 
 
-def run_script(*cli, torchrun=False, timeout=300):
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"] if torchrun else [sys.executable]
-    return subprocess.run(launcher + [os.path.join(ROOT, "reward_model.py"), *cli], cwd=ROOT, capture_output=True,
-                          text=True, timeout=timeout)
-
-
 def world_cli(world, output_dir, *extra):
-    return ["--sft-model-path", str(world / "base_model"), "--label-dataset", str(world / "tldr_preference"),
-            "--query-dataset", str(world / "tldr_sft"), "--output-dir", str(output_dir), "--query-length", "128",
-            "--response-length", "64", *extra]
+    return ["reward_model.py", *world_args(world, "reward_model.py"), "--output-dir", str(output_dir),
+            "--query-length", "128", "--response-length", "64", *extra]
 
 
 # ------------------------------------------------------------ formulas ---------------------------------------
@@ -167,6 +157,7 @@ def test_train_shards_are_disjoint_and_share_one_shuffle():
 
 
 # ------------------------------------------------------------ bad inputs -------------------------------------
+@pytest.mark.slow
 @pytest.mark.parametrize("extra, message", [
     (["--batch-size", "24", "--local-micro-batch-size", "16"], "--batch-size / (--local-micro-batch-size"),
     (["--response-length", "0"], "--response-length must be positive"),
@@ -179,6 +170,7 @@ def test_bad_arguments_fail_fast(world, tmp_path, extra, message):
     assert not (tmp_path / "out").exists()  # failed before anything was written
 
 
+@pytest.mark.slow
 def test_missing_preference_column_is_named(world, tmp_path):
     rows = datasets.load_dataset(str(world / "tldr_preference"), split="train").remove_columns(["choice"])
     (tmp_path / "bad" / "data").mkdir(parents=True)
@@ -188,11 +180,11 @@ def test_missing_preference_column_is_named(world, tmp_path):
 
 
 # ------------------------------------------------------------ smoke run on the tiny world --------------------
+@pytest.mark.slow
 def test_smoke_run_trains_normalises_and_saves(world, tmp_path):
     out = tmp_path / "rm"
-    result = run_script(*world_cli(world, out, "--lr", "3e-4", "--batch-size", "32", "--local-micro-batch-size", "16",
-                                   "--local-eval-batch-size", "32", "--num-normalization-samples", "256"))
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = run_ok(*world_cli(world, out, "--lr", "3e-4", "--batch-size", "32", "--local-micro-batch-size", "16",
+                               "--local-eval-batch-size", "32", "--num-normalization-samples", "256"))
     assert "0 dropped" in result.stdout
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     train = [m for m in metrics if "train/loss" in m]
@@ -227,12 +219,12 @@ def test_smoke_run_trains_normalises_and_saves(world, tmp_path):
     assert scores.std().item() == pytest.approx(final["normalization/std"], rel=1e-3)
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes(world, tmp_path):
     out = tmp_path / "rm_ddp"
-    result = run_script(*world_cli(world, out, "--lr", "3e-4", "--batch-size", "32", "--local-micro-batch-size", "8",
-                                   "--total-episodes", "64", "--num-eval-samples", "8",
-                                   "--num-normalization-samples", "32"), torchrun=True)
-    assert result.returncode == 0, (result.stdout[-2000:], result.stderr[-3000:])
+    result = run_ok(*world_cli(world, out, "--lr", "3e-4", "--batch-size", "32", "--local-micro-batch-size", "8",
+                               "--total-episodes", "64", "--num-eval-samples", "8", "--num-normalization-samples", "32"),
+                    torchrun=True)
     firsts = {}
     for rank, first in re.findall(r"\[rank (\d)/2\] trains on 32 pairs \(first indices \[([\d, ]+)\]\); the 2 shards "
                                   r"are disjoint", result.stdout):
@@ -244,6 +236,7 @@ def test_torchrun_two_processes(world, tmp_path):
     assert (out / "value_head.json").exists()
 
 
+@pytest.mark.slow
 def test_fsdp_shards_and_matches_ddp_and_resumes(world, tmp_path):
     """--fsdp on two gloo processes: each holds about half of the parameters; training, the normalisation (33
     summaries: 3 chunks on one process, 2 on the other) and the evaluation (7 pairs) match the DDP run, head and bias
@@ -262,10 +255,8 @@ def test_fsdp_shards_and_matches_ddp_and_resumes(world, tmp_path):
         return metrics, weights, json.loads((out / "value_head.json").read_text())["bias"]
 
     ddp, fsdp, resumed = tmp_path / "ddp", tmp_path / "fsdp", tmp_path / "resumed"
-    result = run_script(*cli(ddp), torchrun=True)
-    assert result.returncode == 0, result.stderr[-3000:]
-    result = run_script(*cli(fsdp, "--fsdp"), torchrun=True)
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = run_ok(*cli(ddp), torchrun=True)
+    result = run_ok(*cli(fsdp, "--fsdp"), torchrun=True)
     held = [tuple(map(int, m)) for m in re.findall(r"FSDP holds (\d+) of the (\d+)", result.stdout)]
     assert len(held) == 2 and sum(h for h, _ in held) == held[0][1] and all(h < total for h, total in held)
 
@@ -282,8 +273,7 @@ def test_fsdp_shards_and_matches_ddp_and_resumes(world, tmp_path):
     shutil.copytree(fsdp, resumed)
     shutil.rmtree(resumed / "checkpoints" / "step_00000003")
     (resumed / "model.safetensors").unlink()
-    result = run_script(*cli(resumed, "--fsdp", "--resume"), torchrun=True)
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = run_ok(*cli(resumed, "--fsdp", "--resume"), torchrun=True)
     assert "resumed from update 2" in result.stdout
     assert (resumed / "model.safetensors").read_bytes() == (fsdp / "model.safetensors").read_bytes()
     assert read(resumed)[0] == metrics_fsdp

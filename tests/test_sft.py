@@ -3,18 +3,14 @@ bad-input errors, a smoke run on the tiny world and a 2-process torchrun run tha
 
 import json
 import math
-import os
-import subprocess
-import sys
 from types import SimpleNamespace
 
 import pytest
 import torch
 
 import sft
+from conftest import read_jsonl, run_ok, run_script, world_args
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # one thread: far faster than two on a shared 2-core machine
 # Tiny-world settings that learn quickly from random init: 20 updates of 32, crossing into a second epoch; micro-batches
 # of 8, so that the 2-process run accumulates too (2 per rank, under no_sync) and still matches 4 in one process.
 SMOKE = ["--query-length", "128", "--batch-size", "32", "--local-micro-batch-size", "8", "--lr", "3e-3",
@@ -35,18 +31,6 @@ class CharTokenizer:
 
 def info(post):
     return dict(subreddit="tifu", title="t", post=post, summary="s")
-
-
-def run_sft(*args, torchrun=False):
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"] if torchrun \
-        else [sys.executable]
-    return subprocess.run(launcher + [os.path.join(ROOT, "sft.py"), *args], cwd=ROOT, env=ENV, capture_output=True,
-                          text=True, timeout=300)
-
-
-def read_jsonl(path):
-    with open(path) as f:
-        return [json.loads(line) for line in f]
 
 
 # ------------------------------------------------------------ data ---------------------------------------------
@@ -225,24 +209,27 @@ def test_check_args():
 
 
 # ------------------------------------------------------------ bad input (the real command line) ----------------
+@pytest.mark.slow
 def test_error_dataset_lacking_columns(world, tmp_path):
     folder = tmp_path / "bad_dataset"
     folder.mkdir()
     (folder / "train.jsonl").write_text(json.dumps(dict(id="a", title="t", post="p")) + "\n")
-    result = run_sft("--base-model", str(world / "base_model"), "--query-dataset", str(folder))
+    result = run_script("sft.py", "--base-model", str(world / "base_model"), "--query-dataset", str(folder))
     assert result.returncode != 0
     assert "--query-dataset" in result.stderr and "['subreddit', 'summary']" in result.stderr
 
 
+@pytest.mark.slow
 def test_error_model_path_missing(world, tmp_path):
-    result = run_sft("--base-model", str(tmp_path / "no_such_model"), "--query-dataset", str(world / "tldr_sft"))
+    result = run_script("sft.py", "--base-model", str(tmp_path / "no_such_model"),
+                        "--query-dataset", str(world / "tldr_sft"))
     assert result.returncode != 0
     assert "--base-model" in result.stderr and "no_such_model" in result.stderr and "is not a folder" in result.stderr
 
 
+@pytest.mark.slow
 def test_error_batch_size_does_not_divide(world):
-    result = run_sft("--base-model", str(world / "base_model"), "--query-dataset", str(world / "tldr_sft"),
-                     "--batch-size", "30", "--local-micro-batch-size", "16")
+    result = run_script("sft.py", *world_args(world, "sft.py"), "--batch-size", "30", "--local-micro-batch-size", "16")
     assert result.returncode != 0
     assert "--batch-size" in result.stderr and "30 is not divisible by 16" in result.stderr
 
@@ -251,12 +238,11 @@ def test_error_batch_size_does_not_divide(world):
 @pytest.fixture(scope="module")
 def smoke_run(world, tmp_path_factory):
     out = tmp_path_factory.mktemp("sft") / "single"
-    result = run_sft("--base-model", str(world / "base_model"), "--query-dataset", str(world / "tldr_sft"),
-                     *SMOKE, "--output-dir", str(out))
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    result = run_ok("sft.py", *world_args(world, "sft.py"), *SMOKE, "--output-dir", str(out))
     return out, result
 
 
+@pytest.mark.slow
 def test_smoke_loss_falls_and_outputs_load(smoke_run):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -282,6 +268,7 @@ def test_smoke_loss_falls_and_outputs_load(smoke_run):
         assert all(1 <= r["response_tokens"] <= 53 and (r["has_eos"] or r["response_tokens"] == 53) for r in rows)
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_match_one(world, smoke_run, tmp_path):
     """Same global batch and seed on 2 processes: the same updates as one process up to float error (SFT samples
     nothing while training), which holds only if the two ranks trained on disjoint halves of each batch and the
@@ -290,9 +277,7 @@ def test_torchrun_two_processes_match_one(world, smoke_run, tmp_path):
 
     single, _ = smoke_run
     out = tmp_path / "ddp"
-    result = run_sft("--base-model", str(world / "base_model"), "--query-dataset", str(world / "tldr_sft"),
-                     *SMOKE, "--output-dir", str(out), torchrun=True)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    result = run_ok("sft.py", *world_args(world, "sft.py"), *SMOKE, "--output-dir", str(out), torchrun=True)
     assert "(2 processes x 2 micro-batches of 8)" in result.stdout
     one, two = read_jsonl(single / "metrics.jsonl"), read_jsonl(out / "metrics.jsonl")
     assert len(one) == len(two)
@@ -308,6 +293,7 @@ def test_torchrun_two_processes_match_one(world, smoke_run, tmp_path):
     assert [r["id"] for r in rows_two] == [r["id"] for r in rows_one]  # gathered in dataset order
 
 
+@pytest.mark.slow
 def test_fsdp_shards_and_matches_ddp_and_resumes(world, tmp_path):
     """--fsdp on two gloo processes: each holds about half of the parameters; training (with accumulation) and the
     evaluation with uneven shares of 5 rows (2 chunks of 2 on one process, 1 on the other) match the DDP run; rolled back to its update-2 checkpoint and resumed, it
@@ -317,14 +303,12 @@ def test_fsdp_shards_and_matches_ddp_and_resumes(world, tmp_path):
 
     from safetensors.torch import load_file
 
-    common = ["--base-model", str(world / "base_model"), "--query-dataset", str(world / "tldr_sft"), "--query-length",
+    common = [*world_args(world, "sft.py"), "--query-length",
               "128", "--batch-size", "32", "--local-micro-batch-size", "8", "--lr", "3e-3", "--total-episodes", "96",
               "--num-eval-samples", "5", "--local-eval-batch-size", "2", "--checkpoint-every", "2", "--keep-checkpoints", "2"]
     ddp, fsdp, resumed = tmp_path / "ddp", tmp_path / "fsdp", tmp_path / "resumed"
-    result = run_sft(*common, "--output-dir", str(ddp), torchrun=True)
-    assert result.returncode == 0, result.stderr[-3000:]
-    result = run_sft(*common, "--output-dir", str(fsdp), "--fsdp", torchrun=True)
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = run_ok("sft.py", *common, "--output-dir", str(ddp), torchrun=True)
+    result = run_ok("sft.py", *common, "--output-dir", str(fsdp), "--fsdp", torchrun=True)
     held = [tuple(map(int, m)) for m in re.findall(r"FSDP holds (\d+) of the (\d+)", result.stdout)]
     assert len(held) == 2 and sum(h for h, _ in held) == held[0][1] and all(h < total for h, total in held)
 
@@ -342,8 +326,7 @@ def test_fsdp_shards_and_matches_ddp_and_resumes(world, tmp_path):
     shutil.copytree(fsdp, resumed)
     shutil.rmtree(resumed / "checkpoints" / "step_00000003")
     (resumed / "model.safetensors").unlink()
-    result = run_sft(*common, "--output-dir", str(resumed), "--fsdp", "--resume", torchrun=True)
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = run_ok("sft.py", *common, "--output-dir", str(resumed), "--fsdp", "--resume", torchrun=True)
     assert "resumed from update 2" in result.stdout
     assert (resumed / "model.safetensors").read_bytes() == (fsdp / "model.safetensors").read_bytes()
     assert read_jsonl(resumed / "metrics.jsonl") == two
