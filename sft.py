@@ -112,28 +112,6 @@ class Args:
 
 
 # -------------------------------------------------------- common helpers (copied verbatim) ---------------------
-def exact_div(a, b, what):
-    """a / b as an int; fails loudly, naming the quantities, when b does not divide a."""
-    if b <= 0 or a % b != 0:
-        raise ValueError(f"{what}: {a} is not divisible by {b}")
-    return a // b
-
-
-def init_distributed():
-    """(rank, world_size, device). A process group only under torchrun (WORLD_SIZE > 1): nccl on CUDA, gloo on CPU."""
-    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
-    if world_size > 1:
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return rank, world_size, device
-
-
-def seed_everything(seed):
-    random.seed(seed)
-    torch.manual_seed(seed)  # also seeds every CUDA device
 
 
 def load_tokenizer(path, arg, revision=None):
@@ -144,21 +122,6 @@ def load_tokenizer(path, arg, revision=None):
         raise ValueError(f"{arg} {path}: its tokenizer has no EOS token; responses must end with one [D3]")
     tokenizer.add_special_tokens({"pad_token": "[PAD]"})  # Pythia: new id 50277, inside the 50304 embedding rows
     return tokenizer
-
-
-def check_model_path(path, arg, revision=None):
-    """Fail fast on a model that cannot be found: a local path that is not a folder, a revision of a local folder,
-    or, offline (HF_HUB_OFFLINE=1), a hub id `org/name` whose config.json at `revision` is not in the cache (online,
-    a hub id is left to transformers)."""
-    hub_id = path.count("/") == 1 and not path.startswith((".", "~", "/"))
-    if os.path.isdir(path) and revision is not None:
-        raise ValueError(f"{arg.removesuffix('-path')}-revision {revision}: {path} is a local folder, it has no revisions")
-    if os.path.isdir(path) or (hub_id and os.environ.get("HF_HUB_OFFLINE") != "1") or (hub_id and cached_file(
-            path, "config.json", revision=revision, _raise_exceptions_for_missing_entries=False,
-            _raise_exceptions_for_connection_errors=False)):
-        return
-    raise ValueError(f"{arg}: {path!r} is not a folder, nor (offline) a hub id org/name in the Hugging Face cache at "
-                     f"revision {revision or 'main'}")
 
 
 def config_without_dropout(path, revision=None):
@@ -206,25 +169,6 @@ def left_pad(tokens, length, pad_token_id):
 
 def right_pad(tokens, length, pad_token_id):
     return tokens + [pad_token_id] * (length - len(tokens))
-
-
-def load_data(path, arg, split=None, revision=None):
-    """load_dataset(path, split=split, revision=revision), failing with the argument's name when the data cannot be
-    read (the datasets library refuses a local split without rows: 'Instruction "validation" corresponds to no data!')."""
-    if os.path.isdir(path) and revision is not None:
-        raise ValueError(f"{arg}-revision {revision}: {path} is a local folder, it has no revisions")
-    try:
-        return load_dataset(path, split=split, revision=revision)
-    except ValueError as error:
-        problem = "a split is empty" if "corresponds to no data" in str(error) else "cannot be loaded"
-        raise ValueError(f"{arg} {path}: {problem} ({error})") from error
-
-
-def check_columns(dataset, columns, arg):
-    """Fail before any training when a dataset lacks the columns this script needs."""
-    missing = [c for c in columns if c not in dataset.column_names]
-    if missing:
-        raise ValueError(f"{arg}: the dataset lacks the column(s) {missing}; it has {dataset.column_names}")
 
 
 def first_true_indices(bools, dtype=torch.long):
@@ -287,188 +231,10 @@ def generate(model, queries, pad_token_id, response_length, temperature):
     return torch.cat([queries] + tokens, dim=1), torch.stack(all_logits, dim=1)
 
 
-class Logger:
-    """metrics.jsonl in the output folder always; Weights & Biases under --track. Only rank 0 writes. A resumed run
-    (`checkpoint` given) cuts metrics.jsonl back to what it held when the checkpoint was written and continues the
-    same wandb run."""
-
-    def __init__(self, args, run_name, output_dir, rank, checkpoint=None):
-        self.rank, self.wandb = rank, None
-        if rank != 0:
-            return
-        os.makedirs(output_dir, exist_ok=True)
-        path = os.path.join(output_dir, "metrics.jsonl")
-        if checkpoint is None:
-            self.file = open(path, "w")
-        else:  # drop the lines logged after the checkpoint: the resumed run logs them again
-            self.file = open(path, "r+")
-            self.file.truncate(checkpoint["metrics_bytes"])
-            self.file.seek(checkpoint["metrics_bytes"])
-        if args.track:
-            import wandb  # imported lazily: only --track needs it
-
-            self.wandb = wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, name=run_name,
-                                    config=asdict(args), save_code=True, resume="allow" if checkpoint else None,
-                                    id=checkpoint["wandb_id"] if checkpoint else None)
-
-    def state(self):
-        """What a checkpoint needs to resume the logs: the size of metrics.jsonl and the wandb run id."""
-        if self.rank != 0:
-            return {}
-        return dict(metrics_bytes=self.file.tell(), wandb_id=self.wandb.id if self.wandb is not None else None)
-
-    def log(self, metrics, step):
-        if self.rank != 0:
-            return
-        self.file.write(json.dumps({"step": step, **metrics}) + "\n")
-        self.file.flush()
-        if self.wandb is not None:
-            self.wandb.log(metrics, step=step)
-
-    def table(self, name, rows, output_dir):
-        """Save rows (a list of dicts) as {output_dir}/{name}.jsonl and, under --track, as a wandb table."""
-        if self.rank != 0 or not rows:
-            return
-        with open(os.path.join(output_dir, f"{name}.jsonl"), "w") as f:
-            for row in rows:
-                f.write(json.dumps(row) + "\n")
-        if self.wandb is not None:
-            import wandb
-
-            self.wandb.log({name: wandb.Table(columns=list(rows[0]), data=[list(r.values()) for r in rows])})
-
-
-def progress(prefix, step, total, start_time, first_step=0, **values):
-    """One progress line: step, values, steps/s and ETA (counted from `first_step`, where a resumed run started)."""
-    elapsed = time.time() - start_time
-    done = max(step - first_step, 1)
-    eta = elapsed / done * (total - step)
-    shown = " | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in values.items())
-    print(f"[{prefix}] {step}/{total} | {shown} | {done / max(elapsed, 1e-9):.2f} it/s | "
-          f"ETA {time.strftime('%H:%M:%S', time.gmtime(eta))}", flush=True)
-
-
-# ---- checkpoints: every --checkpoint-every updates and at the end, written atomically, resumed with --resume ----
-RESUMABLE_CHANGES = {"resume", "output_dir", "track", "wandb_project_name", "wandb_entity", "run_eval",
-                     "checkpoint_every", "keep_checkpoints"}  # a resumed run may change these; any other change is an error
-
-
-def find_checkpoint(args, output_dir, world_size):
-    """The checkpoint to resume from under --resume (the newest complete one, loaded lazily), else None. Refuses to
-    start a fresh run over another run's checkpoints, or to resume with other arguments. Runs before any model loads."""
-    root = os.path.join(output_dir, "checkpoints")
-    complete = sorted(n for n in os.listdir(root) if n.startswith("step_")) if os.path.isdir(root) else []
-    if not args.resume:
-        if complete:
-            raise ValueError(f"--output-dir {output_dir} holds the checkpoints of an earlier run ({complete[-1]}): "
-                             f"pass --resume to continue it, or choose another --output-dir")
-        return None
-    if args.output_dir is None:
-        raise ValueError("--resume needs the --output-dir of the run to continue")
-    if not complete:
-        raise ValueError(f"--resume: {root} holds no complete checkpoint")
-    checkpoint = torch.load(os.path.join(root, complete[-1], "state.pt"), map_location="cpu", weights_only=False,
-                            mmap=True)  # mmap: tensors are read when used, not all at once on every process
-    changed = [k for k, v in asdict(args).items() if k not in RESUMABLE_CHANGES and checkpoint["args"].get(k) != v]
-    if changed:
-        raise ValueError(f"--resume: these arguments differ from the checkpointed run's: "
-                         + ", ".join(f"--{k.replace('_', '-')} {checkpoint['args'].get(k)!r} -> {getattr(args, k)!r}"
-                                     for k in changed))
-    if len(checkpoint["rng"]) != world_size:
-        raise ValueError(f"--resume: the checkpoint was written by {len(checkpoint['rng'])} processes; this run has "
-                         f"{world_size} (the random streams are per process)")
-    return checkpoint
-
-
-def rng_states(world_size):
-    """The state of every random generator in use (python, numpy, torch, CUDA), of every process in rank order."""
-    state = dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state(),
-                 cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
-    if world_size == 1:
-        return [state]
-    gathered = [None] * world_size
-    dist.all_gather_object(gathered, state)
-    return gathered
-
-
-def set_rng_states(states, rank):
-    """Restore this process's generators from rng_states()."""
-    state = states[rank]
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] is not None:
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def save_checkpoint(output_dir, step, state, keep):
-    """Write `state` to {output_dir}/checkpoints/step_{step:08d}/state.pt atomically: written and flushed to disk in
-    a tmp_ folder that is renamed only once complete, so a crash mid-write leaves no checkpoint that loads half (the
-    tmp_ folder is ignored, then removed). Keeps the newest `keep` checkpoints. Rank 0 only."""
-    root = os.path.join(output_dir, "checkpoints")
-    os.makedirs(root, exist_ok=True)
-    for name in os.listdir(root):
-        if name.startswith("tmp_"):
-            shutil.rmtree(os.path.join(root, name))  # left by a write that crashed
-    tmp, final = os.path.join(root, f"tmp_step_{step:08d}"), os.path.join(root, f"step_{step:08d}")
-    os.makedirs(tmp)
-    with open(os.path.join(tmp, "state.pt"), "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.rename(tmp, final)  # atomic on POSIX file systems
-    directory = os.open(root, os.O_RDONLY)
-    os.fsync(directory)  # make the rename itself durable
-    os.close(directory)
-    for name in sorted(n for n in os.listdir(root) if n.startswith("step_"))[:-keep]:
-        shutil.rmtree(os.path.join(root, name))
-    print(f"saved checkpoint {final}", flush=True)
-
-
-def check_finite(name, value, where, inspect, output_dir, rank, world_size):
-    """Stop, naming the quantity and the update, when `value` (a tensor) holds NaN or inf on any process; first each
-    process saves `inspect` (a dict of tensors) to {output_dir}/nonfinite/rank{rank}.pt. The last good checkpoint
-    is kept (none is written after this)."""
-    bad = (~torch.isfinite(value.detach())).any().float().reshape(1)
-    if world_size > 1:
-        dist.all_reduce(bad)
-    if bad.item() == 0:
-        return
-    path = os.path.join(output_dir, "nonfinite", f"rank{rank}.pt")
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    torch.save({"quantity": name, "where": where, name: value.detach().cpu(),
-                **{k: v.detach().cpu() if torch.is_tensor(v) else v for k, v in inspect.items()}}, path)
-    raise FloatingPointError(f"{name} is NaN or inf at {where}: training stopped. What it was computed from is saved "
-                             f"in {os.path.dirname(path)}/; the last good checkpoint in {output_dir}/checkpoints is kept")
-
-
 # -------------------------------------------------------- SFT helpers -------------------------------------------
 TLDR_COLUMNS = ["id", "subreddit", "title", "post", "summary"]
 PROMPT_COMPLETION_COLUMNS = ["prompt", "completion"]
 EVAL_SPLITS = {"validation": ("val/loss", "eval/"), "test": ("test/loss", "test/")}  # split -> loss, ROUGE names
-
-
-def shard_model(model, bf16):
-    """FSDP2: each transformer block, then the whole model, sharded over the processes; a forward gathers a block's
-    parameters just before it runs and frees them after, so every process must run the same forwards. `bf16` (bf16
-    on CUDA): parameters are gathered and computed in bf16, gradients reduced in fp32 into the fp32 shards (the
-    master weights the optimizer updates); otherwise everything stays fp32."""
-    precision = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
-    block_types = set(getattr(model, "backbone", model)._no_split_modules)  # e.g. {"GPTNeoXLayer"}
-    for module in model.modules():
-        if type(module).__name__ in block_types:
-            fully_shard(module, mp_policy=precision)
-    fully_shard(model, mp_policy=precision)
-    return model
-
-
-def eval_chunks(share, size, longest_share, filler):
-    """This process's `share` of an evaluation set in chunks of `size`, as many chunks as the longest share on any
-    process makes: under FSDP every process must run the same forwards, so a shorter share ends with chunks of one
-    `filler` item whose results are dropped. Yields (chunk, keep)."""
-    for start in range(0, longest_share, size):
-        chunk = share[start : start + size]
-        yield (chunk, True) if chunk else ([filler], False)
 
 
 def check_args(args, world_size):
@@ -542,16 +308,6 @@ def accumulate_gradients(model, examples, micro_size, pad_token_id, autocast, sh
     return loss_avg
 
 
-def rank_batch_indices(num_examples, batch_size, update, rank, world_size, seed):
-    """This rank's rows for `update` (0-based): one shuffle shared by all ranks, reshuffled each epoch with
-    seed + epoch; each global batch cut into world_size disjoint contiguous slices; the last partial batch of an
-    epoch is dropped (as the reference's 911 = floor(116,722 / 128) updates)."""
-    epoch, i = divmod(update, num_examples // batch_size)
-    perm = torch.randperm(num_examples, generator=torch.Generator().manual_seed(seed + epoch))
-    per_rank = batch_size // world_size
-    return perm[i * batch_size + rank * per_rank: i * batch_size + (rank + 1) * per_rank].tolist()
-
-
 def ngrams(tokens, n):
     """Counts of the n-grams of a token list."""
     return Counter(tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1))
@@ -588,15 +344,6 @@ def rouge(prediction, reference):
     return scores
 
 
-def gather_rows(rows, world_size):
-    """Concatenate every process's list of rows, in rank order (each rank holds a contiguous shard)."""
-    if world_size == 1:
-        return rows
-    gathered = [None] * world_size
-    dist.all_gather_object(gathered, rows)
-    return [row for part in gathered for row in part]
-
-
 @torch.no_grad()
 def evaluate(model, examples, tokenizer, args, device, rank, world_size):
     """Loss over every non-pad token [D9] and generations of exactly response_length tokens at temperature 0.01,
@@ -629,8 +376,7 @@ def evaluate(model, examples, tokenizer, args, device, rank, world_size):
     return (loss_stats[0] / loss_stats[1]).item(), gather_rows(rows, world_size)
 
 
-if __name__ == "__main__":
-    args = tyro.cli(Args)
+def main(args):
     rank, world_size, device = init_distributed()
     torch.backends.cuda.matmul.fp32_precision = "tf32" if args.tf32 else "ieee"  # CUDA matmuls; no convolutions here
 
@@ -769,3 +515,266 @@ if __name__ == "__main__":
     if world_size > 1:
         dist.barrier()  # every process done with its collectives before any tears the group down (gloo can abort)
         dist.destroy_process_group()
+
+
+# ======================================================================================================================
+# PLUMBING, the same block line for line in sft.py, reward_model.py, ppo_tldr.py and dpo.py (test_common_copies.py):
+# Processes, input checks, logging and progress, checkpoints and resume, the NaN stop, FSDP, gathering across processes.
+# Nothing of the algorithm is below this line: a reader can skip to the end of the file.
+# ======================================================================================================================
+def exact_div(a, b, what):
+    """a / b as an int; fails loudly, naming the quantities, when b does not divide a."""
+    if b <= 0 or a % b != 0:
+        raise ValueError(f"{what}: {a} is not divisible by {b}")
+    return a // b
+
+
+def init_distributed():
+    """(rank, world_size, device). A process group only under torchrun (WORLD_SIZE > 1): nccl on CUDA, gloo on CPU."""
+    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    if world_size > 1:
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world_size, device
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+
+
+def check_model_path(path, arg, revision=None):
+    """Fail fast on a model that cannot be found: a local path that is not a folder, a revision of a local folder,
+    or, offline (HF_HUB_OFFLINE=1), a hub id `org/name` whose config.json at `revision` is not in the cache (online,
+    a hub id is left to transformers)."""
+    hub_id = path.count("/") == 1 and not path.startswith((".", "~", "/"))
+    if os.path.isdir(path) and revision is not None:
+        raise ValueError(f"{arg.removesuffix('-path')}-revision {revision}: {path} is a local folder, it has no revisions")
+    if os.path.isdir(path) or (hub_id and os.environ.get("HF_HUB_OFFLINE") != "1") or (hub_id and cached_file(
+            path, "config.json", revision=revision, _raise_exceptions_for_missing_entries=False,
+            _raise_exceptions_for_connection_errors=False)):
+        return
+    raise ValueError(f"{arg}: {path!r} is not a folder, nor (offline) a hub id org/name in the Hugging Face cache at "
+                     f"revision {revision or 'main'}")
+
+
+def load_data(path, arg, split=None, revision=None):
+    """load_dataset(path, split=split, revision=revision), failing with the argument's name when the data cannot be
+    read (the datasets library refuses a local split without rows: 'Instruction "validation" corresponds to no data!')."""
+    if os.path.isdir(path) and revision is not None:
+        raise ValueError(f"{arg}-revision {revision}: {path} is a local folder, it has no revisions")
+    try:
+        return load_dataset(path, split=split, revision=revision)
+    except ValueError as error:
+        problem = "a split is empty" if "corresponds to no data" in str(error) else "cannot be loaded"
+        raise ValueError(f"{arg} {path}: {problem} ({error})") from error
+
+
+def check_columns(dataset, columns, arg):
+    """Fail before any training when a dataset lacks the columns this script needs."""
+    missing = [c for c in columns if c not in dataset.column_names]
+    if missing:
+        raise ValueError(f"{arg}: the dataset lacks the column(s) {missing}; it has {dataset.column_names}")
+
+
+class Logger:
+    """metrics.jsonl in the output folder always; Weights & Biases under --track. Only rank 0 writes. A resumed run
+    (`checkpoint` given) cuts metrics.jsonl back to what it held when the checkpoint was written and continues the
+    same wandb run."""
+
+    def __init__(self, args, run_name, output_dir, rank, checkpoint=None):
+        self.rank, self.wandb = rank, None
+        if rank != 0:
+            return
+        os.makedirs(output_dir, exist_ok=True)
+        self.file = open(os.path.join(output_dir, "metrics.jsonl"), "w" if checkpoint is None else "r+")
+        if checkpoint is not None:  # drop the lines logged after the checkpoint: the resumed run logs them again
+            self.file.truncate(checkpoint["metrics_bytes"])
+            self.file.seek(checkpoint["metrics_bytes"])
+        if args.track:
+            import wandb  # imported lazily: only --track needs it
+
+            self.wandb = wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, name=run_name,
+                                    config=asdict(args), save_code=True, resume="allow" if checkpoint else None,
+                                    id=checkpoint["wandb_id"] if checkpoint else None)
+
+    def state(self):
+        """What a checkpoint needs to resume the logs: the size of metrics.jsonl and the wandb run id."""
+        if self.rank != 0:
+            return {}
+        return dict(metrics_bytes=self.file.tell(), wandb_id=self.wandb.id if self.wandb is not None else None)
+
+    def log(self, metrics, step):
+        if self.rank == 0:
+            self.file.write(json.dumps({"step": step, **metrics}) + "\n")
+            self.file.flush()
+            if self.wandb is not None:
+                self.wandb.log(metrics, step=step)
+
+    def table(self, name, rows, output_dir):
+        """Save rows (a list of dicts) as {output_dir}/{name}.jsonl and, under --track, as a wandb table."""
+        if self.rank != 0 or not rows:
+            return
+        with open(os.path.join(output_dir, f"{name}.jsonl"), "w") as f:
+            f.writelines(json.dumps(row) + "\n" for row in rows)
+        if self.wandb is not None:
+            import wandb
+
+            self.wandb.log({name: wandb.Table(columns=list(rows[0]), data=[list(r.values()) for r in rows])})
+
+
+def progress(prefix, step, total, start_time, first_step=0, **values):
+    """One progress line: step, values, steps/s and ETA (counted from `first_step`, where a resumed run started)."""
+    elapsed, done = time.time() - start_time, max(step - first_step, 1)
+    shown = " | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in values.items())
+    print(f"[{prefix}] {step}/{total} | {shown} | {done / max(elapsed, 1e-9):.2f} it/s | "
+          f"ETA {time.strftime('%H:%M:%S', time.gmtime(elapsed / done * (total - step)))}", flush=True)
+
+
+# Checkpoints: every --checkpoint-every updates and at the end, written atomically, resumed with --resume
+RESUMABLE_CHANGES = {"resume", "output_dir", "track", "wandb_project_name", "wandb_entity", "run_eval",
+                     "checkpoint_every", "keep_checkpoints"}  # a resumed run may change these; any other change is an error
+
+
+def find_checkpoint(args, output_dir, world_size):
+    """The checkpoint to resume from under --resume (the newest complete one, loaded lazily), else None. Refuses to
+    start a fresh run over another run's checkpoints, or to resume with other arguments. Runs before any model loads."""
+    root = os.path.join(output_dir, "checkpoints")
+    complete = sorted(n for n in os.listdir(root) if n.startswith("step_")) if os.path.isdir(root) else []
+    if not args.resume:
+        if complete:
+            raise ValueError(f"--output-dir {output_dir} holds the checkpoints of an earlier run ({complete[-1]}): "
+                             f"pass --resume to continue it, or choose another --output-dir")
+        return None
+    if args.output_dir is None:
+        raise ValueError("--resume needs the --output-dir of the run to continue")
+    if not complete:
+        raise ValueError(f"--resume: {root} holds no complete checkpoint")
+    checkpoint = torch.load(os.path.join(root, complete[-1], "state.pt"), map_location="cpu", weights_only=False,
+                            mmap=True)  # our own file; mmap: tensors are read when used, not all at once per process
+    changed = [k for k, v in asdict(args).items() if k not in RESUMABLE_CHANGES and checkpoint["args"].get(k) != v]
+    if changed:
+        raise ValueError(f"--resume: these arguments differ from the checkpointed run's: "
+                         + ", ".join(f"--{k.replace('_', '-')} {checkpoint['args'].get(k)!r} -> {getattr(args, k)!r}"
+                                     for k in changed))
+    if len(checkpoint["rng"]) != world_size:
+        raise ValueError(f"--resume: the checkpoint was written by {len(checkpoint['rng'])} processes; this run has "
+                         f"{world_size} (the random streams are per process)")
+    return checkpoint
+
+
+def rng_states(world_size):
+    """The state of every random generator in use (python, numpy, torch, CUDA), of every process in rank order."""
+    state = dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state(),
+                 cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
+    return gather_rows([state], world_size)
+
+
+def set_rng_states(states, rank):
+    """Restore this process's generators from rng_states()."""
+    state = states[rank]
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None:
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(output_dir, step, state, keep):
+    """Write `state` to {output_dir}/checkpoints/step_{step:08d}/state.pt atomically: written and flushed to disk in
+    a tmp_ folder that is renamed only once complete, so a crash mid-write leaves no checkpoint that loads half (the
+    tmp_ folder is ignored, then removed). Keeps the newest `keep` checkpoints. Rank 0 only."""
+    root = os.path.join(output_dir, "checkpoints")
+    os.makedirs(root, exist_ok=True)
+    for name in [n for n in os.listdir(root) if n.startswith("tmp_")]:
+        shutil.rmtree(os.path.join(root, name))  # left by a write that crashed
+    tmp, final = os.path.join(root, f"tmp_step_{step:08d}"), os.path.join(root, f"step_{step:08d}")
+    os.makedirs(tmp)
+    with open(os.path.join(tmp, "state.pt"), "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.rename(tmp, final)  # atomic on POSIX file systems
+    directory = os.open(root, os.O_RDONLY)
+    os.fsync(directory)  # make the rename itself durable
+    os.close(directory)
+    for name in sorted(n for n in os.listdir(root) if n.startswith("step_"))[:-keep]:
+        shutil.rmtree(os.path.join(root, name))
+    print(f"saved checkpoint {final}", flush=True)
+
+
+def check_finite(name, value, where, inspect, output_dir, rank, world_size):
+    """Stop, naming the quantity and the update, when `value` (a tensor) holds NaN or inf on any process; first each
+    process saves `inspect` (a dict of tensors) to {output_dir}/nonfinite/rank{rank}.pt. The last good checkpoint
+    is kept (none is written after this)."""
+    bad = (~torch.isfinite(value.detach())).any().float().reshape(1)
+    if world_size > 1:
+        dist.all_reduce(bad)
+    if bad.item() == 0:
+        return
+    path = os.path.join(output_dir, "nonfinite", f"rank{rank}.pt")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    torch.save({"quantity": name, "where": where, name: value.detach().cpu(),
+                **{k: v.detach().cpu() if torch.is_tensor(v) else v for k, v in inspect.items()}}, path)
+    raise FloatingPointError(f"{name} is NaN or inf at {where}: training stopped. What it was computed from is saved "
+                             f"in {os.path.dirname(path)}/; the last good checkpoint in {output_dir}/checkpoints is kept")
+
+
+def shard_model(model, bf16):
+    """FSDP2: each transformer block, then the whole model, sharded over the processes; a forward gathers a block's
+    parameters just before it runs and frees them after, so every process must run the same forwards. `bf16` (bf16
+    on CUDA): parameters are gathered and computed in bf16, gradients reduced in fp32 into the fp32 shards (the
+    master weights the optimizer updates); otherwise everything stays fp32."""
+    precision = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
+    block_types = set(getattr(model, "backbone", model)._no_split_modules)  # e.g. {"GPTNeoXLayer"}
+    for module in model.modules():
+        if type(module).__name__ in block_types:
+            fully_shard(module, mp_policy=precision)
+    fully_shard(model, mp_policy=precision)
+    return model
+
+
+def rank_batch_indices(num_rows, batch_size, update, rank, world_size, seed):
+    """This process's rows for `update` (0-based): one shuffle shared by all processes, reshuffled after each pass
+    over the data with seed + pass [D21]; each global batch cut into world_size disjoint contiguous slices; the last
+    partial batch of a pass is dropped (as the reference's 911 = floor(116,722 / 128) SFT updates). A function of the
+    update counter, so a resumed run continues where it stopped."""
+    data_pass, i = divmod(update, num_rows // batch_size)
+    order = torch.randperm(num_rows, generator=torch.Generator().manual_seed(seed + data_pass))
+    per_rank = exact_div(batch_size, world_size, "--batch-size over the number of processes")
+    return order[i * batch_size + rank * per_rank : i * batch_size + (rank + 1) * per_rank].tolist()
+
+
+def eval_chunks(share, size, longest_share, filler):
+    """This process's `share` of an evaluation set in chunks of `size`, as many chunks as the longest share on any
+    process makes: under FSDP every process must run the same forwards, so a shorter share ends with chunks of one
+    `filler` item whose results are dropped. Yields (chunk, keep)."""
+    for start in range(0, longest_share, size):
+        chunk = share[start : start + size]
+        yield (chunk, True) if chunk else ([filler], False)
+
+
+def gather_rows(rows, world_size):
+    """The concatenation of every process's list of rows, in rank order (every process gets it)."""
+    if world_size == 1:
+        return rows
+    gathered = [None] * world_size
+    dist.all_gather_object(gathered, rows)
+    return [row for part in gathered for row in part]
+
+
+def gather_mean(value, world_size):
+    """The mean over all processes of a scalar tensor (on the compute device, as NCCL requires)."""
+    value = value.detach().float().clone()
+    if world_size > 1:
+        dist.all_reduce(value)
+        value /= world_size
+    return value
+# ================================================ END OF PLUMBING ====================================================
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))

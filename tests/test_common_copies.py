@@ -18,11 +18,11 @@ def parse(script):
 
 
 def top_level_definitions():
-    """name -> {script: source} for every top-level function and class (other than Args) of the four scripts."""
+    """name -> {script: source} for every top-level function and class (other than Args and main) of the four scripts."""
     found = defaultdict(dict)
     for script in SCRIPTS:
         for node in parse(script).body:
-            if isinstance(node, (ast.FunctionDef, ast.ClassDef)) and node.name != "Args":
+            if isinstance(node, (ast.FunctionDef, ast.ClassDef)) and node.name not in ("Args", "main"):
                 found[node.name][script] = ast.unparse(node)
     return found
 
@@ -32,6 +32,29 @@ def test_a_helper_copied_between_scripts_is_identical(name, copies):
     first_script, first = next(iter(copies.items()))
     for script, source in copies.items():
         assert source == first, f"{name} differs between {first_script} and {script}: one name, one meaning"
+
+
+def plumbing_block(script):
+    """The lines from the block's opening rule to its END OF PLUMBING line."""
+    with open(os.path.join(ROOT, script)) as f:
+        lines = f.read().split("\n")
+    starts = [i - 1 for i, line in enumerate(lines) if line.startswith("# PLUMBING")]
+    ends = [i for i, line in enumerate(lines) if "END OF PLUMBING" in line]
+    assert len(starts) == len(ends) == 1, f"{script}: one plumbing block, opened by '# PLUMBING' and closed by END OF PLUMBING"
+    return lines[starts[0] : ends[0] + 1]
+
+
+def test_the_plumbing_block_is_identical_and_last():
+    first = plumbing_block(SCRIPTS[0])
+    for script in SCRIPTS:
+        block = plumbing_block(script)
+        assert block == first, f"the plumbing block of {script} differs from {SCRIPTS[0]}'s"
+        tree = parse(script)
+        assert ast.unparse(tree.body[-1]) == "if __name__ == '__main__':\n    main(tyro.cli(Args))", \
+            f"{script}: the file ends with the plumbing block, then `main(tyro.cli(Args))` under __main__"
+        with open(os.path.join(ROOT, script)) as f:
+            text = f.read()
+        assert "def main(args):" in text.split("# PLUMBING")[0], f"{script}: main(args) comes before the plumbing"
 
 
 def test_the_common_block_of_args_is_identical():
