@@ -967,7 +967,7 @@ def main(args):
 
 # ======================================================================================================================
 # PLUMBING, the same block line for line in sft.py, reward_model.py, ppo_tldr.py and dpo.py (test_common_copies.py):
-# Processes, input checks, logging and progress, checkpoints and resume, the NaN stop, FSDP, gathering across processes.
+# processes, input checks, logging, progress, checkpoints and resume, the NaN stop, FSDP, batches and gathering.
 # Nothing of the algorithm is below this line: a reader can skip to the end of the file.
 # ======================================================================================================================
 def exact_div(a, b, what):
@@ -995,43 +995,37 @@ def seed_everything(seed):
 
 
 def check_model_path(path, arg, revision=None):
-    """Fail fast on a model that cannot be found: a local path that is not a folder, a revision of a local folder,
-    or, offline (HF_HUB_OFFLINE=1), a hub id `org/name` whose config.json at `revision` is not in the cache (online,
-    a hub id is left to transformers)."""
-    hub_id = path.count("/") == 1 and not path.startswith((".", "~", "/"))
+    """Fail fast on a model that cannot be found: not a folder, a revision of a local folder, or, offline
+    (HF_HUB_OFFLINE=1), a hub id org/name not in the cache at `revision` (online, hub ids are left to transformers)."""
     if os.path.isdir(path) and revision is not None:
         raise ValueError(f"{arg.removesuffix('-path')}-revision {revision}: {path} is a local folder, it has no revisions")
-    if os.path.isdir(path) or (hub_id and os.environ.get("HF_HUB_OFFLINE") != "1") or (hub_id and cached_file(
-            path, "config.json", revision=revision, _raise_exceptions_for_missing_entries=False,
-            _raise_exceptions_for_connection_errors=False)):
-        return
-    raise ValueError(f"{arg}: {path!r} is not a folder, nor (offline) a hub id org/name in the Hugging Face cache at "
-                     f"revision {revision or 'main'}")
+    hub_id = path.count("/") == 1 and not path.startswith((".", "~", "/"))
+    if not (os.path.isdir(path) or hub_id and (os.environ.get("HF_HUB_OFFLINE") != "1" or cached_file(path, "config.json",
+            revision=revision, _raise_exceptions_for_missing_entries=False, _raise_exceptions_for_connection_errors=False))):
+        raise ValueError(f"{arg}: {path!r} is not a folder, nor (offline) a hub id org/name in the Hugging Face cache "
+                         f"at revision {revision or 'main'}")
 
 
 def load_data(path, arg, split=None, revision=None):
-    """load_dataset(path, split=split, revision=revision), failing with the argument's name when the data cannot be
-    read (the datasets library refuses a local split without rows: 'Instruction "validation" corresponds to no data!')."""
+    """load_dataset(path, split, revision), failing with the argument's name when the data cannot be read."""
     if os.path.isdir(path) and revision is not None:
         raise ValueError(f"{arg}-revision {revision}: {path} is a local folder, it has no revisions")
     try:
         return load_dataset(path, split=split, revision=revision)
-    except ValueError as error:
+    except ValueError as error:  # datasets refuses a local split without rows: "... corresponds to no data!"
         problem = "a split is empty" if "corresponds to no data" in str(error) else "cannot be loaded"
         raise ValueError(f"{arg} {path}: {problem} ({error})") from error
 
 
 def check_columns(dataset, columns, arg):
-    """Fail before any training when a dataset lacks the columns this script needs."""
     missing = [c for c in columns if c not in dataset.column_names]
     if missing:
         raise ValueError(f"{arg}: the dataset lacks the column(s) {missing}; it has {dataset.column_names}")
 
 
 class Logger:
-    """metrics.jsonl in the output folder always; Weights & Biases under --track. Only rank 0 writes. A resumed run
-    (`checkpoint` given) cuts metrics.jsonl back to what it held when the checkpoint was written and continues the
-    same wandb run."""
+    """metrics.jsonl in the output folder, and Weights & Biases under --track; rank 0 only. Resuming from `checkpoint`
+    cuts metrics.jsonl back to its size at the checkpoint and continues the same wandb run."""
 
     def __init__(self, args, run_name, output_dir, rank, checkpoint=None):
         self.rank, self.wandb = rank, None
@@ -1039,21 +1033,18 @@ class Logger:
             return
         os.makedirs(output_dir, exist_ok=True)
         self.file = open(os.path.join(output_dir, "metrics.jsonl"), "w" if checkpoint is None else "r+")
-        if checkpoint is not None:  # drop the lines logged after the checkpoint: the resumed run logs them again
+        if checkpoint is not None:  # the resumed run logs the lines after the checkpoint again
             self.file.truncate(checkpoint["metrics_bytes"])
             self.file.seek(checkpoint["metrics_bytes"])
         if args.track:
-            import wandb  # imported lazily: only --track needs it
+            import wandb  # lazily: only --track needs it
 
             self.wandb = wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, name=run_name,
                                     config=asdict(args), save_code=True, resume="allow" if checkpoint else None,
                                     id=checkpoint["wandb_id"] if checkpoint else None)
 
-    def state(self):
-        """What a checkpoint needs to resume the logs: the size of metrics.jsonl and the wandb run id."""
-        if self.rank != 0:
-            return {}
-        return dict(metrics_bytes=self.file.tell(), wandb_id=self.wandb.id if self.wandb is not None else None)
+    def state(self):  # what a checkpoint needs to resume the logs
+        return dict(metrics_bytes=self.file.tell(), wandb_id=self.wandb and self.wandb.id) if self.rank == 0 else {}
 
     def log(self, metrics, step):
         if self.rank == 0:
@@ -1063,15 +1054,12 @@ class Logger:
                 self.wandb.log(metrics, step=step)
 
     def table(self, name, rows, output_dir):
-        """Save rows (a list of dicts) as {output_dir}/{name}.jsonl and, under --track, as a wandb table."""
-        if self.rank != 0 or not rows:
-            return
-        with open(os.path.join(output_dir, f"{name}.jsonl"), "w") as f:
-            f.writelines(json.dumps(row) + "\n" for row in rows)
-        if self.wandb is not None:
-            import wandb
-
-            self.wandb.log({name: wandb.Table(columns=list(rows[0]), data=[list(r.values()) for r in rows])})
+        """rows (a list of dicts) as {output_dir}/{name}.jsonl and, under --track, a wandb table."""
+        if self.rank == 0 and rows:
+            with open(os.path.join(output_dir, f"{name}.jsonl"), "w") as f:
+                f.writelines(json.dumps(row) + "\n" for row in rows)
+            if self.wandb is not None:
+                self.wandb.log({name: __import__("wandb").Table(columns=list(rows[0]), data=[list(r.values()) for r in rows])})
 
 
 def progress(prefix, step, total, start_time, first_step=0, **values):
@@ -1082,14 +1070,13 @@ def progress(prefix, step, total, start_time, first_step=0, **values):
           f"ETA {time.strftime('%H:%M:%S', time.gmtime(elapsed / done * (total - step)))}", flush=True)
 
 
-# Checkpoints: every --checkpoint-every updates and at the end, written atomically, resumed with --resume
 RESUMABLE_CHANGES = {"resume", "output_dir", "track", "wandb_project_name", "wandb_entity", "run_eval",
                      "checkpoint_every", "keep_checkpoints"}  # a resumed run may change these; any other change is an error
 
 
 def find_checkpoint(args, output_dir, world_size):
-    """The checkpoint to resume from under --resume (the newest complete one, loaded lazily), else None. Refuses to
-    start a fresh run over another run's checkpoints, or to resume with other arguments. Runs before any model loads."""
+    """Under --resume the newest complete checkpoint (loaded lazily), else None. Refuses a fresh run over another run's
+    checkpoints, and a resume with other arguments or another number of processes. Runs before any model loads."""
     root = os.path.join(output_dir, "checkpoints")
     complete = sorted(n for n in os.listdir(root) if n.startswith("step_")) if os.path.isdir(root) else []
     if not args.resume:
@@ -1097,12 +1084,11 @@ def find_checkpoint(args, output_dir, world_size):
             raise ValueError(f"--output-dir {output_dir} holds the checkpoints of an earlier run ({complete[-1]}): "
                              f"pass --resume to continue it, or choose another --output-dir")
         return None
-    if args.output_dir is None:
-        raise ValueError("--resume needs the --output-dir of the run to continue")
-    if not complete:
-        raise ValueError(f"--resume: {root} holds no complete checkpoint")
+    if args.output_dir is None or not complete:
+        raise ValueError("--resume needs the --output-dir of the run to continue" if args.output_dir is None else
+                         f"--resume: {root} holds no complete checkpoint")
     checkpoint = torch.load(os.path.join(root, complete[-1], "state.pt"), map_location="cpu", weights_only=False,
-                            mmap=True)  # our own file; mmap: tensors are read when used, not all at once per process
+                            mmap=True)  # our own file (random states need pickle); mmap: tensors read when used
     changed = [k for k, v in asdict(args).items() if k not in RESUMABLE_CHANGES and checkpoint["args"].get(k) != v]
     if changed:
         raise ValueError(f"--resume: these arguments differ from the checkpointed run's: "
@@ -1115,14 +1101,12 @@ def find_checkpoint(args, output_dir, world_size):
 
 
 def rng_states(world_size):
-    """The state of every random generator in use (python, numpy, torch, CUDA), of every process in rank order."""
-    state = dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state(),
-                 cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
-    return gather_rows([state], world_size)
+    """The state of every random generator (python, numpy, torch, CUDA) of every process, in rank order."""
+    return gather_rows([dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state(),
+                             cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)], world_size)
 
 
 def set_rng_states(states, rank):
-    """Restore this process's generators from rng_states()."""
     state = states[rank]
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
@@ -1132,13 +1116,12 @@ def set_rng_states(states, rank):
 
 
 def save_checkpoint(output_dir, step, state, keep):
-    """Write `state` to {output_dir}/checkpoints/step_{step:08d}/state.pt atomically: written and flushed to disk in
-    a tmp_ folder that is renamed only once complete, so a crash mid-write leaves no checkpoint that loads half (the
-    tmp_ folder is ignored, then removed). Keeps the newest `keep` checkpoints. Rank 0 only."""
+    """Rank 0: `state` to {output_dir}/checkpoints/step_{step:08d}/state.pt, atomically (written and synced in a tmp_
+    folder, renamed once complete; a crash leaves only a tmp_ folder, removed next time). Keeps the newest `keep`."""
     root = os.path.join(output_dir, "checkpoints")
     os.makedirs(root, exist_ok=True)
     for name in [n for n in os.listdir(root) if n.startswith("tmp_")]:
-        shutil.rmtree(os.path.join(root, name))  # left by a write that crashed
+        shutil.rmtree(os.path.join(root, name))
     tmp, final = os.path.join(root, f"tmp_step_{step:08d}"), os.path.join(root, f"step_{step:08d}")
     os.makedirs(tmp)
     with open(os.path.join(tmp, "state.pt"), "wb") as f:
@@ -1147,7 +1130,7 @@ def save_checkpoint(output_dir, step, state, keep):
         os.fsync(f.fileno())
     os.rename(tmp, final)  # atomic on POSIX file systems
     directory = os.open(root, os.O_RDONLY)
-    os.fsync(directory)  # make the rename itself durable
+    os.fsync(directory)  # the rename itself durable
     os.close(directory)
     for name in sorted(n for n in os.listdir(root) if n.startswith("step_"))[:-keep]:
         shutil.rmtree(os.path.join(root, name))
@@ -1155,9 +1138,8 @@ def save_checkpoint(output_dir, step, state, keep):
 
 
 def check_finite(name, value, where, inspect, output_dir, rank, world_size):
-    """Stop, naming the quantity and the update, when `value` (a tensor) holds NaN or inf on any process; first each
-    process saves `inspect` (a dict of tensors) to {output_dir}/nonfinite/rank{rank}.pt. The last good checkpoint
-    is kept (none is written after this)."""
+    """Stop, naming the quantity and the update, when the tensor `value` holds NaN or inf on any process; first every
+    process saves `inspect` (a dict) to {output_dir}/nonfinite/rank{rank}.pt. The last good checkpoint is kept."""
     bad = (~torch.isfinite(value.detach())).any().float().reshape(1)
     if world_size > 1:
         dist.all_reduce(bad)
@@ -1172,24 +1154,19 @@ def check_finite(name, value, where, inspect, output_dir, rank, world_size):
 
 
 def shard_model(model, bf16):
-    """FSDP2: each transformer block, then the whole model, sharded over the processes; a forward gathers a block's
-    parameters just before it runs and frees them after, so every process must run the same forwards. `bf16` (bf16
-    on CUDA): parameters are gathered and computed in bf16, gradients reduced in fp32 into the fp32 shards (the
-    master weights the optimizer updates); otherwise everything stays fp32."""
+    """FSDP2: each transformer block, then the whole model, sharded over the processes (so every process must run the
+    same forwards). `bf16`: parameters gathered and computed in bf16, gradients reduced in fp32 into the fp32 shards."""
     precision = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
     block_types = set(getattr(model, "backbone", model)._no_split_modules)  # e.g. {"GPTNeoXLayer"}
-    for module in model.modules():
-        if type(module).__name__ in block_types:
-            fully_shard(module, mp_policy=precision)
-    fully_shard(model, mp_policy=precision)
+    for module in [m for m in model.modules() if type(m).__name__ in block_types] + [model]:
+        fully_shard(module, mp_policy=precision)
     return model
 
 
 def rank_batch_indices(num_rows, batch_size, update, rank, world_size, seed):
-    """This process's rows for `update` (0-based): one shuffle shared by all processes, reshuffled after each pass
-    over the data with seed + pass [D21]; each global batch cut into world_size disjoint contiguous slices; the last
-    partial batch of a pass is dropped (as the reference's 911 = floor(116,722 / 128) SFT updates). A function of the
-    update counter, so a resumed run continues where it stopped."""
+    """This process's rows for `update` (0-based): one shuffle shared by all processes, redone with seed + pass after
+    each pass over the data [D21], each batch cut into world_size contiguous slices, the last partial batch of a pass
+    dropped (the reference's 911 = 116,722 // 128 SFT updates). A function of the update: resuming continues it."""
     data_pass, i = divmod(update, num_rows // batch_size)
     order = torch.randperm(num_rows, generator=torch.Generator().manual_seed(seed + data_pass))
     per_rank = exact_div(batch_size, world_size, "--batch-size over the number of processes")
@@ -1197,25 +1174,23 @@ def rank_batch_indices(num_rows, batch_size, update, rank, world_size, seed):
 
 
 def eval_chunks(share, size, longest_share, filler):
-    """This process's `share` of an evaluation set in chunks of `size`, as many chunks as the longest share on any
-    process makes: under FSDP every process must run the same forwards, so a shorter share ends with chunks of one
-    `filler` item whose results are dropped. Yields (chunk, keep)."""
+    """(chunk, keep) pairs: this process's `share` in chunks of `size`, as many as the longest share on any process
+    makes (under FSDP all processes run the same forwards); past its end, chunks of one `filler`, keep False."""
     for start in range(0, longest_share, size):
         chunk = share[start : start + size]
         yield (chunk, True) if chunk else ([filler], False)
 
 
 def gather_rows(rows, world_size):
-    """The concatenation of every process's list of rows, in rank order (every process gets it)."""
-    if world_size == 1:
-        return rows
+    """Every process's list of rows, concatenated in rank order, on every process."""
     gathered = [None] * world_size
-    dist.all_gather_object(gathered, rows)
-    return [row for part in gathered for row in part]
+    if world_size > 1:
+        dist.all_gather_object(gathered, rows)
+    return [row for part in gathered for row in part] if world_size > 1 else rows
 
 
 def gather_mean(value, world_size):
-    """The mean over all processes of a scalar tensor (on the compute device, as NCCL requires)."""
+    """The mean over the processes of a scalar tensor (on the compute device, as NCCL requires)."""
     value = value.detach().float().clone()
     if world_size > 1:
         dist.all_reduce(value)
