@@ -1,9 +1,9 @@
 """README.md's N+ detail index against the project: every detail tag used in the code, the READMEs and the tests is
 a row of the index, every row is used, and every function and test a row names exists. Fast: text and `ast` only.
 
-Tag syntax: the paper's `[D23]`, `[D23.1]`, a list `[D4, D5]` or a range `[D10-D15]` (a range cites its two ends);
-this project's own `[PPO.name]` (also `SFT.`, `RM.`, `DPO.`). Anything else that starts with `[D` and a digit is a
-malformed tag. An index row reads: | [tag] | what it is | `script.py:function`, ... | `tests/test_x.py::test_y`, ... |
+Tag syntax: the paper's `[D23]`, `[D23.1]`, a range `[D10-D15]` (it cites its two ends); this project's own
+`[PPO.name]` (also `SFT.`, `RM.`, `DPO.`); a comma list of these, `[D4, D5]`, `[D23.2, PPO.eos_mask]`. Anything else in
+brackets that starts with `D` and a digit or with `PPO.` (`SFT.`, ...) is a malformed tag. An index row reads: | [tag] | what it is | `script.py:function`, ... | `tests/test_x.py::test_y`, ... |
 where `script.py:main` is the script's main code (a `main` function or its `if __name__ == "__main__":` block)."""
 import ast
 import re
@@ -14,25 +14,31 @@ README = ROOT / "README.md"
 INDEX_HEADING = "## N+ detail index"
 MAX_README_LINES = 350
 
-PAPER_TAG = r"D\d+(?:\.\d+)?"
-PAPER_CITATION = re.compile(rf"^{PAPER_TAG}(?:\s*[,-]\s*{PAPER_TAG})*$")  # the inside of [...]
-CANDIDATE = re.compile(r"\[(D\d[^\]\n]*)\]")  # whatever looks like a paper citation, checked against PAPER_CITATION
-PROJECT_TAG = re.compile(r"\[(?:SFT|RM|PPO|DPO)\.[a-z][a-z0-9_]*\]")
+PAPER_TAG = re.compile(r"D\d+(?:\.\d+)?")
+PROJECT_TAG = re.compile(r"(?:SFT|RM|PPO|DPO)\.[a-z][a-z0-9_]*")
+CANDIDATE = re.compile(r"\[((?:D\d|(?:SFT|RM|PPO|DPO)\.)[^\]\n]*)\]")  # what looks like a citation; checked below
 FUNCTION_CELL = re.compile(r"`([\w./-]+\.py):(\w+)`")
 TEST_CELL = re.compile(r"`(tests/[\w./-]+\.py)::(\w+)`")
 
 
 def find_tags(text):
-    """(tags, malformed): the tags `text` cites, each `[Dn]` of a list or range on its own, and the bracketed texts
-    that start like a paper tag but are not one."""
+    """(tags, malformed): the tags `text` cites, each member of a list (`[D4, D5]`, `[D23.2, PPO.eos_mask]`) and
+    each end of a range (`[D10-D15]`) on its own, and the bracketed texts that start like a tag but are not one."""
     tags, malformed = [], []
     for match in CANDIDATE.finditer(text):
-        inside = match.group(1)
-        if PAPER_CITATION.match(inside):
-            tags += [f"[{t}]" for t in re.findall(PAPER_TAG, inside)]
-        else:
+        found = []
+        for part in match.group(1).split(","):
+            part = part.strip()
+            ends = [e.strip() for e in part.split("-")] if part.startswith("D") else [part]
+            if len(ends) <= 2 and all(PAPER_TAG.fullmatch(e) for e in ends) or PROJECT_TAG.fullmatch(part):
+                found += [f"[{e}]" for e in ends]
+            else:
+                found = None
+                break
+        if found is None:
             malformed.append(match.group(0))
-    tags += PROJECT_TAG.findall(text)
+        else:
+            tags += found
     return tags, malformed
 
 
@@ -167,10 +173,11 @@ def test_the_readme_has_at_most_350_lines():
 
 # ---------------------------------------------------------------- the checks themselves, on made-up input -------
 def test_find_tags_splits_lists_and_ranges_and_flags_malformed_ones():
-    text = "a [D2.2] b [D4, D5] c [D10-D15] d [PPO.gae] e [PAD] [AB] x[0] [D23,1] [D7 ]"
+    text = ("a [D2.2] b [D4, D5] c [D10-D15] d [PPO.gae] e [D23.2, PPO.eos_mask] [PAD] [AB] x[0] "
+            "[D23,1] [D7 x] [PPO.Gae] [D1-D2-D3] [PPO.gae-D2]")
     tags, malformed = find_tags(text)
-    assert tags == ["[D2.2]", "[D4]", "[D5]", "[D10]", "[D15]", "[PPO.gae]"]
-    assert malformed == ["[D23,1]", "[D7 ]"]
+    assert tags == ["[D2.2]", "[D4]", "[D5]", "[D10]", "[D15]", "[PPO.gae]", "[D23.2]", "[PPO.eos_mask]"]
+    assert malformed == ["[D23,1]", "[D7 x]", "[PPO.Gae]", "[D1-D2-D3]", "[PPO.gae-D2]"]
 
 
 def test_the_checks_name_the_wrong_row_or_name(tmp_path):
