@@ -649,8 +649,8 @@ def find_checkpoint(args, output_dir, world_size):
     if args.output_dir is None or not complete:
         raise ValueError("--resume needs the --output-dir of the run to continue" if args.output_dir is None else
                          f"--resume: {root} holds no complete checkpoint")
-    checkpoint = torch.load(os.path.join(root, complete[-1], "state.pt"), map_location="cpu", weights_only=False,
-                            mmap=True)  # our own file (random states need pickle); mmap: tensors read when used
+    checkpoint = torch.load(os.path.join(root, complete[-1], "state.pt"), map_location="cpu", weights_only=True,
+                            mmap=True)  # no pickle; mmap: tensors are read when used, not all at once per process
     changed = [k for k, v in asdict(args).items() if k not in RESUMABLE_CHANGES and checkpoint["args"].get(k) != v]
     if changed:
         raise ValueError(f"--resume: these arguments differ from the checkpointed run's: "
@@ -663,15 +663,19 @@ def find_checkpoint(args, output_dir, world_size):
 
 
 def rng_states(world_size):
-    """The state of every random generator (python, numpy, torch, CUDA) of every process, in rank order."""
-    return gather_rows([dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state(),
+    """The state of every random generator (python, numpy, torch, CUDA) of every process, in rank order, in types
+    that load without pickle."""
+    name, keys, position, has_gauss, gauss = np.random.get_state()
+    return gather_rows([dict(python=random.getstate(), numpy=(name, keys.tolist(), position, has_gauss, gauss),
+                             torch=torch.get_rng_state(),
                              cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)], world_size)
 
 
 def set_rng_states(states, rank):
     state = states[rank]
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    name, keys, position, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), position, has_gauss, gauss))
     torch.set_rng_state(state["torch"])
     if state["cuda"] is not None:
         torch.cuda.set_rng_state_all(state["cuda"])
