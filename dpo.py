@@ -74,13 +74,11 @@ class Args:
     sft_model_revision: Optional[str] = None
     """hub branch, tag or commit of --sft-model-path (e.g. a run of the paper's release); None: main; not a folder's"""
     label_dataset: str = "vwxyzjn/summarize_from_feedback_oai_preprocessing_1706381144"
-    """preference pairs (hub id or folder): raw OpenAI columns (info, summaries, choice, batch, split, extra) or the
-    standard prompt/chosen/rejected strings; split "train" trains, every other split is evaluated"""
+    """preference pairs (hub id or folder; OpenAI or prompt/chosen/rejected columns): "train" trains, others evaluate"""
     label_dataset_revision: Optional[str] = None
     """hub branch, tag or commit of --label-dataset; None: the main branch; not for a local folder"""
     query_dataset: str = "vwxyzjn/summarize_from_feedback_tldr_3_filtered"
-    """SFT set (hub id or folder; columns id, subreddit, title, post, summary): its validation posts are the
-    prompts of the generation evaluation, its summaries the references"""
+    """SFT set (hub id or folder): its validation posts (prompts) and summaries (references) for the generation eval"""
     query_dataset_revision: Optional[str] = None
     """hub branch, tag or commit of --query-dataset; None: the main branch; not for a local folder"""
     query_length: int = 512
@@ -109,16 +107,13 @@ class Args:
     label_smoothing: float = 0.0
     """label-flip probability in (0, 0.5); read only by --loss-type label_smoothing (non-zero otherwise: an error)"""
     precompute_ref_logprobs: bool = False
-    """compute the reference's sequence log-probs once before training, then free the reference (less memory, one
-    forward less per micro-batch); False: computed on the fly"""
+    """compute the reference's sequence log-probs once before training, then free it; False: computed on the fly"""
     fsdp: bool = False
-    """shard the policy (parameters, gradients, AdamW states) and the reference over the processes with PyTorch FSDP2
-    `fully_shard` instead of DDP replicas: for the 6.9B run; needs torchrun"""
+    """shard policy (parameters, gradients, AdamW states) and reference over the processes with FSDP2 (torchrun)"""
     num_eval_samples: Optional[int] = None
     """number of SFT validation posts (the first ones) generated for in the evaluation; None = the whole split"""
     cnndm_query_length: int = 1919
-    """query length in tokens of the CNN/DM rows (validation_cnndm), their articles cut at the last newline to fit,
-    as the reference (2047 - 128); --query-length applies to the TL;DR posts"""
+    """query length in tokens of the CNN/DM rows (validation_cnndm; the reference's 2047 - 128), not the TL;DR posts'"""
 
 
 # -------------------------------------------------------- helpers (copied verbatim from the common code) ---------
@@ -245,14 +240,13 @@ def generate(model, queries, pad_token_id, response_length, temperature):
 OPENAI_COLUMNS = ["info", "summaries", "choice", "batch", "split", "extra"]
 STANDARD_COLUMNS = ["prompt", "chosen", "rejected"]
 SFT_COLUMNS = ["id", "subreddit", "title", "post", "summary"]
-# logged per update as train/rm/{name} (the reference's DPO names, chosen for its "preferred"): means over the pairs
+# logged per update as train/rm/{name}, means over the pairs: the reference DPO's names (its "preferred" is "chosen")
 TRAIN_METRICS = ["loss", "accuracy", "chosen_rewards", "rejected_rewards", "reward_margin", "logps_chosen",
                  "logps_rejected"]
 
 
 def validate_args(args, world_size):
-    """Fail on a bad argument before any data or model is loaded, naming the argument; returns
-    gradient_accumulation_steps = batch_size / (local_micro_batch_size * world_size)."""
+    """Fail on a bad argument, naming it, before any data or model loads; returns gradient_accumulation_steps."""
     for name in ["query_length", "response_length", "eval_response_length", "batch_size", "local_micro_batch_size",
                  "local_eval_batch_size", "cnndm_query_length", "beta", "num_eval_samples"]:
         if getattr(args, name) is not None and getattr(args, name) <= 0:
@@ -481,18 +475,18 @@ def main(args):
         print(f"resumed from update {first_update} of {output_dir}/checkpoints", flush=True)
         del checkpoint
 
-    def logprobs(model, split, indices):
-        """Sequence log-probs (b,), (b,) under `model` of the chosen and rejected responses of data[split][indices]."""
+    def pair_logprobs(net, split, indices):
+        """Sequence log-probs (b,), (b,) under `net` of the chosen and rejected responses of data[split][indices]."""
         chosen, rejected, query_lengths = (t.to(device) for t in collate_pairs(data[split][indices], pad_token_id))
         with autocast:
-            return concatenated_logprobs(model, chosen, rejected, query_lengths, pad_token_id)
+            return concatenated_logprobs(net, chosen, rejected, query_lengths, pad_token_id)
 
     @torch.no_grad()
     def reference_logprobs(split, indices):
         """The frozen reference's sequence log-probs (b,), (b,): precomputed, or a forward now."""
         if ref_model is None:
             return tuple(torch.stack([precomputed[split, i][k] for i in indices]) for k in (0, 1))
-        return logprobs(ref_model, split, indices)
+        return pair_logprobs(ref_model, split, indices)
 
     def eval_batches(items):
         """This process's contiguous share of `items` in chunks, as many as on every process (eval_chunks)."""
@@ -522,7 +516,7 @@ def main(args):
             if args.fsdp:
                 policy.set_requires_gradient_sync(sync)
             with model.no_sync() if ddp and not sync else contextlib.nullcontext():
-                pi_chosen, pi_rejected = logprobs(model, "train", micro)  # (b,), (b,)
+                pi_chosen, pi_rejected = pair_logprobs(model, "train", micro)  # (b,), (b,)
                 loss, chosen_rewards, rejected_rewards = dpo_loss(pi_chosen, pi_rejected, ref_chosen, ref_rejected,
                                                                   args.beta, args.loss_type, args.label_smoothing)
                 (loss / gradient_accumulation_steps).backward()  # gradients averaged over micro-batches (and ranks)
@@ -565,19 +559,17 @@ def main(args):
         policy.eval()
         torch.set_grad_enabled(False)  # evaluation only from here
         for split in eval_splits:
-            rows = []
+            rewards = []  # (chosen, rejected) of this process's pairs
             for micro, keep in eval_batches(list(range(len(data[split])))):
-                ref_chosen, ref_rejected = reference_logprobs(split, micro)
-                pi_chosen, pi_rejected = logprobs(policy, split, micro)
-                _, chosen_rewards, rejected_rewards = dpo_loss(pi_chosen, pi_rejected, ref_chosen, ref_rejected,
-                                                               args.beta, args.loss_type, args.label_smoothing)
-                pairs = data[split][micro]  # columns of lists; the rows keep the texts and labels, not the token ids
-                rows += [dict({k: v[j] for k, v in pairs.items() if not k.endswith("_token")}, reward_chosen=chosen,
-                              reward_rejected=rejected)
-                         for j, (chosen, rejected) in enumerate(zip(chosen_rewards.tolist(), rejected_rewards.tolist()))
-                         if keep]
-            rows = gather_rows(rows, world_size)
-            if rank == 0 and rows:
+                _, chosen_rewards, rejected_rewards = dpo_loss(*pair_logprobs(policy, split, micro),
+                                                               *reference_logprobs(split, micro), args.beta,
+                                                               args.loss_type, args.label_smoothing)
+                rewards += list(zip(chosen_rewards.tolist(), rejected_rewards.tolist())) if keep else []
+            rewards = gather_rows(rewards, world_size)  # every pair's, in the dataset's order
+            if rank == 0 and rewards:
+                texts = data[split].remove_columns(["query_token", "chosen_token", "rejected_token"])
+                rows = [dict(pair, reward_chosen=chosen, reward_rejected=rejected)
+                        for pair, (chosen, rejected) in zip(texts, rewards, strict=True)]
                 metrics = accuracy_breakdown(rows, f"eval/{split}")
                 logger.log(metrics, step=num_updates)
                 logger.table(f"eval_{split}", rows, output_dir)
