@@ -322,8 +322,8 @@ def tokenize_pair(tokenizer, row, query_length, data_format, fallback_id, cnndm_
 
 
 def collate_pairs(pairs, pad_token_id):
-    """chosen, rejected (B, T): query + response right-padded to the batch's longest (under causal attention trailing
-    all-pad columns change nothing and only cost time), and each query's length (B,) for the response mask."""
+    """chosen, rejected (B, T): query + response right-padded to the batch's longest, at most query + --response-length
+    [D5] (trailing all-pad columns change nothing under causal attention), and the query lengths (B,)."""
     queries, chosen, rejected = pairs["query_token"], pairs["chosen_token"], pairs["rejected_token"]
     length = max(len(q) + max(len(c), len(r)) for q, c, r in zip(queries, chosen, rejected))
     chosen, rejected = (torch.tensor([right_pad(q + r, length, pad_token_id) for q, r in zip(queries, responses)])
