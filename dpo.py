@@ -72,20 +72,15 @@ class Args:
     sft_model_path: str = "cleanrl/EleutherAI_pythia-1b-deduped__sft__tldr"
     """SFT checkpoint (hub id or folder): initialises the policy and the frozen reference; its tokenizer is used"""
     sft_model_revision: Optional[str] = None
-    """branch, tag or commit of --sft-model-path on the hub (e.g. a run of the paper's release); None: the main
-    branch. Only for a hub id (a local folder has none)"""
+    """hub branch, tag or commit of --sft-model-path (e.g. a run of the paper's release); None: main; not a folder's"""
     label_dataset: str = "vwxyzjn/summarize_from_feedback_oai_preprocessing_1706381144"
-    """preference pairs (hub id or folder): raw OpenAI columns (info, summaries, choice, batch, split, extra) or the
-    standard prompt/chosen/rejected strings; split "train" trains, every other split is evaluated"""
+    """preference pairs (hub id or folder; OpenAI or prompt/chosen/rejected columns): "train" trains, others evaluate"""
     label_dataset_revision: Optional[str] = None
-    """branch, tag or commit of --label-dataset on the hub; None: the main branch. Only for a hub id (a local
-    folder has none)"""
+    """hub branch, tag or commit of --label-dataset; None: the main branch; not for a local folder"""
     query_dataset: str = "vwxyzjn/summarize_from_feedback_tldr_3_filtered"
-    """SFT set (hub id or folder; columns id, subreddit, title, post, summary): its validation posts are the
-    prompts of the generation evaluation, its summaries the references"""
+    """SFT set (hub id or folder): its validation posts (prompts) and summaries (references) for the generation eval"""
     query_dataset_revision: Optional[str] = None
-    """branch, tag or commit of --query-dataset on the hub; None: the main branch. Only for a hub id (a local
-    folder has none)"""
+    """hub branch, tag or commit of --query-dataset; None: the main branch; not for a local folder"""
     query_length: int = 512
     """maximum query length in tokens; longer posts are cut at their last newline [D2.2]"""
     response_length: int = 169
@@ -112,17 +107,13 @@ class Args:
     label_smoothing: float = 0.0
     """label-flip probability in (0, 0.5); read only by --loss-type label_smoothing (non-zero otherwise: an error)"""
     precompute_ref_logprobs: bool = False
-    """compute the reference's sequence log-probs once before training and free the reference (saves memory and
-    one forward per micro-batch); False computes them on the fly"""
+    """compute the reference's sequence log-probs once before training, then free it; False: computed on the fly"""
     fsdp: bool = False
-    """shard the policy's parameters, gradients and AdamW states, and the reference's parameters, over the processes
-    with PyTorch FSDP2 `fully_shard` instead of replicating them with DDP: for the 6.9B run (see README.md "Multi-GPU
-    and memory"); needs torchrun"""
+    """shard policy (parameters, gradients, AdamW states) and reference over the processes with FSDP2 (torchrun)"""
     num_eval_samples: Optional[int] = None
     """number of SFT validation posts (the first ones) generated for in the evaluation; None = the whole split"""
     cnndm_query_length: int = 1919
-    """query length in tokens of the CNN/DM rows (validation_cnndm), whose articles are cut at their last newline to
-    fit, as the reference (2047 - 128); --query-length applies to the TL;DR posts"""
+    """query length in tokens of the CNN/DM rows (validation_cnndm; the reference's 2047 - 128), not the TL;DR posts'"""
 
 
 # -------------------------------------------------------- helpers (copied verbatim from the common code) ---------
@@ -249,17 +240,17 @@ def generate(model, queries, pad_token_id, response_length, temperature):
 OPENAI_COLUMNS = ["info", "summaries", "choice", "batch", "split", "extra"]
 STANDARD_COLUMNS = ["prompt", "chosen", "rejected"]
 SFT_COLUMNS = ["id", "subreddit", "title", "post", "summary"]
+# logged per update as train/rm/{name}, means over the pairs: the reference DPO's names (its "preferred" is "chosen")
+TRAIN_METRICS = ["loss", "accuracy", "chosen_rewards", "rejected_rewards", "reward_margin", "logps_chosen",
+                 "logps_rejected"]
 
 
 def validate_args(args, world_size):
-    """Fail on a bad argument before any data or model is loaded, naming the argument; returns the number of
-    gradient-accumulation steps, batch_size / (local_micro_batch_size * world_size)."""
+    """Fail on a bad argument, naming it, before any data or model loads; returns gradient_accumulation_steps."""
     for name in ["query_length", "response_length", "eval_response_length", "batch_size", "local_micro_batch_size",
-                 "local_eval_batch_size", "cnndm_query_length"]:
-        if getattr(args, name) <= 0:
+                 "local_eval_batch_size", "cnndm_query_length", "beta", "num_eval_samples"]:
+        if getattr(args, name) is not None and getattr(args, name) <= 0:
             raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    if args.beta <= 0:
-        raise ValueError(f"--beta must be positive, got {args.beta}")
     if args.loss_type == "label_smoothing" and not 0 < args.label_smoothing < 0.5:
         raise ValueError(f"--loss-type label_smoothing needs --label-smoothing in (0, 0.5), got {args.label_smoothing}")
     if args.loss_type != "label_smoothing" and args.label_smoothing != 0:
@@ -267,8 +258,6 @@ def validate_args(args, world_size):
                          f"with --loss-type {args.loss_type} it would be ignored")
     if args.total_episodes is not None and args.total_episodes < args.batch_size:
         raise ValueError(f"--total-episodes {args.total_episodes} is smaller than one --batch-size {args.batch_size}")
-    if args.num_eval_samples is not None and args.num_eval_samples <= 0:
-        raise ValueError(f"--num-eval-samples must be positive or None, got {args.num_eval_samples}")
     if args.checkpoint_every < 0 or args.keep_checkpoints < 1:
         raise ValueError(f"--checkpoint-every must be >= 0 and --keep-checkpoints >= 1, got {args.checkpoint_every} "
                          f"and {args.keep_checkpoints}")
@@ -308,10 +297,10 @@ def tokenize_article(tokenizer, article, query_length):
 
 
 def tokenize_pair(tokenizer, row, query_length, data_format, fallback_id, cnndm_query_length):
-    """Token ids and texts of one preference pair. A response is its text's tokens + EOS [D5] (OpenAI texts already
-    begin with a space); the query is the TL;DR format cut to query_length [D2.2] (a CNN/DM row: the article
-    format cut to cnndm_query_length), or the standard format's prompt as is (possibly too long: the caller drops it). `fallback_id` is the
-    id of a standard-format row without an id column."""
+    """Token ids and texts of one preference pair. A response is its text's tokens + EOS [D5] (OpenAI texts begin with
+    a space); the query is the TL;DR format cut to query_length [D2.2], a CNN/DM row's the article format cut to
+    cnndm_query_length, a standard row's prompt as is (the caller drops it if too long). `fallback_id`: the id of a
+    standard row without an id column."""
     if data_format == "openai":
         info = row["info"]
         if info.get("post") is None and info.get("article") is not None:
@@ -332,11 +321,14 @@ def tokenize_pair(tokenizer, row, query_length, data_format, fallback_id, cnndm_
                 query=tokenizer.decode(query_token), chosen=chosen, rejected=rejected, **meta)
 
 
-def build_sequences(query_tokens, response_tokens, length, pad_token_id):
-    """Query + response right-padded to `length` (B, T), and each query's length (B,) for the response mask."""
-    rows = [right_pad(q + r, length, pad_token_id) for q, r in zip(query_tokens, response_tokens)]
-    assert all(len(row) == length for row in rows), f"a query + response exceeds {length} tokens"
-    return torch.tensor(rows), torch.tensor([len(q) for q in query_tokens])
+def collate_pairs(pairs, pad_token_id):
+    """chosen, rejected (B, T): query + response right-padded to the batch's longest, at most query + --response-length
+    [D5] (trailing all-pad columns change nothing under causal attention), and the query lengths (B,)."""
+    queries, chosen, rejected = pairs["query_token"], pairs["chosen_token"], pairs["rejected_token"]
+    length = max(len(q) + max(len(c), len(r)) for q, c, r in zip(queries, chosen, rejected))
+    chosen, rejected = (torch.tensor([right_pad(q + r, length, pad_token_id) for q, r in zip(queries, responses)])
+                        for responses in [chosen, rejected])
+    return chosen, rejected, torch.tensor([len(q) for q in queries])
 
 
 def response_mask(query_responses, query_lengths, pad_token_id):
@@ -371,24 +363,15 @@ def dpo_loss(pi_chosen, pi_rejected, ref_chosen, ref_rejected, beta, loss_type, 
         losses = -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
     else:
         raise ValueError(f"--loss-type must be sigmoid, ipo or label_smoothing, got {loss_type!r}")
-    loss = losses.mean()
     chosen_rewards = beta * (pi_chosen - ref_chosen).detach()  # (B,)
     rejected_rewards = beta * (pi_rejected - ref_rejected).detach()  # (B,)
-    return loss, chosen_rewards, rejected_rewards
+    return losses.mean(), chosen_rewards, rejected_rewards
 
 
 def preference_accuracy(chosen_rewards, rejected_rewards):
-    """Per pair: 1 if the chosen response has the higher implicit reward, 0 if lower, 0.5 on an exact tie (deviation:
-    the reference counts ties as 0, which reads 0 instead of chance when the policy equals the reference)."""
-    return (chosen_rewards > rejected_rewards).float() + 0.5 * (chosen_rewards == rejected_rewards).float()
-
-
-def rank_batches(perm, batch_size, rank, world_size):
-    """This process's slice of every global batch: the shared permutation is cut into batches of batch_size pairs
-    (a last incomplete batch is left out), each split into world_size disjoint contiguous slices."""
-    local = exact_div(batch_size, world_size, "--batch-size over the number of processes")
-    return [perm[start + rank * local: start + (rank + 1) * local].tolist()
-            for start in range(0, len(perm) - batch_size + 1, batch_size)]
+    """Per pair 1 if the chosen response has the strictly higher implicit reward, else 0: a tie counts 0, as in the
+    reference's dpo.py and reward.py (so a policy equal to its reference reads 0)."""
+    return (chosen_rewards > rejected_rewards).float()
 
 
 def chunks(items, size):
@@ -396,12 +379,14 @@ def chunks(items, size):
 
 
 def accuracy_breakdown(rows, prefix):
-    """Accuracy overall and per labelling split, batch and labeller confidence, as reward_model.py reports it."""
-    metrics = {f"{prefix}/accuracy": sum(r["accuracy"] for r in rows) / len(rows),
+    """Accuracy and mean reward margin over the pairs, and the accuracy per labelling split, batch and confidence."""
+    correct = preference_accuracy(*(torch.tensor([r[k] for r in rows]) for k in ["reward_chosen", "reward_rejected"]))
+    correct = correct.tolist()
+    metrics = {f"{prefix}/accuracy": sum(correct) / len(rows),
                f"{prefix}/reward_margin": sum(r["reward_chosen"] - r["reward_rejected"] for r in rows) / len(rows)}
     for key in ["split", "batch", "confidence"]:
         for value in sorted({r[key] for r in rows if r[key] is not None}, key=str):
-            group = [r["accuracy"] for r in rows if r[key] == value]
+            group = [c for c, r in zip(correct, rows) if r[key] == value]
             metrics[f"{prefix}/accuracy/{key}/{value}"] = sum(group) / len(group)
     return metrics
 
@@ -409,52 +394,53 @@ def accuracy_breakdown(rows, prefix):
 def main(args):
     rank, world_size, device = init_distributed()
     torch.backends.cuda.matmul.fp32_precision = "tf32" if args.tf32 else "ieee"  # CUDA matmuls; no convolutions here
-    grad_accum = validate_args(args, world_size)
+
+    # 1. Check the arguments and the datasets before any model loads
+    gradient_accumulation_steps = validate_args(args, world_size)
     label_datasets = load_data(args.label_dataset, "--label-dataset", revision=args.label_dataset_revision)
     if "train" not in label_datasets:
         raise ValueError(f"--label-dataset {args.label_dataset}: no 'train' split (has {list(label_datasets)})")
     data_format = preference_format(label_datasets["train"])
+    eval_splits = [split for split in label_datasets if split != "train"] if args.run_eval else []
     if args.run_eval:
         query_dataset = load_data(args.query_dataset, "--query-dataset", "validation", args.query_dataset_revision)
         check_columns(query_dataset, SFT_COLUMNS, "--query-dataset")
-        if args.num_eval_samples is not None:
-            if args.num_eval_samples > len(query_dataset) and rank == 0:
-                print(f"--num-eval-samples {args.num_eval_samples}: the validation split has only "
-                      f"{len(query_dataset)} posts; generating for all of them", flush=True)
-            query_dataset = query_dataset.select(range(min(args.num_eval_samples, len(query_dataset))))
+        if rank == 0 and (args.num_eval_samples or 0) > len(query_dataset):
+            print(f"--num-eval-samples {args.num_eval_samples}: the validation split has only {len(query_dataset)} "
+                  f"posts; generating for all of them", flush=True)
+
+    # 2. Tokenise the pairs [D2.2, D5]; drop and count those with a response over --response-length (deviation: the
+    #    reference's preprocessing truncates it, cutting off its EOS) or a standard-format prompt over --query-length
     tokenizer = load_tokenizer(args.sft_model_path, "--sft-model-path", args.sft_model_revision)
     pad_token_id, eos_token_id = tokenizer.pad_token_id, tokenizer.eos_token_id
-    sequence_length = max(args.query_length, args.cnndm_query_length) + args.response_length  # the longest [D5]
-
-    def prepare(split):
-        """Tokenised pairs of one split; pairs with a response over response_length (or a standard-format prompt
-        over query_length) are dropped and counted (deviation: the reference's preprocessing truncates a response,
-        cutting off its EOS)."""
+    data = {}
+    for split in ["train"] + eval_splits:
         dataset = label_datasets[split]
         if len(dataset) == 0:
             raise ValueError(f"--label-dataset {args.label_dataset}: the {split!r} split is empty")
-        tokenized = dataset.map(
+        data[split] = dataset.map(
             lambda row, i: tokenize_pair(tokenizer, row, args.query_length, data_format, f"{split}-{i}",
                                          args.cnndm_query_length),
-            with_indices=True, remove_columns=dataset.column_names, keep_in_memory=True)
-        kept = tokenized.filter(lambda r: (data_format == "openai" or len(r["query_token"]) <= args.query_length)
-                                and max(len(r["chosen_token"]), len(r["rejected_token"])) <= args.response_length,
-                                keep_in_memory=True)
+            with_indices=True, remove_columns=dataset.column_names, keep_in_memory=True).filter(
+            lambda r: (data_format == "openai" or len(r["query_token"]) <= args.query_length)
+            and max(len(r["chosen_token"]), len(r["rejected_token"])) <= args.response_length, keep_in_memory=True)
         if rank == 0:
-            print(f"--label-dataset split {split}: kept {len(kept)} of {len(dataset)} pairs "
-                  f"({len(dataset) - len(kept)} dropped: a response over --response-length {args.response_length} "
-                  f"tokens incl. EOS or a query over --query-length {args.query_length})", flush=True)
-        return kept
-
-    train_dataset = prepare("train")
-    eval_splits = {split: prepare(split) for split in label_datasets if split != "train"} if args.run_eval else {}
-    num_pairs = len(train_dataset) if args.total_episodes is None else args.total_episodes
-    if num_pairs > len(train_dataset):
-        raise ValueError(f"--total-episodes {args.total_episodes} exceeds the {len(train_dataset)} training pairs kept")
+            print(f"--label-dataset split {split}: kept {len(data[split])} of {len(dataset)} pairs (dropped: a "
+                  f"response over --response-length {args.response_length} tokens incl. EOS, or a query over "
+                  f"--query-length)", flush=True)
+    num_pairs = len(data["train"]) if args.total_episodes is None else args.total_episodes
+    if not args.batch_size <= num_pairs <= len(data["train"]):
+        raise ValueError(f"--total-episodes {args.total_episodes}: training takes at least one --batch-size "
+                         f"({args.batch_size}) and at most the {len(data['train'])} training pairs kept")
     num_updates = num_pairs // args.batch_size
-    if num_updates == 0:
-        raise ValueError(f"{len(train_dataset)} training pairs do not fill one --batch-size {args.batch_size}")
+    # one shuffle shared by all processes (the reference's DataLoader shuffle, synchronised by accelerate), each batch
+    # cut into disjoint per-process slices: num_updates x (batch_size / world_size) pair indices
+    local_batches = [rank_batch_indices(len(data["train"]), args.batch_size, update, rank, world_size, args.seed)
+                     for update in range(num_updates)]
+    print(f"[rank {rank}] trains on {num_updates * len(local_batches[0])} pairs in {num_updates} updates "
+          f"({num_pairs % args.batch_size} pairs left over); first pair indices {local_batches[0][:8]}", flush=True)
 
+    # 3. Policy and frozen reference, both the SFT model without dropout [D7]; AdamW, cosine to 0 without warm-up
     run_name = f"{args.exp_name}__{args.seed}__{int(time.time())}"
     output_dir = args.output_dir or os.path.join("runs", run_name)
     checkpoint = find_checkpoint(args, output_dir, world_size)
@@ -463,216 +449,154 @@ def main(args):
     seed_everything(args.seed + rank * 100003)
     logger = Logger(args, run_name, output_dir, rank, checkpoint)  # the first write into output_dir
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16 and device.type == "cuda")
-
-    # One shuffle shared by all processes, cut into disjoint per-rank slices (the reference's DataLoader shuffle,
-    # synchronised across processes by accelerate, does the same); the first num_pairs pairs of it train, one epoch.
-    perm = torch.randperm(len(train_dataset), generator=torch.Generator().manual_seed(args.seed))[:num_pairs]
-    local_batches = rank_batches(perm, args.batch_size, rank, world_size)  # num_updates x (batch_size / world_size)
-    local_indices = [i for batch in local_batches for i in batch]
-    print(f"[rank {rank}] trains on {len(local_indices)} pairs in {num_updates} updates "
-          f"({num_pairs - num_updates * args.batch_size} pairs left over); first pair indices {local_indices[:8]}",
-          flush=True)
-
-    def collate(dataset, indices):
-        """chosen, rejected (B, T) and the query lengths (B,) of the pairs at `indices`. Right-padded to the longest
-        query + response of the micro-batch (at most query_length + response_length): under causal attention the
-        trailing all-pad columns change nothing and only cost time."""
-        rows = dataset[indices]
-        length = max(len(q) + max(len(c), len(r)) for q, c, r in
-                     zip(rows["query_token"], rows["chosen_token"], rows["rejected_token"]))
-        assert length <= sequence_length, (length, sequence_length)
-        chosen, query_lengths = build_sequences(rows["query_token"], rows["chosen_token"], length, pad_token_id)
-        rejected, _ = build_sequences(rows["query_token"], rows["rejected_token"], length, pad_token_id)
-        return chosen.to(device), rejected.to(device), query_lengths.to(device), rows
-
-    def eval_shard(dataset):
-        """This process's contiguous shard of an evaluation set's indices."""
-        return torch.arange(len(dataset)).tensor_split(world_size)[rank].tolist()
-
-    def eval_longest(dataset):
-        """The largest shard's length (tensor_split's first shards are the longer ones)."""
-        return math.ceil(len(dataset) / world_size)
-
-    # Policy and frozen reference, both from the SFT checkpoint, dropout off [D7].
-    policy = load_policy(args.sft_model_path, tokenizer, device, args.sft_model_revision)
-    policy.train()
+    policy = load_policy(args.sft_model_path, tokenizer, device, args.sft_model_revision).train()
     if args.fsdp:  # sharded before the reference loads (two whole 6.9B models would not fit one GPU)
         shard_model(policy, args.bf16 and device.type == "cuda")  # its gradients are reduce-scattered
-    ref_model = load_policy(args.sft_model_path, tokenizer, device, args.sft_model_revision)
-    ref_model.eval().requires_grad_(False)
+    ref_model = load_policy(args.sft_model_path, tokenizer, device, args.sft_model_revision).requires_grad_(False)
+    ref_model.eval()
     if args.fsdp:
         shard_model(ref_model, args.bf16 and device.type == "cuda")
         print(f"[rank {rank}] FSDP holds {sum(p.to_local().numel() for p in policy.parameters())} of the "
               f"{sum(p.numel() for p in policy.parameters())} parameters", flush=True)
-
-    @torch.no_grad()
-    def reference_logprobs(dataset, indices):
-        chosen, rejected, query_lengths, _ = collate(dataset, indices)
-        with autocast:
-            ref_chosen, ref_rejected = concatenated_logprobs(ref_model, chosen, rejected, query_lengths, pad_token_id)
-        return ref_chosen.float(), ref_rejected.float()
-
-    precomputed = {}  # (split, dataset index) -> (ref_chosen, ref_rejected), filled only with --precompute-ref-logprobs
-    if args.precompute_ref_logprobs:
-        # The same micro-batches as training, so the numbers match the on-the-fly ones; then free the reference.
-        jobs = [("train", train_dataset, micro) for batch in local_batches
-                for micro in chunks(batch, args.local_micro_batch_size)]
-        jobs += [(split, ds, micro) for split, ds in eval_splits.items()  # with the evaluation's filler chunks
-                 for micro, _ in eval_chunks(eval_shard(ds), args.local_eval_batch_size, eval_longest(ds), 0)]
-        start_time = time.time()
-        for step, (split, dataset, micro) in enumerate(jobs, 1):
-            ref_chosen, ref_rejected = reference_logprobs(dataset, micro)
-            precomputed.update({(split, i): (c, r) for i, c, r in zip(micro, ref_chosen, ref_rejected)})
-            if rank == 0 and (step % 50 == 0 or step == len(jobs)):
-                progress("dpo: reference log-probs", step, len(jobs), start_time)
-        del ref_model
-        ref_model = None
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-
-    def get_reference(split, dataset, indices):
-        if ref_model is None:
-            ref = [precomputed[(split, i)] for i in indices]
-            return torch.stack([c for c, _ in ref]), torch.stack([r for _, r in ref])
-        return reference_logprobs(dataset, indices)
-
-    if world_size > 1 and not args.fsdp:
-        model = DDP(policy, device_ids=[device.index] if device.type == "cuda" else None)
-    else:
-        model = policy
+    ddp = world_size > 1 and not args.fsdp
+    model = DDP(policy, device_ids=[device.index] if device.type == "cuda" else None) if ddp else policy
     # weight decay 0.01 (torch default); fused kernel on CUDA (the same update up to rounding)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=args.lr, eps=args.eps, fused=device.type == "cuda")
-    scheduler = torch.optim.lr_scheduler.LambdaLR(  # cosine to 0 over the updates, no warm-up
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda update: 0.5 * (1.0 + math.cos(math.pi * update / num_updates)))
     first_update = 0
     full_state = StateDictOptions(full_state_dict=True, cpu_offload=True)  # whole tensors on CPU, sharded or not
     if checkpoint is not None:  # resume: weights, AdamW moments, schedule, random streams; the data position is the
-        set_state_dict(policy, optimizer, model_state_dict=checkpoint["model"],  # update counter (local_batches is
-                       optim_state_dict=checkpoint["optimizer"], options=full_state)  # fixed by --seed)
+        set_state_dict(policy, optimizer, model_state_dict=checkpoint["model"],  # update counter (rank_batch_indices
+                       optim_state_dict=checkpoint["optimizer"], options=full_state)  # is a function of it)
         scheduler.load_state_dict(checkpoint["scheduler"])
         first_update = checkpoint["update"]
         set_rng_states(checkpoint["rng"], rank)
         print(f"resumed from update {first_update} of {output_dir}/checkpoints", flush=True)
         del checkpoint
 
+    def pair_logprobs(net, split, indices):
+        """Sequence log-probs (b,), (b,) under `net` of the chosen and rejected responses of data[split][indices]."""
+        chosen, rejected, query_lengths = (t.to(device) for t in collate_pairs(data[split][indices], pad_token_id))
+        with autocast:
+            return concatenated_logprobs(net, chosen, rejected, query_lengths, pad_token_id)
+
+    @torch.no_grad()
+    def reference_logprobs(split, indices):
+        """The frozen reference's sequence log-probs (b,), (b,): precomputed, or a forward now."""
+        if ref_model is None:
+            return tuple(torch.stack([precomputed[split, i][k] for i in indices]) for k in (0, 1))
+        return pair_logprobs(ref_model, split, indices)
+
+    def eval_batches(items):
+        """This process's contiguous share of `items` in chunks, as many as on every process (eval_chunks)."""
+        share = math.ceil(len(items) / world_size)
+        filler = items[0] if items else None
+        return eval_chunks(items[rank * share: (rank + 1) * share], args.local_eval_batch_size, share, filler)
+
+    precomputed = {}  # (split, pair index) -> (ref_chosen, ref_rejected), with --precompute-ref-logprobs
+    if args.precompute_ref_logprobs:  # on the micro-batches of training and evaluation (the same numbers)
+        jobs = [("train", micro) for batch in local_batches for micro in chunks(batch, args.local_micro_batch_size)]
+        jobs += [(split, micro) for split in eval_splits for micro, _ in eval_batches(list(range(len(data[split]))))]
+        start_time = time.time()
+        for step, (split, micro) in enumerate(jobs, 1):
+            precomputed.update({(split, i): pair for i, pair in zip(micro, zip(*reference_logprobs(split, micro)))})
+            if rank == 0 and (step % 50 == 0 or step == len(jobs)):
+                progress("dpo: reference log-probs", step, len(jobs), start_time)
+        ref_model = None  # frees the reference
+
+    # 4. Train, one pass: per update the DPO loss of --batch-size pairs, in gradient_accumulation_steps micro-batches
+    #    per process; the gradients are reduced across processes on the last micro-batch only
     start_time = time.time()
-    for update, local_batch in enumerate(local_batches, 1):
-        if update <= first_update:
-            continue  # done before the checkpoint
-        micro_batches = chunks(local_batch, args.local_micro_batch_size)
-        assert len(micro_batches) == grad_accum, (len(micro_batches), grad_accum)
-        stats = torch.zeros(7, device=device)
-        for micro_step, micro in enumerate(micro_batches, 1):
-            chosen, rejected, query_lengths, _ = collate(train_dataset, micro)  # (b, T), (b, T), (b,)
-            ref_chosen, ref_rejected = get_reference("train", train_dataset, micro)  # (b,), (b,)
-            sync = micro_step == grad_accum or world_size == 1
-            if args.fsdp:  # FSDP: the same, by switching the reduce-scatter off
+    for update in range(first_update, num_updates):
+        stats = torch.zeros(len(TRAIN_METRICS), device=device)
+        for micro_step, micro in enumerate(chunks(local_batches[update], args.local_micro_batch_size), 1):
+            ref_chosen, ref_rejected = reference_logprobs("train", micro)  # (b,), (b,)
+            sync = micro_step == gradient_accumulation_steps
+            if args.fsdp:
                 policy.set_requires_gradient_sync(sync)
-            with contextlib.nullcontext() if sync or args.fsdp else model.no_sync():  # DDP: on the last micro-batch
-                with autocast:
-                    pi_chosen, pi_rejected = concatenated_logprobs(model, chosen, rejected, query_lengths, pad_token_id)
-                    loss, chosen_rewards, rejected_rewards = dpo_loss(pi_chosen, pi_rejected, ref_chosen, ref_rejected,
-                                                                      args.beta, args.loss_type, args.label_smoothing)
-                assert loss.dim() == 0, f"the loss must be a scalar, got shape {tuple(loss.shape)}"
-                (loss / grad_accum).backward()  # gradients averaged over micro-batches (and over ranks by DDP)
-            accuracy = preference_accuracy(chosen_rewards, rejected_rewards)
-            stats += torch.stack([loss.detach(), accuracy.mean(), chosen_rewards.mean(), rejected_rewards.mean(),
-                                  (chosen_rewards - rejected_rewards).mean(), pi_chosen.detach().mean(),
-                                  pi_rejected.detach().mean()]).float() / grad_accum
+            with model.no_sync() if ddp and not sync else contextlib.nullcontext():
+                pi_chosen, pi_rejected = pair_logprobs(model, "train", micro)  # (b,), (b,)
+                loss, chosen_rewards, rejected_rewards = dpo_loss(pi_chosen, pi_rejected, ref_chosen, ref_rejected,
+                                                                  args.beta, args.loss_type, args.label_smoothing)
+                (loss / gradient_accumulation_steps).backward()  # gradients averaged over micro-batches (and ranks)
+            stats += torch.stack([  # in the order of TRAIN_METRICS
+                loss.detach(), preference_accuracy(chosen_rewards, rejected_rewards).mean(), chosen_rewards.mean(),
+                rejected_rewards.mean(), (chosen_rewards - rejected_rewards).mean(), pi_chosen.detach().mean(),
+                pi_rejected.detach().mean()]) / gradient_accumulation_steps
         lr = scheduler.get_last_lr()[0]
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
 
-        if world_size > 1:
-            dist.all_reduce(stats)
-            stats /= world_size
-        check_finite("train/loss", stats[0], f"update {update}", dict(pair_indices=torch.tensor(local_batch)),
-                     output_dir, rank, world_size)
-        stats = stats.tolist()
-        metrics = {"train/loss": stats[0], "train/accuracy": stats[1], "train/reward_preferred": stats[2],
-                   "train/reward_rejected": stats[3], "train/reward_margin": stats[4], "train/lr": lr,
-                   "train/logps_chosen": stats[5], "train/logps_rejected": stats[6],
-                   "train/episode": update * args.batch_size}
-        logger.log(metrics, step=update)
+        # 5. Log the means over all processes, stop on a non-finite loss, checkpoint
+        stats = gather_mean(stats, world_size)
+        check_finite("train/rm/loss", stats[0], f"update {update + 1}",
+                     dict(pair_indices=torch.tensor(local_batches[update])), output_dir, rank, world_size)
+        metrics = {f"train/rm/{name}": value for name, value in zip(TRAIN_METRICS, stats.tolist())}
+        logger.log({**metrics, "train/rm/lr": lr, "train/episode": (update + 1) * args.batch_size}, step=update + 1)
         if rank == 0:
-            progress("dpo", update, num_updates, start_time, first_update, loss=stats[0], accuracy=stats[1],
-                     margin=stats[4], lr=lr)
-        if update == num_updates or (args.checkpoint_every and update % args.checkpoint_every == 0):
+            progress("dpo", update + 1, num_updates, start_time, first_update, loss=metrics["train/rm/loss"],
+                     accuracy=metrics["train/rm/accuracy"], margin=metrics["train/rm/reward_margin"], lr=lr)
+        if update + 1 == num_updates or (args.checkpoint_every and (update + 1) % args.checkpoint_every == 0):
             states = rng_states(world_size)  # every process takes part; rank 0 writes
             model_state, optimizer_state = get_state_dict(policy, optimizer, options=full_state)  # gathers FSDP shards
             if rank == 0:
-                save_checkpoint(output_dir, update, dict(
+                save_checkpoint(output_dir, update + 1, dict(
                     model=model_state, optimizer=optimizer_state, scheduler=scheduler.state_dict(),
-                    update=update, rng=states, args=asdict(args), run_name=run_name, **logger.state()),
+                    update=update + 1, rng=states, args=asdict(args), run_name=run_name, **logger.state()),
                     args.keep_checkpoints)
 
+    # 6. Save the policy and tokenizer (rank 0)
     policy_state = get_model_state_dict(policy, options=full_state)  # whole tensors, also under FSDP (a collective)
     if rank == 0:
         policy.save_pretrained(output_dir, state_dict=policy_state)
         tokenizer.save_pretrained(output_dir)
-        print(f"saved the policy and tokenizer to {output_dir}", flush=True)
 
+    # 7. Evaluate: the implicit-reward accuracy on each preference split (by split, batch and confidence), then
+    #    --eval-response-length tokens at temperature 0.01, cut after the first EOS, for the SFT validation posts
     if args.run_eval:
         policy.eval()
-        # 1. Implicit-reward accuracy on the preference validation splits, by split, batch and confidence.
-        for split, dataset in eval_splits.items():
-            rows = []
-            for micro, keep in eval_chunks(eval_shard(dataset), args.local_eval_batch_size, eval_longest(dataset), 0):
-                chosen, rejected, query_lengths, data = collate(dataset, micro)
-                ref_chosen, ref_rejected = get_reference(split, dataset, micro)
-                with torch.no_grad(), autocast:
-                    pi_chosen, pi_rejected = concatenated_logprobs(policy, chosen, rejected, query_lengths,
-                                                                   pad_token_id)
-                if not keep:
-                    continue
-                _, chosen_rewards, rejected_rewards = dpo_loss(pi_chosen.float(), pi_rejected.float(), ref_chosen,
-                                                               ref_rejected, args.beta, args.loss_type,
-                                                               args.label_smoothing)
-                accuracy = preference_accuracy(chosen_rewards, rejected_rewards)
-                for j in range(len(micro)):
-                    rows.append(dict(id=data["id"][j], query=data["query"][j], chosen=data["chosen"][j],
-                                     rejected=data["rejected"][j], reward_chosen=chosen_rewards[j].item(),
-                                     reward_rejected=rejected_rewards[j].item(), accuracy=accuracy[j].item(),
-                                     split=data["split"][j], batch=data["batch"][j],
-                                     confidence=data["confidence"][j]))
-            rows = gather_rows(rows, world_size)
-            if rank == 0 and rows:
+        torch.set_grad_enabled(False)  # evaluation only from here
+        for split in eval_splits:
+            rewards = []  # (chosen, rejected) of this process's pairs
+            for micro, keep in eval_batches(list(range(len(data[split])))):
+                _, chosen_rewards, rejected_rewards = dpo_loss(*pair_logprobs(policy, split, micro),
+                                                               *reference_logprobs(split, micro), args.beta,
+                                                               args.loss_type, args.label_smoothing)
+                rewards += list(zip(chosen_rewards.tolist(), rejected_rewards.tolist())) if keep else []
+            rewards = gather_rows(rewards, world_size)  # every pair's, in the dataset's order
+            if rank == 0 and rewards:
+                texts = data[split].remove_columns(["query_token", "chosen_token", "rejected_token"])
+                rows = [dict(pair, reward_chosen=chosen, reward_rejected=rejected)
+                        for pair, (chosen, rejected) in zip(texts, rewards, strict=True)]
                 metrics = accuracy_breakdown(rows, f"eval/{split}")
                 logger.log(metrics, step=num_updates)
-                logger.table(f"eval_{split}", [{k: v for k, v in r.items() if k != "accuracy"} for r in rows],
-                             output_dir)
-                print(f"eval/{split}: accuracy {metrics[f'eval/{split}/accuracy']:.4f} on {len(rows)} pairs",
-                      flush=True)
+                logger.table(f"eval_{split}", rows, output_dir)
+                print(f"eval/{split}: accuracy {metrics[f'eval/{split}/accuracy']:.4f} on {len(rows)} pairs")
 
-        # 2. Generations on the SFT validation posts: eval_response_length tokens at temperature 0.01, cut at EOS.
+        posts = [dict(id=row["id"], query=tokenize_query(tokenizer, row, args.query_length), reference=row["summary"])
+                 for row in query_dataset.select(range(len(query_dataset))[: args.num_eval_samples])]
         rows = []
-        shard = eval_shard(query_dataset)
-        for micro, keep in eval_chunks(shard, args.local_eval_batch_size, eval_longest(query_dataset), 0):
-            data = query_dataset[micro]
-            infos = [{k: data[k][j] for k in SFT_COLUMNS} for j in range(len(micro))]
-            query_tokens = [tokenize_query(tokenizer, info, args.query_length) for info in infos]
-            queries = torch.tensor([left_pad(q, args.query_length, pad_token_id) for q in query_tokens], device=device)
+        for batch, keep in eval_batches(posts):
+            queries = torch.tensor([left_pad(p["query"], args.query_length, pad_token_id) for p in batch])
             with autocast:
-                query_responses, _ = generate(policy, queries, pad_token_id, args.eval_response_length, 0.01)
-            if not keep:
-                continue
-            responses = truncate_response(eos_token_id, pad_token_id, query_responses[:, args.query_length:])  # (b, R)
+                query_responses, _ = generate(policy, queries.to(device), pad_token_id, args.eval_response_length, 0.01)
+            responses = query_responses[:, args.query_length:]  # (b, R)
             has_eos = (responses == eos_token_id).any(1)
-            response_tokens = torch.clamp(first_true_indices(responses == eos_token_id) + 1, max=responses.size(1))
-            for j, info in enumerate(infos):
-                rows.append(dict(id=info["id"], query=tokenizer.decode(query_tokens[j]),
-                                 response=tokenizer.decode(responses[j], skip_special_tokens=True),
-                                 reference=info["summary"], has_eos=bool(has_eos[j]),
-                                 response_tokens=int(response_tokens[j])))
+            response_tokens = torch.where(has_eos, first_true_indices(responses == eos_token_id) + 1, responses.size(1))
+            texts = tokenizer.batch_decode(truncate_response(eos_token_id, pad_token_id, responses),
+                                           skip_special_tokens=True)
+            rows += [dict(id=p["id"], query=tokenizer.decode(p["query"]), response=text, reference=p["reference"],
+                          has_eos=ended, response_tokens=n)
+                     for p, text, ended, n in zip(batch, texts, has_eos.tolist(), response_tokens.tolist()) if keep]
         rows = gather_rows(rows, world_size)
         if rank == 0 and rows:
             logger.log({"eval/generations/has_eos": sum(r["has_eos"] for r in rows) / len(rows),
                         "eval/generations/response_tokens": sum(r["response_tokens"] for r in rows) / len(rows)},
                        step=num_updates)
             logger.table("eval_generations", rows, output_dir)
-            print(f"eval_generations: {len(rows)} posts, "
-                  f"{sum(r['has_eos'] for r in rows)} ended with EOS", flush=True)
+            print(f"eval_generations: {len(rows)} posts, {sum(r['has_eos'] for r in rows)} ended with EOS", flush=True)
 
     if world_size > 1:
         dist.barrier()  # every process done with its collectives before any tears the group down (gloo can abort)

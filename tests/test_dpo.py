@@ -40,12 +40,12 @@ def test_response_mask_excludes_query_and_pad_and_includes_eos():
     ]
 
 
-def test_build_sequences_right_pads_and_keeps_query_lengths():
-    sequences, query_lengths = dpo.build_sequences([[5, 6], [5, 6, 7]], [[3, EOS], [EOS]], 6, PAD)
-    assert sequences.tolist() == [[5, 6, 3, EOS, PAD, PAD], [5, 6, 7, EOS, PAD, PAD]]
+def test_collate_pairs_right_pads_to_the_longest_and_keeps_query_lengths():
+    pairs = dict(query_token=[[5, 6], [5, 6, 7]], chosen_token=[[3, EOS], [EOS]], rejected_token=[[4, 4, 4, EOS], [EOS]])
+    chosen, rejected, query_lengths = dpo.collate_pairs(pairs, PAD)
+    assert chosen.tolist() == [[5, 6, 3, EOS, PAD, PAD], [5, 6, 7, EOS, PAD, PAD]]  # 6 = the longest, 2 + 4
+    assert rejected.tolist() == [[5, 6, 4, 4, 4, EOS], [5, 6, 7, EOS, PAD, PAD]]
     assert query_lengths.tolist() == [2, 3]
-    with pytest.raises(AssertionError):
-        dpo.build_sequences([[5, 6, 7]], [[3, 4, EOS]], 5, PAD)
 
 
 def test_sequence_logprobs_sums_the_response_tokens_only():
@@ -90,29 +90,38 @@ def test_loss_is_a_mean_not_a_sum():
     assert twice.item() == pytest.approx(one.item())
 
 
-def test_accuracy_counts_exact_ties_half():
+def test_accuracy_counts_an_exact_tie_zero():
     accuracy = dpo.preference_accuracy(torch.tensor([1.0, 0.0, 0.3]), torch.tensor([0.5, 0.0, 0.4]))
-    assert accuracy.tolist() == [1.0, 0.5, 0.0]
+    assert accuracy.tolist() == [1.0, 0.0, 0.0]
 
 
-def test_policy_equal_to_reference_gives_log2_and_accuracy_half(world):
+def test_accuracy_breakdown_counts_a_tie_zero_by_split_batch_and_confidence():
+    rows = [dict(reward_chosen=1.0, reward_rejected=0.5, split="valid1", batch="b1", confidence=9),
+            dict(reward_chosen=0.2, reward_rejected=0.2, split="valid1", batch="b2", confidence=None),  # a tie
+            dict(reward_chosen=0.0, reward_rejected=0.5, split="valid2", batch="b2", confidence=9)]
+    metrics = dpo.accuracy_breakdown(rows, "eval/x")
+    assert metrics == pytest.approx({
+        "eval/x/accuracy": 1 / 3, "eval/x/reward_margin": (0.5 + 0.0 - 0.5) / 3, "eval/x/accuracy/split/valid1": 0.5,
+        "eval/x/accuracy/split/valid2": 0.0, "eval/x/accuracy/batch/b1": 1.0, "eval/x/accuracy/batch/b2": 0.0,
+        "eval/x/accuracy/confidence/9": 0.5})
+
+
+def test_policy_equal_to_reference_gives_log2_and_accuracy_zero(world):
     tokenizer = dpo.load_tokenizer(str(world / "base_model"), "--sft-model-path")
     policy = dpo.load_policy(str(world / "base_model"), tokenizer, torch.device("cpu"))
     reference = dpo.load_policy(str(world / "base_model"), tokenizer, torch.device("cpu")).eval().requires_grad_(False)
     rows = datasets.load_dataset(str(world / "tldr_preference"), split="train").select(range(4))
     pairs = [dpo.tokenize_pair(tokenizer, row, 128, "openai", "x", 1919) for row in rows]
-    length = max(len(p["query_token"]) + max(len(p["chosen_token"]), len(p["rejected_token"])) for p in pairs)
-    chosen, query_lengths = dpo.build_sequences([p["query_token"] for p in pairs], [p["chosen_token"] for p in pairs],
-                                                length, tokenizer.pad_token_id)
-    rejected, _ = dpo.build_sequences([p["query_token"] for p in pairs], [p["rejected_token"] for p in pairs],
-                                      length, tokenizer.pad_token_id)
+    chosen, rejected, query_lengths = dpo.collate_pairs({k: [p[k] for p in pairs] for k in pairs[0]},
+                                                        tokenizer.pad_token_id)
     pi = dpo.concatenated_logprobs(policy, chosen, rejected, query_lengths, tokenizer.pad_token_id)
     with torch.no_grad():
         ref = dpo.concatenated_logprobs(reference, chosen, rejected, query_lengths, tokenizer.pad_token_id)
     assert (pi[0] < 0).all() and not torch.equal(pi[0], pi[1])  # real, different log-probs
     loss, chosen_rewards, rejected_rewards = dpo.dpo_loss(*pi, *ref, 0.05, "sigmoid", 0.0)
     assert loss.item() == pytest.approx(math.log(2), abs=1e-6)
-    assert dpo.preference_accuracy(chosen_rewards, rejected_rewards).tolist() == [0.5] * 4
+    assert torch.equal(chosen_rewards, rejected_rewards)  # every pair a tie: accuracy 0 (strict >)
+    assert dpo.preference_accuracy(chosen_rewards, rejected_rewards).tolist() == [0.0] * 4
     ipo, _, _ = dpo.dpo_loss(*pi, *ref, 0.05, "ipo", 0.0)
     assert ipo.item() == pytest.approx(1 / (2 * 0.05) ** 2, rel=1e-5)
     loss.backward()  # the policy gets gradients, the reference none
@@ -186,17 +195,10 @@ def test_preference_format_detection():
         dpo.preference_format(datasets.Dataset.from_list([dict(prompt="p", answer="a")]))
 
 
-def test_rank_batches_are_disjoint_and_cover_each_global_batch():
-    perm = torch.randperm(100, generator=torch.Generator().manual_seed(1))
-    shards = [dpo.rank_batches(perm, 32, rank, 4) for rank in range(4)]
-    assert all(len(s) == 3 for s in shards) and all(len(b) == 8 for s in shards for b in s)  # 4 pairs left over
-    for update in range(3):
-        together = [i for s in shards for i in s[update]]
-        assert together == perm[update * 32: (update + 1) * 32].tolist()
-    seen = [i for s in shards for b in s for i in b]
-    assert len(seen) == len(set(seen)) == 96
-    with pytest.raises(ValueError, match="not divisible"):
-        dpo.rank_batches(perm, 30, 0, 4)
+def test_rank_batch_indices_refuses_a_batch_that_does_not_split_over_the_processes():
+    # (disjoint, in the shared shuffle's order, last partial batch dropped: tests/test_sft.py)
+    with pytest.raises(ValueError, match="--batch-size over the number of processes: 30 is not divisible by 4"):
+        dpo.rank_batch_indices(100, 30, 0, 0, 4, seed=1)
 
 
 # ---------------------------------------------------------------- bad inputs -------------------------------------
@@ -242,15 +244,18 @@ def test_smoke_run_on_the_tiny_world(world, tmp_path):
     result = run_ok(*tiny_args(world, out, "--total-episodes", "256", "--num-eval-samples", "8"))
     assert "kept 512 of 512 pairs" in result.stdout
     metrics = read_jsonl(out / "metrics.jsonl")
-    train = [m for m in metrics if "train/loss" in m]
+    train = [m for m in metrics if "train/rm/loss" in m]
     assert len(train) == 8 and train[-1]["train/episode"] == 256
-    # the first update sees policy == reference: loss log 2, every pair a tie
-    assert train[0]["train/loss"] == pytest.approx(math.log(2), abs=1e-5) and train[0]["train/accuracy"] == 0.5
-    assert train[0]["train/lr"] == pytest.approx(3e-4) and train[-1]["train/lr"] < 0.05 * 3e-4  # cosine to 0
+    assert set(train[0]) == {"step", "train/episode", "train/rm/lr", *(f"train/rm/{k}" for k in dpo.TRAIN_METRICS)}
+    # the first update sees policy == reference: loss log 2, every pair a tie, which counts 0
+    assert train[0]["train/rm/loss"] == pytest.approx(math.log(2), abs=1e-5) and train[0]["train/rm/accuracy"] == 0.0
+    assert train[0]["train/rm/chosen_rewards"] == train[0]["train/rm/rejected_rewards"] == 0.0
+    assert train[0]["train/rm/lr"] == pytest.approx(3e-4) and train[-1]["train/rm/lr"] < 0.05 * 3e-4  # cosine to 0
     late = train[-6:]
-    assert sum(m["train/loss"] for m in late) / 6 < math.log(2) - 0.02
-    assert sum(m["train/reward_margin"] for m in late) / 6 > 0.05
-    assert all(m["train/logps_chosen"] < 0 for m in train)
+    assert sum(m["train/rm/loss"] for m in late) / 6 < math.log(2) - 0.02
+    assert sum(m["train/rm/reward_margin"] for m in late) / 6 > 0.05
+    assert sum(m["train/rm/accuracy"] for m in late) / 6 > 0.5
+    assert all(m["train/rm/logps_chosen"] < 0 for m in train)
     evals = {k: v for m in metrics for k, v in m.items() if k.startswith("eval/")}
     assert evals["eval/validation/accuracy"] > 0.55  # the implicit reward ranks held-out pairs above chance
     assert "eval/validation/accuracy/batch/batch11" in evals and "eval/validation/accuracy/confidence/9" in evals
@@ -279,8 +284,8 @@ def test_torchrun_two_processes_disjoint_shards(world, tmp_path):
     pattern = r"\[rank (\d)\] trains on 64 pairs .*first pair indices (\[[\d, ]+\])"
     shards = {int(m.group(1)): ast.literal_eval(m.group(2)) for m in re.finditer(pattern, result.stdout)}
     assert set(shards) == {0, 1} and not set(shards[0]) & set(shards[1])
-    train = [m for m in read_jsonl(out / "metrics.jsonl") if "train/loss" in m]
-    assert len(train) == 4 and train[0]["train/loss"] == pytest.approx(math.log(2), abs=1e-5)
+    train = [m for m in read_jsonl(out / "metrics.jsonl") if "train/rm/loss" in m]
+    assert len(train) == 4 and train[0]["train/rm/loss"] == pytest.approx(math.log(2), abs=1e-5)
     assert len(read_jsonl(out / "eval_validation.jsonl")) == 128  # both ranks' shards gathered
     assert len(read_jsonl(out / "eval_generations.jsonl")) == 4
     assert (out / "model.safetensors").exists()
