@@ -59,17 +59,13 @@ class Args:
     run_eval: bool = True
     """evaluate after training and save the evaluation tables"""
     bf16: bool = True
-    """bf16 autocast on CUDA, weights and log-softmax in fp32 (deviation: the reference trains in bf16 under
-    DeepSpeed); runs on CPU are always fp32"""
+    """bf16 autocast on CUDA, fp32 weights and log-softmax (deviation: the reference trains in pure bf16); CPU: fp32"""
     tf32: bool = False
-    """TF32 matrix products on CUDA (faster fp32 matmuls with a 10-bit mantissa: they change the numbers); off: full
-    fp32. No effect on CPU"""
+    """TF32 matmuls on CUDA (faster, a 10-bit mantissa: it changes the numbers); off: full fp32; no effect on CPU"""
     resume: bool = False
-    """continue the run in --output-dir from its newest complete checkpoint (same arguments; the result is the same
-    as an uninterrupted run's)"""
+    """continue the run in --output-dir from its newest checkpoint (same arguments, same result as without a stop)"""
     checkpoint_every: int = 100
-    """write a checkpoint (models, optimizer, schedule, random states, position) every this many updates (PPO: PPO
-    updates of --batch-size episodes; the others: optimizer updates), and at the end; 0 = at the end only"""
+    """checkpoint every N updates (PPO: PPO updates; the others: optimizer updates) and at the end; 0: the end only"""
     keep_checkpoints: int = 1
     """checkpoints kept in {output_dir}/checkpoints (the newest ones)"""
     # ---- end of the common block; then the script's model/data paths, lengths, batch sizes, optimiser, algorithm ----
