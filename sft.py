@@ -227,11 +227,11 @@ EVAL_SPLITS = {"validation": ("val/loss", "eval/"), "test": ("test/loss", "test/
 
 
 def check_args(args, world_size):
-    """Every numeric argument checked before anything loads; returns the gradient accumulation steps."""
-    for name in ["query_length", "response_length", "num_train_epochs", "batch_size", "local_micro_batch_size",
-                 "local_eval_batch_size", "total_episodes", "num_eval_samples"]:
-        if getattr(args, name) is not None and getattr(args, name) <= 0:  # None: total_episodes, num_eval_samples
-            raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    """Before anything loads: every integer argument positive (or None where allowed), except --seed and the checkpoint
+    settings; --fsdp only under torchrun. Returns the gradient accumulation steps."""
+    for name, value in vars(args).items():
+        if type(value) is int and value <= 0 and name not in ("seed", "checkpoint_every", "keep_checkpoints"):
+            raise ValueError(f"--{name.replace('_', '-')} must be positive, got {value}")
     if args.checkpoint_every < 0 or args.keep_checkpoints < 1:
         raise ValueError(f"--checkpoint-every must be >= 0 and --keep-checkpoints >= 1, got {args.checkpoint_every} "
                          f"and {args.keep_checkpoints}")
