@@ -71,50 +71,45 @@ class Args:
     sft_model_path: str = "cleanrl/EleutherAI_pythia-1b-deduped__sft__tldr"
     """SFT checkpoint (hub id or local folder): its backbone and tokenizer start the reward model [D10]"""
     sft_model_revision: Optional[str] = None
-    """branch, tag or commit of --sft-model-path on the hub (e.g. a run of the paper's release); None: the main
-    branch. Only for a hub id (a local folder has none)"""
+    """hub branch, tag or commit of --sft-model-path (e.g. a run of the paper's release); None: main; hub ids only"""
     label_dataset: str = "vwxyzjn/summarize_from_feedback_oai_preprocessing_1706381144"
     """preference pairs: OpenAI columns (info, summaries, choice, batch, split, extra) or prompt/chosen/rejected;
     split "train" trains, every other split is evaluated"""
     label_dataset_revision: Optional[str] = None
-    """branch, tag or commit of --label-dataset on the hub; None: the main branch. Only for a hub id (a local
-    folder has none)"""
+    """hub branch, tag or commit of --label-dataset; None: the main branch; not for a local folder"""
     query_dataset: str = "vwxyzjn/summarize_from_feedback_tldr_3_filtered"
     """SFT data (subreddit, title, post, summary); its train split's reference summaries set the bias [D15]"""
     query_dataset_revision: Optional[str] = None
-    """branch, tag or commit of --query-dataset on the hub; None: the main branch. Only for a hub id (a local
-    folder has none)"""
+    """hub branch, tag or commit of --query-dataset; None: the main branch; not for a local folder"""
     query_length: int = 512
     """maximum query length in tokens; longer TL;DR posts are cut at a newline [D2.2]"""
     response_length: int = 169
     """maximum preference response length in tokens, EOS included; pairs with a longer response are dropped"""
     total_episodes: Optional[int] = None
-    """number of training pairs to use (a random subset of the train split); None: all of them, one epoch"""
+    """training pairs (a random subset of the train split, one pass); None: all of them"""
     batch_size: int = 64
-    """pairs per optimizer update, summed over all devices"""
+    """pairs per optimizer update, over all processes (independent of the number of devices)"""
     local_micro_batch_size: int = 1
-    """pairs per device per forward/backward (2x sequences: chosen and rejected in one pass)"""
+    """pairs per process per forward/backward (2x sequences: chosen and rejected in one pass)"""
     local_eval_batch_size: int = 8
-    """pairs per device per forward in evaluation; reference summaries per forward in the normalisation"""
+    """pairs per process per evaluation forward; reference summaries per forward in the normalisation"""
     num_eval_samples: Optional[int] = None
     """pairs evaluated per validation split (the first ones); None: all"""
     cnndm_query_length: int = 1919
-    """query length in tokens of the CNN/DM rows (validation_cnndm), whose articles are cut at their last newline to
-    fit, as the reference (2047 - 128); --query-length applies to the TL;DR posts"""
+    """query length in tokens of the CNN/DM rows (validation_cnndm), articles cut at their last newline to fit, as the
+    reference's 2047 - 128; --query-length applies to the TL;DR posts"""
     num_normalization_samples: Optional[int] = None
-    """reference summaries of the query_dataset train split scored for the bias (the first ones); None: all"""
+    """reference summaries of the --query-dataset train split scored for the bias (the first ones); None: all"""
     lr: float = 3e-6
-    """learning rate of AdamW, decayed to 0 by a cosine over the updates, no warm-up"""
+    """AdamW learning rate at the first update; decays to 0 along a cosine, no warm-up"""
     eps: float = 1e-5
-    """epsilon of AdamW"""
+    """AdamW epsilon"""
     fsdp: bool = False
     """shard the model's parameters, gradients and AdamW states over the processes with PyTorch FSDP2 `fully_shard`
     instead of replicating them with DDP: for the 6.9B run (see README.md "Multi-GPU and memory"); needs torchrun"""
 
 
-# -------------------------------------------------------- helpers (copied verbatim from the common code) -------
-
-
+# -------------------------------------------------------- common helpers (copied verbatim) ---------------------
 def load_tokenizer(path, arg, revision=None):
     """Tokenizer (of `path` at `revision`) with a dedicated [PAD] token: EOS as pad would teach the policy never to
     stop. A tokenizer that already holds [PAD] (the hub's SFT checkpoints) keeps its id."""
@@ -168,6 +163,21 @@ STANDARD_COLUMNS = ["prompt", "chosen", "rejected"]  # the standard preference f
 QUERY_COLUMNS = ["subreddit", "title", "post", "summary"]
 
 
+def check_args(args, world_size):
+    """Before anything loads: every integer argument positive (or None where allowed), except --seed and the checkpoint
+    settings; --fsdp only under torchrun. Returns the gradient accumulation steps."""
+    for name, value in vars(args).items():
+        if type(value) is int and value <= 0 and name not in ("seed", "checkpoint_every", "keep_checkpoints"):
+            raise ValueError(f"--{name.replace('_', '-')} must be positive, got {value}")
+    if args.checkpoint_every < 0 or args.keep_checkpoints < 1:
+        raise ValueError(f"--checkpoint-every must be >= 0 and --keep-checkpoints >= 1, got {args.checkpoint_every} "
+                         f"and {args.keep_checkpoints}")
+    if args.fsdp and world_size == 1:
+        raise ValueError("--fsdp shards the model over processes: launch with torchrun --nproc-per-node N (N > 1)")
+    return exact_div(args.batch_size, args.local_micro_batch_size * world_size,
+                     f"--batch-size / (--local-micro-batch-size {args.local_micro_batch_size} x {world_size} processes)")
+
+
 def preference_format(dataset, arg="--label-dataset"):
     """'openai' (raw summarize_from_feedback columns) or 'standard' (prompt/chosen/rejected strings)."""
     if all(c in dataset.column_names for c in STANDARD_COLUMNS):
@@ -201,13 +211,12 @@ def tokenize_pairs(tokenizer, dataset, fmt, query_length, response_length, cnndm
     for index, row in enumerate(dataset):
         if fmt == "openai":
             info = row["info"]
-            if info.get("post") is None and info.get("article") is not None:
-                query_tokens = tokenize_article(tokenizer, info["article"], cnndm_query_length)
-            else:
-                query_tokens = tokenize_query(tokenizer, info, query_length)  # [D2.2]
+            cnndm = info.get("post") is None and info.get("article") is not None  # validation_cnndm
+            query_tokens = (tokenize_article(tokenizer, info["article"], cnndm_query_length) if cnndm
+                            else tokenize_query(tokenizer, info, query_length))  # [D2.2]
             chosen = row["summaries"][row["choice"]]["text"]  # OpenAI texts already begin with a space
             rejected = row["summaries"][1 - row["choice"]]["text"]
-            meta = dict(id=row["info"]["id"], split=row["split"], batch=row["batch"],
+            meta = dict(id=info["id"], split=row["split"], batch=row["batch"],
                         confidence=(row["extra"] or {}).get("confidence"))
         else:
             query_tokens = tokenizer.encode(row["prompt"])
@@ -227,12 +236,6 @@ def tokenize_pairs(tokenizer, dataset, fmt, query_length, response_length, cnndm
     return pairs, dropped
 
 
-def longest(pairs):
-    """Length of the longest query + response of `pairs`: batches are right-padded to it, not to query_length +
-    response_length; under causal attention the trailing all-pad columns change no output and only cost time."""
-    return max(len(s) for p in pairs for s in (p["query_chosen"], p["query_rejected"]))
-
-
 def pair_batch(pairs, length, pad_token_id):
     """(2B, length) token ids: the B chosen sequences then the B rejected ones, right-padded, for one forward."""
     chosen = [right_pad(p["query_chosen"], length, pad_token_id) for p in pairs]
@@ -240,25 +243,21 @@ def pair_batch(pairs, length, pad_token_id):
     return torch.cat([torch.tensor(chosen), torch.tensor(rejected)])
 
 
+def pair_rewards(model, pairs, pad_token_id, device):
+    """(chosen rewards (B,), rejected rewards (B,)) in one forward, read at the EOS [D12]. Right-padded to the longest
+    sequence, not to query_length + response_length: under causal attention trailing pad columns change no output."""
+    longest = max(len(s) for p in pairs for s in (p["query_chosen"], p["query_rejected"]))
+    query_responses = pair_batch(pairs, longest, pad_token_id).to(device)  # (2B, T)
+    _, scores, _ = get_reward(model, query_responses, pad_token_id, context_length=0)
+    return scores.float().chunk(2)
+
+
 def pairwise_loss_and_accuracy(chosen_rewards, rejected_rewards):
     """Bradley-Terry loss -log sigmoid(r_chosen - r_rejected) (Stiennon et al. 2020, eq. 1) and the share of pairs
-    with r_chosen > r_rejected, both averaged over the pairs."""
+    with r_chosen > r_rejected (a tie counts 0, as the reference), both averaged over the pairs."""
     loss = -F.logsigmoid(chosen_rewards - rejected_rewards).mean()
     accuracy = (chosen_rewards > rejected_rewards).float().mean()
     return loss, accuracy
-
-
-def rank_shard(batch_indices, rank, world_size):
-    """The rank's contiguous slice of one global batch: the slices of the ranks are disjoint and cover it."""
-    size = exact_div(len(batch_indices), world_size, "batch_size / world_size")
-    return batch_indices[rank * size : (rank + 1) * size]
-
-
-def train_shards(num_pairs, num_updates, batch_size, seed, rank, world_size):
-    """Per update, the pair indices this rank trains on. One shuffle shared by all ranks (the same seed
-    everywhere), as the reference's DataLoader shuffle once accelerate has synchronised it across processes."""
-    perm = torch.randperm(num_pairs, generator=torch.Generator().manual_seed(seed)).tolist()
-    return [rank_shard(perm[u * batch_size : (u + 1) * batch_size], rank, world_size) for u in range(num_updates)]
 
 
 def cosine_to_zero(num_updates):
@@ -267,13 +266,11 @@ def cosine_to_zero(num_updates):
 
 
 def eval_metrics(rows, split):
-    """Accuracy overall and broken down by the pairs' split, batch and labeller confidence; reward means."""
+    """Accuracy (a tie counts 0) overall and by the pairs' split, batch and labeller confidence; reward means."""
     correct = [float(r["reward_chosen"] > r["reward_rejected"]) for r in rows]
-    metrics = {
-        f"eval/{split}/accuracy": sum(correct) / len(rows),
-        f"eval/{split}/reward_chosen": sum(r["reward_chosen"] for r in rows) / len(rows),
-        f"eval/{split}/reward_rejected": sum(r["reward_rejected"] for r in rows) / len(rows),
-    }
+    metrics = {f"eval/{split}/accuracy": sum(correct) / len(rows),
+               f"eval/{split}/reward_chosen": sum(r["reward_chosen"] for r in rows) / len(rows),
+               f"eval/{split}/reward_rejected": sum(r["reward_rejected"] for r in rows) / len(rows)}
     for key in ["split", "batch", "confidence"]:
         groups = defaultdict(list)
         for row, c in zip(rows, correct):
@@ -308,28 +305,12 @@ def reference_summaries(rows, tokenizer, query_length, response_length):
     return queries, responses, dropped
 
 
-# ------------------------------------------------------------------ main ----------------------------------------
-
-
 def main(args):
     rank, world_size, device = init_distributed()
     torch.backends.cuda.matmul.fp32_precision = "tf32" if args.tf32 else "ieee"  # CUDA matmuls; no convolutions here
 
-    # ---- 0. check every argument and dataset before any model is loaded ----
-    for name in ["query_length", "response_length", "batch_size", "local_micro_batch_size", "local_eval_batch_size",
-                 "cnndm_query_length"]:
-        if getattr(args, name) <= 0:
-            raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    for name in ["total_episodes", "num_eval_samples", "num_normalization_samples"]:
-        if getattr(args, name) is not None and getattr(args, name) <= 0:
-            raise ValueError(f"--{name.replace('_', '-')} must be positive or None, got {getattr(args, name)}")
-    if args.checkpoint_every < 0 or args.keep_checkpoints < 1:
-        raise ValueError(f"--checkpoint-every must be >= 0 and --keep-checkpoints >= 1, got {args.checkpoint_every} "
-                         f"and {args.keep_checkpoints}")
-    if args.fsdp and world_size == 1:
-        raise ValueError("--fsdp shards the model over processes: launch with torchrun --nproc-per-node N (N > 1)")
-    gradient_accumulation_steps = exact_div(args.batch_size, args.local_micro_batch_size * world_size,
-                                            "--batch-size / (--local-micro-batch-size * number of processes)")
+    # 1. Check every argument and dataset before any model loads
+    gradient_accumulation_steps = check_args(args, world_size)
     check_model_path(args.sft_model_path, "--sft-model-path", args.sft_model_revision)
     tokenizer = load_tokenizer(args.sft_model_path, "--sft-model-path", args.sft_model_revision)
     pad_token_id = tokenizer.pad_token_id
@@ -340,47 +321,44 @@ def main(args):
     query_rows = load_data(args.query_dataset, "--query-dataset", "train", args.query_dataset_revision)
     check_columns(query_rows, QUERY_COLUMNS, f"--query-dataset {args.query_dataset}")
 
-    # ---- 1. tokenize: query + chosen and query + rejected, right-padded at batching [D12] ----
-    seq_length = args.query_length + args.response_length
+    # 2. Tokenize: query + chosen and query + rejected, right-padded at batching [D12]; the reference summaries of the
+    # SFT train split, scored after training for the bias [D15]
     pairs = {}
     for split in ["train"] + eval_splits:
         if len(label_splits[split]) == 0:
             raise ValueError(f"--label-dataset {args.label_dataset}: the {split!r} split is empty")
         fmt = preference_format(label_splits[split], f"--label-dataset {args.label_dataset} (split {split})")
-        pairs[split], dropped = tokenize_pairs(tokenizer, label_splits[split], fmt, args.query_length, args.response_length,
-                                              args.cnndm_query_length)
+        pairs[split], dropped = tokenize_pairs(tokenizer, label_splits[split], fmt, args.query_length,
+                                               args.response_length, args.cnndm_query_length)
         if rank == 0:
             print(f"{args.label_dataset} {split}: {len(pairs[split])} pairs ({fmt} format), {dropped} dropped "
                   f"for a response over --response-length {args.response_length} tokens")
-    num_train_pairs = len(pairs["train"]) if args.total_episodes is None else args.total_episodes
-    if num_train_pairs > len(pairs["train"]):
-        raise ValueError(f"--total-episodes {args.total_episodes} exceeds the {len(pairs['train'])} usable train pairs")
+    train = pairs["train"]
+    num_train_pairs = len(train) if args.total_episodes is None else args.total_episodes
     num_updates = num_train_pairs // args.batch_size
-    if num_updates == 0:
-        raise ValueError(f"--batch-size {args.batch_size} exceeds the {num_train_pairs} training pairs")
+    if num_train_pairs > len(train) or num_updates == 0:
+        raise ValueError(f"--total-episodes {args.total_episodes}, --batch-size {args.batch_size}: {len(train)} usable "
+                         f"train pairs allow 1 to {len(train) // args.batch_size} updates, one pass")
     if num_train_pairs % args.batch_size and rank == 0:
         print(f"{num_train_pairs % args.batch_size} training pairs left out: not a full batch of {args.batch_size}")
-    # the reference summaries of the SFT train split, scored after training for the bias [D15]
-    norm_rows = query_rows.select(range(min(args.num_normalization_samples or len(query_rows), len(query_rows))))
-    norm_queries, norm_responses, norm_dropped = reference_summaries(norm_rows, tokenizer, args.query_length,
-                                                                     args.response_length)
+    norm_queries, norm_responses, norm_dropped = reference_summaries(query_rows.take(
+        args.num_normalization_samples or len(query_rows)), tokenizer, args.query_length, args.response_length)
     if not norm_queries:
         raise ValueError(f"--query-dataset {args.query_dataset}: no reference summary fits --response-length")
     if rank == 0:
         print(f"{args.query_dataset} train: {len(norm_queries)} reference summaries for the normalisation, "
               f"{norm_dropped} dropped for being over --response-length {args.response_length} tokens")
 
-    # ---- 2. model: the SFT backbone without its LM head + a fresh scalar head [D10, D11], dropout off [D7] ----
+    # 3. Model: the SFT backbone without its LM head + a fresh scalar head [D10, D11], dropout off [D7]; AdamW (weight
+    # decay 0.01, no clipping), cosine to 0; a resumed run restores them and its random streams
     run_name = f"{args.exp_name}__{args.seed}__{int(time.time())}"
     output_dir = args.output_dir or os.path.join("runs", run_name)
     checkpoint = find_checkpoint(args, output_dir, world_size)
-    if checkpoint is not None:
-        run_name = checkpoint["run_name"]
+    run_name = run_name if checkpoint is None else checkpoint["run_name"]
     seed_everything(args.seed + rank * 100003)
     logger = Logger(args, run_name, output_dir, rank, checkpoint)  # the first write into output_dir
-    model = ScalarModel.from_backbone(args.sft_model_path, revision=args.sft_model_revision,
-                                      config=config_without_dropout(args.sft_model_path, args.sft_model_revision))
-    model = model.to(device)  # fp32 weights; [PAD] ids are replaced by 0 before the embedding, so no resize
+    config = config_without_dropout(args.sft_model_path, args.sft_model_revision)  # fp32, no resize: [PAD] ids -> 0
+    model = ScalarModel.from_backbone(args.sft_model_path, revision=args.sft_model_revision, config=config).to(device)
     if args.fsdp:  # every process drew its own head: take rank 0's (DDP does that itself), then shard
         for tensor in model.scalar_head.state_dict().values():  # the backbone is the same SFT checkpoint everywhere
             dist.broadcast(tensor, src=0)
@@ -388,65 +366,54 @@ def main(args):
         print(f"rank {rank}: FSDP holds {sum(p.to_local().numel() for p in model.parameters())} of the "
               f"{sum(p.numel() for p in model.parameters())} parameters", flush=True)
     ddp_model = DDP(model) if world_size > 1 and not args.fsdp else model  # DDP broadcasts rank 0's head to the others
-    # weight decay 0.01, no clipping; fused kernel on CUDA (the same update up to rounding)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, eps=args.eps, fused=device.type == "cuda")
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_to_zero(num_updates))
     autocast = dict(device_type=device.type, dtype=torch.bfloat16, enabled=args.bf16 and device.type == "cuda")
-    first_update = 0
     full_state = StateDictOptions(full_state_dict=True, cpu_offload=True)  # whole tensors on CPU, sharded or not
-    if checkpoint is not None:  # resume: weights, AdamW moments, schedule, random streams; the data position is the
-        set_state_dict(model, optimizer, model_state_dict=checkpoint["model"],  # update counter (train_shards is
-                       optim_state_dict=checkpoint["optimizer"], options=full_state)  # fixed by --seed)
+    first_update = 0 if checkpoint is None else checkpoint["update"]
+    if checkpoint is not None:  # the data position is the update counter (rank_batch_indices is a function of it)
+        set_state_dict(model, optimizer, model_state_dict=checkpoint["model"], optim_state_dict=checkpoint["optimizer"],
+                       options=full_state)
         scheduler.load_state_dict(checkpoint["scheduler"])
-        first_update = checkpoint["update"]
         set_rng_states(checkpoint["rng"], rank)
         print(f"resumed from update {first_update} of {output_dir}/checkpoints", flush=True)
         del checkpoint
+    # one pass over one shuffle shared by all processes, each global batch cut into disjoint per-process slices
+    batches = [rank_batch_indices(len(train), args.batch_size, u, rank, world_size, args.seed)
+               for u in range(num_updates)]
+    all_indices = gather_rows([i for batch in batches for i in batch], world_size)
+    assert len(set(all_indices)) == len(all_indices) == num_updates * args.batch_size, "the processes' pairs overlap"
+    print(f"[rank {rank}/{world_size}] trains on {len(all_indices) // world_size} pairs (first indices "
+          f"{batches[0][:4]}); the {world_size} shards are disjoint and cover {len(all_indices)} pairs", flush=True)
 
-    # ---- 3. one shared shuffle, each global batch split into disjoint per-rank slices (as the reference's) ----
-    shards = train_shards(len(pairs["train"]), num_updates, args.batch_size, args.seed, rank, world_size)
-    my_indices = [i for shard in shards for i in shard]
-    all_indices = gather_rows(my_indices, world_size)
-    assert len(set(all_indices)) == len(all_indices) == num_updates * args.batch_size, "rank shards overlap"
-    print(f"[rank {rank}/{world_size}] trains on {len(my_indices)} pairs (first indices {my_indices[:4]}); "
-          f"the {world_size} shards are disjoint and cover {len(all_indices)} pairs", flush=True)
-
-    # ---- 4. train: one epoch of Bradley-Terry updates, chosen and rejected in one forward pass ----
+    # 4. Train: Bradley-Terry updates, chosen and rejected in one forward [D12]
     start_time = time.time()
     ddp_model.train()
-    for update, shard in enumerate(shards, start=1):
-        if update <= first_update:
-            continue  # done before the checkpoint
-        sums = torch.zeros(4, device=device)  # loss, accuracy, reward_chosen, reward_rejected (sums of micro means)
-        micro_batches = [shard[i : i + args.local_micro_batch_size] for i in range(0, len(shard), args.local_micro_batch_size)]
-        assert len(micro_batches) == gradient_accumulation_steps
-        for m, micro in enumerate(micro_batches):
-            micro_pairs = [pairs["train"][i] for i in micro]
-            query_responses = pair_batch(micro_pairs, longest(micro_pairs), pad_token_id).to(device)  # (2b, T)
-            last = m == len(micro_batches) - 1
-            if args.fsdp:  # FSDP: the same, by switching the reduce-scatter off
+    for update in range(first_update + 1, num_updates + 1):
+        batch = batches[update - 1]
+        sums = torch.zeros(4, device=device)  # loss, accuracy, chosen and rejected rewards: sums of micro-batch means
+        for start in range(0, len(batch), args.local_micro_batch_size):
+            last = start + args.local_micro_batch_size == len(batch)
+            if args.fsdp:  # gradients reduced on the last micro-batch only (DDP: no_sync before it)
                 model.set_requires_gradient_sync(last)
-            with contextlib.nullcontext() if last or world_size == 1 or args.fsdp else ddp_model.no_sync():  # reduce once
+            with contextlib.nullcontext() if last or world_size == 1 or args.fsdp else ddp_model.no_sync():
+                micro = [train[i] for i in batch[start : start + args.local_micro_batch_size]]
                 with torch.autocast(**autocast):
-                    _, scores, _ = get_reward(ddp_model, query_responses, pad_token_id, context_length=0)  # at EOS [D12]
-                chosen_rewards, rejected_rewards = scores.float().chunk(2)  # (b,), (b,)
+                    chosen_rewards, rejected_rewards = pair_rewards(ddp_model, micro, pad_token_id, device)  # (b,) each
                 loss, accuracy = pairwise_loss_and_accuracy(chosen_rewards, rejected_rewards)  # Bradley-Terry
                 assert loss.dim() == 0
                 (loss / gradient_accumulation_steps).backward()
-            sums += torch.stack([loss.detach(), accuracy, chosen_rewards.mean().detach(), rejected_rewards.mean().detach()])
+            sums += torch.stack([loss, accuracy, chosen_rewards.mean(), rejected_rewards.mean()]).detach()
         lr = scheduler.get_last_lr()[0]
         optimizer.step()
         optimizer.zero_grad()
         scheduler.step()
-        means = sums / gradient_accumulation_steps
-        if world_size > 1:
-            dist.all_reduce(means)
-            means /= world_size
-        check_finite("train/loss", means[0], f"update {update}", dict(pair_indices=torch.tensor(shard)), output_dir,
+        means = gather_mean(sums / gradient_accumulation_steps, world_size)
+        check_finite("train/rm/loss", means[0], f"update {update}", dict(pair_indices=torch.tensor(batch)), output_dir,
                      rank, world_size)
-        loss, accuracy, reward_chosen, reward_rejected = means.tolist()
-        logger.log({"train/loss": loss, "train/accuracy": accuracy, "train/reward_chosen": reward_chosen,
-                    "train/reward_rejected": reward_rejected, "train/lr": lr,
+        loss, accuracy, chosen_reward, rejected_reward = means.tolist()
+        logger.log({"train/rm/loss": loss, "train/rm/accuracy": accuracy, "train/rm/chosen_rewards": chosen_reward,
+                    "train/rm/rejected_rewards": rejected_reward, "train/rm/lr": lr,
                     "train/episode": update * args.batch_size}, step=update)
         if rank == 0:
             progress("reward_model", update, num_updates, start_time, first_update, loss=loss, accuracy=accuracy, lr=lr)
@@ -455,28 +422,26 @@ def main(args):
             model_state, optimizer_state = get_state_dict(model, optimizer, options=full_state)  # gathers FSDP shards
             if rank == 0:
                 save_checkpoint(output_dir, update, dict(
-                    model=model_state, optimizer=optimizer_state, scheduler=scheduler.state_dict(),
-                    update=update, rng=states, args=asdict(args), run_name=run_name, **logger.state()),
-                    args.keep_checkpoints)
+                    model=model_state, optimizer=optimizer_state, scheduler=scheduler.state_dict(), update=update,
+                    rng=states, args=asdict(args), run_name=run_name, **logger.state()), args.keep_checkpoints)
 
-    # ---- 5. normalise [D15]: the reference summaries' mean score becomes the bias; padding check [D14] ----
+    # 5. Normalise [D15]: the reference summaries' mean score becomes the bias; left- vs right-padding check [D14]
     model.eval()
-    my_norm = list(range(rank, len(norm_queries), world_size))
     norm_scores, padding_diffs = [], []
     with torch.no_grad():
-        for idxs, keep in eval_chunks(my_norm, args.local_eval_batch_size, math.ceil(len(norm_queries) / world_size), 0):
-            right_padded = torch.tensor([right_pad(norm_queries[i] + norm_responses[i], seq_length, pad_token_id)
-                                         for i in idxs], device=device)  # (B, T), as in training
-            left_padded = torch.tensor([left_pad(norm_queries[i], args.query_length, pad_token_id)
+        for idxs, keep in eval_chunks(list(range(rank, len(norm_queries), world_size)), args.local_eval_batch_size,
+                                      math.ceil(len(norm_queries) / world_size), 0):
+            right_padded = torch.tensor([right_pad(norm_queries[i] + norm_responses[i], args.query_length
+                                                   + args.response_length, pad_token_id) for i in idxs], device=device)
+            left_padded = torch.tensor([left_pad(norm_queries[i], args.query_length, pad_token_id)  # as ppo_tldr.py
                                         + right_pad(norm_responses[i], args.response_length, pad_token_id)
-                                        for i in idxs], device=device)  # (B, T), as ppo_tldr.py scores
+                                        for i in idxs], device=device)  # (B, Q + R) both
             with torch.autocast(**autocast):
                 _, scores, _ = get_reward(model, right_padded, pad_token_id, context_length=0)
                 _, left_scores, _ = get_reward(model, left_padded, pad_token_id, context_length=args.query_length)
-            if not keep:
-                continue
-            norm_scores += scores.float().tolist()
-            padding_diffs.append((scores.float() - left_scores.float()).abs().max().item())
+            if keep:
+                norm_scores += scores.float().tolist()
+                padding_diffs.append((scores.float() - left_scores.float()).abs().max().item())
     bias, stats = normalization_stats(gather_rows(norm_scores, world_size))
     model.bias = bias  # every output now has the bias subtracted: reference summaries score 0 on average [D15]
     padding_diff = max(gather_rows(padding_diffs, world_size))
@@ -486,31 +451,21 @@ def main(args):
     if rank == 0:
         print(f"normalisation: bias {bias:.4g}, normalised mean {stats['mean']:.3g} std {stats['std']:.4g} "
               f"min {stats['min']:.4g} max {stats['max']:.4g}; left- vs right-padding max |diff| {padding_diff:.3g}")
-        model.save_pretrained(output_dir, state_dict=model_state)  # value_head format: backbone + head + bias, read by ppo_tldr.py
+        model.save_pretrained(output_dir, state_dict=model_state)  # value_head format, read by ppo_tldr.py
         tokenizer.save_pretrained(output_dir)
 
-    # ---- 6. evaluate every validation split (normalised rewards; deviation: the reference evaluates before the
-    # normalisation), one table row per pair ----
-    for split in eval_splits:
-        split_pairs = pairs[split][: args.num_eval_samples]
-        if not split_pairs:
-            if rank == 0:
-                print(f"eval {split}: no pair to evaluate (every pair was dropped)")
-            continue
-        mine, rows = split_pairs[rank::world_size], []
+    # 6. Evaluate every validation split with the normalised rewards (deviation: the reference evaluates before the
+    # normalisation), one table row per pair; a split whose pairs were all dropped (printed in step 2) is skipped
+    for split in [s for s in eval_splits if pairs[s]]:
+        split_pairs, rows = pairs[split][: args.num_eval_samples], []
         with torch.no_grad():
-            for batch, keep in eval_chunks(mine, args.local_eval_batch_size, math.ceil(len(split_pairs) / world_size),
-                                           split_pairs[0]):
+            for batch, keep in eval_chunks(split_pairs[rank::world_size], args.local_eval_batch_size,
+                                           math.ceil(len(split_pairs) / world_size), split_pairs[0]):
                 with torch.autocast(**autocast):
-                    _, scores, _ = get_reward(model, pair_batch(batch, longest(batch), pad_token_id).to(device),
-                                              pad_token_id, context_length=0)
-                if not keep:
-                    continue
-                chosen_rewards, rejected_rewards = scores.float().chunk(2)
-                for p, r_chosen, r_rejected in zip(batch, chosen_rewards.tolist(), rejected_rewards.tolist()):
-                    rows.append(dict(index=p["index"], id=p["id"], query=p["query"], chosen=p["chosen"],
-                                     rejected=p["rejected"], reward_chosen=r_chosen, reward_rejected=r_rejected,
-                                     split=p["split"], batch=p["batch"], confidence=p["confidence"]))
+                    chosen_rewards, rejected_rewards = pair_rewards(model, batch, pad_token_id, device)
+                rows += [dict({k: v for k, v in p.items() if k not in ("query_chosen", "query_rejected")},
+                              reward_chosen=c, reward_rejected=r)
+                         for p, c, r in zip(batch, chosen_rewards.tolist(), rejected_rewards.tolist()) if keep]
         rows = sorted(gather_rows(rows, world_size), key=lambda r: r["index"])
         metrics = eval_metrics(rows, split)
         logger.log(metrics, step=num_updates)

@@ -2,15 +2,10 @@
 """Supervised fine-tuning on TL;DR: next-token cross-entropy on query + reference summary [D9].
 
 Single GPU (hub defaults: Pythia-1B on vwxyzjn/summarize_from_feedback_tldr_3_filtered, batch 128, one epoch):
-
     python sft.py --output-dir models/sft_pythia-1b
-
 Multi-GPU (batch 128 stays global: 8 GPUs x micro-batch 16 x 1 accumulation step):
-
-    torchrun --nproc-per-node 8 sft.py --output-dir models/sft_pythia-1b --track
-
+    torchrun --nproc-per-node 8 sft.py --local-micro-batch-size 16 --output-dir models/sft_pythia-1b --track
 Offline tiny world (CPU, a random-init model, so a high learning rate and several epochs):
-
     python benchmark/offline_world.py --out-dir /tmp/world --size tiny
     HF_HUB_OFFLINE=1 python sft.py --base-model /tmp/world/base_model --query-dataset /tmp/world/tldr_sft \
         --query-length 128 --batch-size 32 --local-micro-batch-size 16 --lr 3e-3 --num-train-epochs 4 \
@@ -72,22 +67,18 @@ class Args:
     base_model: str = "EleutherAI/pythia-1b-deduped"
     """pretrained causal LM to fine-tune (hub id or local folder); its tokenizer gets a [PAD] token"""
     base_model_revision: Optional[str] = None
-    """branch, tag or commit of --base-model on the hub (e.g. a run of the paper's release); None: the main
-    branch. Only for a hub id (a local folder has none)"""
+    """hub branch, tag or commit of --base-model (e.g. a run of the paper's release); None: main; not for a folder"""
     query_dataset: str = "vwxyzjn/summarize_from_feedback_tldr_3_filtered"
-    """SFT dataset (hub id or local folder): TL;DR columns id, subreddit, title, post, summary, or prompt/completion
-    columns; splits train (trained on) and validation / test (evaluated)"""
+    """SFT data (hub id or local folder): TL;DR columns id, subreddit, title, post, summary, or prompt/completion;
+    splits train (trained on) and validation / test (evaluated)"""
     query_dataset_revision: Optional[str] = None
-    """branch, tag or commit of --query-dataset on the hub; None: the main branch. Only for a hub id (a local
-    folder has none)"""
+    """hub branch, tag or commit of --query-dataset; None: the main branch; not for a local folder"""
     query_length: int = 512
     """maximum query length in tokens; longer TL;DR posts are cut at newlines [D2.2], longer prompts are an error"""
     response_length: int = 53
-    """maximum response length in tokens, EOS included (longer references are dropped); also the number of
-    tokens generated at evaluation"""
+    """maximum response length in tokens, EOS included (longer references are dropped); tokens generated in eval"""
     total_episodes: Optional[int] = None
-    """number of training sequences (rounded down to whole batches), at most num_train_epochs passes over train;
-    None = all of those passes"""
+    """training sequences (rounded down to whole batches), at most num_train_epochs passes; None: all those passes"""
     num_train_epochs: int = 1
     """passes over the train split (reshuffled each epoch with seed + epoch)"""
     batch_size: int = 128
@@ -101,15 +92,13 @@ class Args:
     eps: float = 1e-5
     """AdamW epsilon"""
     fsdp: bool = False
-    """shard the model's parameters, gradients and AdamW states over the processes with PyTorch FSDP2 `fully_shard`
-    instead of replicating them with DDP: for the 6.9B run (see README.md "Multi-GPU and memory"); needs torchrun"""
+    """shard parameters, gradients and AdamW states over the processes (FSDP2 `fully_shard`) instead of replicating
+    them (DDP): for the 6.9B run (README.md "Multi-GPU and memory"); needs torchrun"""
     num_eval_samples: Optional[int] = None
     """evaluate on the first N rows (sequences) of validation and of test; None = the whole splits"""
 
 
 # -------------------------------------------------------- common helpers (copied verbatim) ---------------------
-
-
 def load_tokenizer(path, arg, revision=None):
     """Tokenizer (of `path` at `revision`) with a dedicated [PAD] token: EOS as pad would teach the policy never to
     stop. A tokenizer that already holds [PAD] (the hub's SFT checkpoints) keeps its id."""
@@ -234,21 +223,18 @@ EVAL_SPLITS = {"validation": ("val/loss", "eval/"), "test": ("test/loss", "test/
 
 
 def check_args(args, world_size):
-    """Every numeric argument checked before anything loads; returns the gradient accumulation steps."""
-    for name in ["query_length", "response_length", "num_train_epochs", "local_eval_batch_size"]:
-        if getattr(args, name) <= 0:
-            raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    for name in ["total_episodes", "num_eval_samples"]:
-        if getattr(args, name) is not None and getattr(args, name) <= 0:
-            raise ValueError(f"--{name.replace('_', '-')} must be positive (or None), got {getattr(args, name)}")
+    """Before anything loads: every integer argument positive (or None where allowed), except --seed and the checkpoint
+    settings; --fsdp only under torchrun. Returns the gradient accumulation steps."""
+    for name, value in vars(args).items():
+        if type(value) is int and value <= 0 and name not in ("seed", "checkpoint_every", "keep_checkpoints"):
+            raise ValueError(f"--{name.replace('_', '-')} must be positive, got {value}")
     if args.checkpoint_every < 0 or args.keep_checkpoints < 1:
         raise ValueError(f"--checkpoint-every must be >= 0 and --keep-checkpoints >= 1, got {args.checkpoint_every} "
                          f"and {args.keep_checkpoints}")
     if args.fsdp and world_size == 1:
         raise ValueError("--fsdp shards the model over processes: launch with torchrun --nproc-per-node N (N > 1)")
     return exact_div(args.batch_size, args.local_micro_batch_size * world_size,
-                     f"--batch-size / (--local-micro-batch-size {args.local_micro_batch_size} x {world_size} "
-                     f"processes)")
+                     f"--batch-size / (--local-micro-batch-size {args.local_micro_batch_size} x {world_size} processes)")
 
 
 def tokenize_example(tokenizer, row, query_length, prompt_completion):
@@ -274,25 +260,19 @@ def sft_loss(logits, query_responses, pad_token_id):
     return losses.sum(1), (shift_labels != -100).sum(1)
 
 
-def accumulate_gradients(model, examples, micro_size, pad_token_id, autocast, sharded=None):
-    """Backward of one update's loss over this process's `examples` (dicts of query and response token ids), in
-    micro-batches of `micro_size` right-padded to their longest sequence: the loss is the mean over the examples of
-    each sequence's token-mean cross-entropy, so every sequence weighs the same whatever the micro-batch size, as in
-    the reference's micro-batch 1 x 16 accumulation steps (one token mean over a micro-batch of several sequences
-    would weigh long ones more). Under DDP (`model` wrapped) or FSDP (`sharded`, the sharded module) gradients are
-    reduced on the last micro-batch only. Returns that loss, detached (this process's examples)."""
-    accumulation = exact_div(len(examples), micro_size, "this process's sequences per update over the micro-batch size")
+def accumulate_gradients(model, examples, micro_size, pad_token_id, autocast):
+    """Backward of one update's loss over this process's `examples` (dicts of query and response ids), in micro-batches
+    of `micro_size`: the mean over the examples of each sequence's token-mean loss, so each sequence weighs the same
+    whatever the micro-batch size, as in the reference's 1 x 16 accumulation steps [D9]. Returns it, detached."""
     loss_avg = torch.zeros((), device=next(model.parameters()).device)
-    for micro in range(accumulation):
-        batch = examples[micro * micro_size : (micro + 1) * micro_size]
-        # right-padded [D4, D5] to the micro-batch's longest sequence, not to 512 + 53: under causal attention the
-        # trailing all-pad columns change no output and only cost time
-        longest = max(len(e["query"]) + len(e["response"]) for e in batch)
+    for start in range(0, len(examples), micro_size):
+        batch = examples[start : start + micro_size]
+        longest = max(len(e["query"]) + len(e["response"]) for e in batch)  # trailing pad columns change no output
         query_responses = torch.tensor([right_pad(e["query"] + e["response"], longest, pad_token_id) for e in batch],
-                                       device=loss_avg.device)  # (B, <= Q + R)
-        sync = micro == accumulation - 1
-        if sharded is not None:  # FSDP: the reduce-scatter switched off before the last micro-batch
-            sharded.set_requires_gradient_sync(sync)
+                                       device=loss_avg.device)  # (B, <= Q + R), right-padded [D4, D5]
+        sync = start + micro_size >= len(examples)
+        if isinstance(model, FSDPModule):  # FSDP: the reduce-scatter switched off before the last micro-batch
+            model.set_requires_gradient_sync(sync)
         with nullcontext() if sync or not isinstance(model, DDP) else model.no_sync():  # DDP: all-reduce on the last
             with autocast:
                 loss_sums, num_tokens = sft_loss(forward(model, query_responses, pad_token_id).logits, query_responses,
@@ -302,18 +282,6 @@ def accumulate_gradients(model, examples, micro_size, pad_token_id, autocast, sh
             loss.backward()
         loss_avg += loss.detach()
     return loss_avg
-
-
-def ngrams(tokens, n):
-    """Counts of the n-grams of a token list."""
-    return Counter(tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1))
-
-
-def f_measure(matches, num_prediction, num_reference):
-    if matches == 0:
-        return 0.0
-    precision, recall = matches / num_prediction, matches / num_reference
-    return 2 * precision * recall / (precision + recall)
 
 
 def lcs_length(a, b):
@@ -328,55 +296,56 @@ def lcs_length(a, b):
 
 
 def rouge(prediction, reference):
-    """ROUGE-1, ROUGE-2 and ROUGE-L F-measures of one prediction, on lowercased whitespace tokens (deviation: the
-    reference uses the `rouge_score` package, which also strips punctuation)."""
+    """ROUGE-1, -2 and -L F-measures 2PR / (P + R) = 2 matches / (prediction + reference units) on lowercased whitespace
+    tokens (deviation: the reference uses the `rouge_score` package, which also strips punctuation)."""
     p, r = prediction.lower().split(), reference.lower().split()
     scores = {}
     for n in (1, 2):
-        p_ngrams, r_ngrams = ngrams(p, n), ngrams(r, n)
+        p_ngrams, r_ngrams = Counter(zip(*[p[i:] for i in range(n)])), Counter(zip(*[r[i:] for i in range(n)]))
         matches = sum((p_ngrams & r_ngrams).values())  # each n-gram counted at most as often as in the reference
-        scores[f"rouge{n}"] = f_measure(matches, sum(p_ngrams.values()), sum(r_ngrams.values()))
-    scores["rougeL"] = f_measure(lcs_length(p, r), len(p), len(r))
+        scores[f"rouge{n}"] = 2 * matches / (p_ngrams.total() + r_ngrams.total()) if matches else 0.0
+    lcs = lcs_length(p, r)
+    scores["rougeL"] = 2 * lcs / (len(p) + len(r)) if lcs else 0.0
     return scores
 
 
 @torch.no_grad()
-def evaluate(model, examples, tokenizer, args, device, rank, world_size):
-    """Loss over every non-pad token [D9] and generations of exactly response_length tokens at temperature 0.01,
-    cut after the first EOS [D23.2]; each rank takes one contiguous shard. Returns (loss, rows in dataset order)."""
+def evaluate(model, examples, split, tokenizer, args, device, rank, world_size):
+    """Loss over every non-pad token and ROUGE of generations at temperature 0.01 [D9] cut after the first EOS [D23.2],
+    each rank on one contiguous share. Returns (the split's metrics, its rows in dataset order)."""
     pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
-    shard = math.ceil(len(examples) / world_size)
-    local = examples[rank * shard:(rank + 1) * shard]
-    loss_stats = torch.zeros(2, device=device)  # sum of token losses, number of tokens (deviation: the reference
-    # averages each evaluation batch's token mean)
-    rows = []
-    for batch, keep in eval_chunks(local, args.local_eval_batch_size, shard, examples[0]):
+    share = math.ceil(len(examples) / world_size)
+    loss_stats, rows = torch.zeros(2, device=device), []  # sums of token losses and of tokens (deviation: the
+    # reference averages each evaluation batch's token mean)
+    for batch, keep in eval_chunks(examples[rank * share : (rank + 1) * share], args.local_eval_batch_size, share,
+                                   examples[0]):
         query_responses = torch.tensor([right_pad(e["query"] + e["response"], args.query_length + args.response_length,
                                                   pad) for e in batch], device=device)  # (B, Q + R)
         queries = torch.tensor([left_pad(e["query"], args.query_length, pad) for e in batch], device=device)  # (B, Q)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16 and device.type == "cuda"):
             loss_sum, num_tokens = sft_loss(forward(model, query_responses, pad).logits, query_responses, pad)
-            generated, _ = generate(model, queries, pad, args.response_length, temperature=0.01)  # [D9]
+            responses = generate(model, queries, pad, args.response_length, temperature=0.01)[0][:, args.query_length:]
         if not keep:
             continue
         loss_stats += torch.stack([loss_sum.sum(), num_tokens.sum().float()])
-        responses = generated[:, args.query_length:]  # (B, R)
-        has_eos = (responses == eos).any(dim=1)
-        response_tokens = torch.where(has_eos, first_true_indices(responses == eos) + 1, args.response_length)
+        ends = first_true_indices(responses == eos).tolist()  # the EOS positions; response_length where there is none
         texts = tokenizer.batch_decode(truncate_response(eos, pad, responses), skip_special_tokens=True)
-        for e, text, ended, n in zip(batch, texts, has_eos.tolist(), response_tokens.tolist()):
-            rows.append(dict(id=e["id"], query=tokenizer.decode(e["query"], skip_special_tokens=True), response=text,
-                             reference=e["reference"], has_eos=ended, response_tokens=n))
-    if world_size > 1:
-        dist.all_reduce(loss_stats)
-    return (loss_stats[0] / loss_stats[1]).item(), gather_rows(rows, world_size)
+        rows += [dict(id=e["id"], query=tokenizer.decode(e["query"], skip_special_tokens=True), response=text,
+                      reference=e["reference"], has_eos=end < args.response_length,
+                      response_tokens=min(end + 1, args.response_length)) for e, text, end in zip(batch, texts, ends)]
+    loss_stats, rows = gather_mean(loss_stats, world_size), gather_rows(rows, world_size)  # means: the same ratio
+    loss_name, prefix = EVAL_SPLITS[split]
+    scores = [dict(rouge(r["response"], r["reference"]), has_eos=r["has_eos"], response_tokens=r["response_tokens"])
+              for r in rows]
+    return {loss_name: (loss_stats[0] / loss_stats[1]).item(),
+            **{prefix + key: sum(s[key] for s in scores) / len(rows) for key in scores[0]}}, rows
 
 
 def main(args):
     rank, world_size, device = init_distributed()
     torch.backends.cuda.matmul.fp32_precision = "tf32" if args.tf32 else "ieee"  # CUDA matmuls; no convolutions here
 
-    # 0. Check every argument and the dataset's columns before any model loads
+    # 1. Check every argument and the dataset's columns before any model loads
     gradient_accumulation_steps = check_args(args, world_size)
     check_model_path(args.base_model, "--base-model", args.base_model_revision)
     dataset = load_data(args.query_dataset, "--query-dataset", revision=args.query_dataset_revision)
@@ -392,42 +361,36 @@ def main(args):
     if rank == 0 and args.run_eval and len(eval_splits) < len(EVAL_SPLITS):
         print(f"--query-dataset lacks {[s for s in EVAL_SPLITS if s not in eval_splits]}: evaluating {eval_splits}")
 
-    # 1. Tokenize: query [D2.2] + " " + summary + EOS [D3]; drop responses over response_length as the reference
+    # 2. Tokenize: query [D2.2] + " " + summary + EOS [D3]; drop longer responses (deviation: the reference cuts them)
     tokenizer = load_tokenizer(args.base_model, "--base-model", args.base_model_revision)
     data = {}
     for split in ["train"] + eval_splits:
-        rows = dataset[split]
-        if len(rows) == 0:
-            raise ValueError(f"--query-dataset {args.query_dataset}: the {split!r} split is empty")
-        if split != "train" and args.num_eval_samples is not None:
-            rows = rows.select(range(min(args.num_eval_samples, len(rows))))
-        examples = []
+        rows = dataset[split] if split == "train" else dataset[split].take(args.num_eval_samples or len(dataset[split]))
+        data[split] = []
         for i, row in enumerate(rows):
             query, response = tokenize_example(tokenizer, row, args.query_length, prompt_completion)
-            if len(response) <= args.response_length:  # deviation: the reference truncates (and loses the EOS)
-                examples.append(dict(id=row.get("id", str(i)), query=query, response=response,
-                                     reference=row["completion"] if prompt_completion else row["summary"]))
-        if not examples:
-            raise ValueError(f"{split}: no response fits in --response-length {args.response_length} tokens")
+            if len(response) <= args.response_length:
+                data[split].append(dict(id=row.get("id", str(i)), query=query, response=response,
+                                        reference=row["completion"] if prompt_completion else row["summary"]))
+        if not data[split]:
+            raise ValueError(f"--query-dataset {args.query_dataset}: of the {len(rows)} rows of the {split!r} split "
+                             f"(the split is empty if 0), none has a response within --response-length")
         if rank == 0:
-            print(f"{split}: {len(examples)} sequences; dropped {len(rows) - len(examples)} of {len(rows)} whose "
+            print(f"{split}: {len(data[split])} sequences; dropped {len(rows) - len(data[split])} of {len(rows)} whose "
                   f"response is longer than --response-length {args.response_length} tokens (EOS included)")
-        data[split] = examples
     train = data["train"]
-    updates_per_epoch = len(train) // args.batch_size
-    max_updates = args.num_train_epochs * updates_per_epoch
+    max_updates = args.num_train_epochs * (len(train) // args.batch_size)
     num_updates = max_updates if args.total_episodes is None else args.total_episodes // args.batch_size
     if not 1 <= num_updates <= max_updates:
         raise ValueError(f"--total-episodes {args.total_episodes} gives {num_updates} updates of --batch-size "
-                         f"{args.batch_size}; {len(train)} train sequences x --num-train-epochs "
-                         f"{args.num_train_epochs} allow between 1 and {max_updates}")
+                         f"{args.batch_size}; {len(train)} sequences x --num-train-epochs {args.num_train_epochs} "
+                         f"allow 1 to {max_updates}")
 
-    # 2. Model, optimizer, cosine schedule to 0 without warm-up [D9]
+    # 3. Model, AdamW, cosine schedule to 0 without warm-up [D9]; a resumed run restores them and its random streams
     run_name = f"{args.exp_name}__{args.seed}__{int(time.time())}"
     output_dir = args.output_dir or os.path.join("runs", run_name)
     checkpoint = find_checkpoint(args, output_dir, world_size)
-    if checkpoint is not None:
-        run_name = checkpoint["run_name"]
+    run_name = run_name if checkpoint is None else checkpoint["run_name"]
     seed_everything(args.seed + rank * 100003)
     logger = Logger(args, run_name, output_dir, rank, checkpoint)  # the first write into output_dir
     policy = load_policy(args.base_model, tokenizer, device, args.base_model_revision)
@@ -435,22 +398,17 @@ def main(args):
         shard_model(policy, args.bf16 and device.type == "cuda")
         print(f"rank {rank}: FSDP holds {sum(p.to_local().numel() for p in policy.parameters())} of the "
               f"{sum(p.numel() for p in policy.parameters())} parameters", flush=True)
-    if world_size > 1 and not args.fsdp:
-        model = DDP(policy, device_ids=[device.index] if device.type == "cuda" else None)
-    else:
-        model = policy
-    # Fused kernel on CUDA (the same update up to rounding)
+    ddp = world_size > 1 and not args.fsdp
+    model = DDP(policy, device_ids=[device.index] if device.type == "cuda" else None) if ddp else policy
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, eps=args.eps, fused=device.type == "cuda")
     scheduler = torch.optim.lr_scheduler.LambdaLR(  # lr factor 1 at the first update, 0 after the last [D9]
         optimizer, lambda u: 0.5 * (1.0 + math.cos(math.pi * u / num_updates)))
-    pad, micro_size = tokenizer.pad_token_id, args.local_micro_batch_size
-    first_update = 0
     full_state = StateDictOptions(full_state_dict=True, cpu_offload=True)  # whole tensors on CPU, sharded or not
-    if checkpoint is not None:  # resume: weights, AdamW moments, schedule, random streams; the data position is the
-        set_state_dict(policy, optimizer, model_state_dict=checkpoint["model"],  # update counter (rank_batch_indices
-                       optim_state_dict=checkpoint["optimizer"], options=full_state)  # is a function of it)
+    first_update = 0 if checkpoint is None else checkpoint["update"]
+    if checkpoint is not None:  # the data position is the update counter (rank_batch_indices is a function of it)
+        set_state_dict(policy, optimizer, model_state_dict=checkpoint["model"], optim_state_dict=checkpoint["optimizer"],
+                       options=full_state)
         scheduler.load_state_dict(checkpoint["scheduler"])
-        first_update = checkpoint["update"]
         set_rng_states(checkpoint["rng"], rank)
         print(f"resumed from update {first_update} of {output_dir}/checkpoints", flush=True)
         del checkpoint
@@ -458,52 +416,41 @@ def main(args):
         print(f"{num_updates} updates x {args.batch_size} sequences ({world_size} processes x "
               f"{gradient_accumulation_steps} micro-batches of {args.local_micro_batch_size}); output {output_dir}")
 
-    # 3. Train: the batch's mean of each sequence's token-mean loss over its non-pad tokens of query + response [D9]
+    # 4. Train: each update's loss is the mean over its sequences of their token-mean cross-entropy [D9]
     model.train()
     start_time = time.time()
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16 and device.type == "cuda")
-    for update in range(first_update, num_updates):
-        indices = rank_batch_indices(len(train), args.batch_size, update, rank, world_size, args.seed)
+    for update in range(first_update + 1, num_updates + 1):
+        indices = rank_batch_indices(len(train), args.batch_size, update - 1, rank, world_size, args.seed)
         lr = scheduler.get_last_lr()[0]
-        loss_avg = accumulate_gradients(model, [train[i] for i in indices], micro_size, pad, autocast,
-                                        policy if args.fsdp else None)
+        loss = accumulate_gradients(model, [train[i] for i in indices], args.local_micro_batch_size,
+                                    tokenizer.pad_token_id, autocast)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
-        if world_size > 1:
-            dist.all_reduce(loss_avg)
-            loss_avg /= world_size
-        check_finite("train/loss", loss_avg, f"update {update + 1}", dict(indices=torch.tensor(indices)), output_dir,
-                     rank, world_size)
-        episode = (update + 1) * args.batch_size
-        logger.log({"train/loss": loss_avg.item(), "train/lr": lr, "train/episode": episode}, step=update + 1)
+        loss = gather_mean(loss, world_size)
+        check_finite("train/sft/loss", loss, f"update {update}", dict(indices=torch.tensor(indices)), output_dir, rank,
+                     world_size)
+        episode = update * args.batch_size
+        logger.log({"train/sft/loss": loss.item(), "train/sft/lr": lr, "train/episode": episode}, step=update)
         if rank == 0:
-            progress("sft", update + 1, num_updates, start_time, first_update, loss=loss_avg.item(), lr=lr,
-                     episode=episode)
-        if update + 1 == num_updates or (args.checkpoint_every and (update + 1) % args.checkpoint_every == 0):
+            progress("sft", update, num_updates, start_time, first_update, loss=loss.item(), lr=lr, episode=episode)
+        if update == num_updates or (args.checkpoint_every and update % args.checkpoint_every == 0):
             states = rng_states(world_size)  # every process takes part; rank 0 writes
             model_state, optimizer_state = get_state_dict(policy, optimizer, options=full_state)  # gathers FSDP shards
             if rank == 0:
-                save_checkpoint(output_dir, update + 1, dict(
-                    model=model_state, optimizer=optimizer_state, scheduler=scheduler.state_dict(),
-                    update=update + 1, rng=states, args=asdict(args), run_name=run_name, **logger.state()),
-                    args.keep_checkpoints)
+                save_checkpoint(output_dir, update, dict(
+                    model=model_state, optimizer=optimizer_state, scheduler=scheduler.state_dict(), update=update,
+                    rng=states, args=asdict(args), run_name=run_name, **logger.state()), args.keep_checkpoints)
 
-    # 4. Save (rank 0), then evaluate: val/test loss, generations at temperature 0.01, ROUGE [D9]
+    # 5. Save (rank 0), then evaluate: val/test loss, generations at temperature 0.01, ROUGE [D9]
     policy_state = get_model_state_dict(policy, options=full_state)  # whole tensors, also under FSDP (a collective)
     if rank == 0:
         policy.save_pretrained(output_dir, state_dict=policy_state)
         tokenizer.save_pretrained(output_dir)
     policy.eval()
     for split in eval_splits:
-        loss, rows = evaluate(policy, data[split], tokenizer, args, device, rank, world_size)
-        loss_name, prefix = EVAL_SPLITS[split]
-        metrics = {loss_name: loss}
-        scores = [rouge(r["response"], r["reference"]) for r in rows]
-        for key in ["rouge1", "rouge2", "rougeL"]:
-            metrics[prefix + key] = sum(s[key] for s in scores) / len(rows)
-        metrics[prefix + "has_eos"] = sum(r["has_eos"] for r in rows) / len(rows)
-        metrics[prefix + "response_tokens"] = sum(r["response_tokens"] for r in rows) / len(rows)
+        metrics, rows = evaluate(policy, data[split], split, tokenizer, args, device, rank, world_size)
         logger.log(metrics, step=num_updates)
         logger.table(f"eval_{split}", rows, output_dir)
         if rank == 0:

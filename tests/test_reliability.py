@@ -231,7 +231,7 @@ def test_a_nan_loss_stops_sft_and_keeps_the_last_good_checkpoint(world, reward_m
     out = tmp_path / "run"
     result = run_script(*sft_command(world, reward_model, out, "--lr", "1e30", "--checkpoint-every", "1"))
     assert result.returncode != 0
-    assert "train/loss is NaN or inf at update 2" in result.stderr
+    assert "train/sft/loss is NaN or inf at update 2" in result.stderr
     assert checkpoints(out) == ["step_00000001"]
     assert (out / "nonfinite" / "rank0.pt").exists() and not (out / "model.safetensors").exists()
 

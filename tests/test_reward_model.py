@@ -141,19 +141,13 @@ def test_tokenize_pairs_standard_format(tokenizer):
 
 
 # ------------------------------------------------------------ sharding ---------------------------------------
-def test_train_shards_are_disjoint_and_share_one_shuffle():
-    num_pairs, num_updates, batch_size = 100, 6, 16
-    shards = [rm.train_shards(num_pairs, num_updates, batch_size, 7, rank, 2) for rank in range(2)]
-    single = rm.train_shards(num_pairs, num_updates, batch_size, 7, 0, 1)
-    for u in range(num_updates):
-        assert len(shards[0][u]) == len(shards[1][u]) == batch_size // 2
-        assert not set(shards[0][u]) & set(shards[1][u])
-        assert shards[0][u] + shards[1][u] == single[u]  # the same global batches whatever the number of ranks
-    used = [i for s in single for i in s]
-    assert len(set(used)) == len(used) == num_updates * batch_size  # one epoch: no pair seen twice
-    assert rm.train_shards(num_pairs, num_updates, batch_size, 8, 0, 1) != single
-    with pytest.raises(ValueError, match="batch_size / world_size"):
-        rm.rank_shard(list(range(16)), 0, 3)
+def test_rank_batch_indices_follow_the_seed_and_refuse_an_uneven_split():
+    """The plumbing block's per-process slicing, which reward_model.py trains with over one pass (its other properties:
+    tests/test_sft.py): another seed, another shuffle; a global batch the processes cannot split evenly is refused."""
+    single = [rm.rank_batch_indices(100, 16, u, 0, 1, 7) for u in range(6)]
+    assert single != [rm.rank_batch_indices(100, 16, u, 0, 1, 8) for u in range(6)]
+    with pytest.raises(ValueError, match="--batch-size over the number of processes: 16 is not divisible by 3"):
+        rm.rank_batch_indices(100, 16, 0, 0, 3, 7)
 
 
 # ------------------------------------------------------------ bad inputs -------------------------------------
@@ -187,12 +181,12 @@ def test_smoke_run_trains_normalises_and_saves(world, tmp_path):
                                "--local-eval-batch-size", "32", "--num-normalization-samples", "256"))
     assert "0 dropped" in result.stdout
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    train = [m for m in metrics if "train/loss" in m]
+    train = [m for m in metrics if "train/rm/loss" in m]
     assert len(train) == 16 and train[-1]["train/episode"] == 512  # 512 pairs / 32 per update
-    losses = [m["train/loss"] for m in train]
+    losses = [m["train/rm/loss"] for m in train]
     assert sum(losses[-4:]) / 4 < sum(losses[:4]) / 4 - 0.02  # the loss falls
-    assert train[0]["train/lr"] == pytest.approx(3e-4) and train[-1]["train/lr"] < 1e-5  # cosine to 0
-    final = {k: v for m in metrics if "train/loss" not in m for k, v in m.items()}
+    assert train[0]["train/rm/lr"] == pytest.approx(3e-4) and train[-1]["train/rm/lr"] < 1e-5  # cosine to 0
+    final = {k: v for m in metrics if "train/rm/loss" not in m for k, v in m.items()}
     assert abs(final["normalization/mean"]) < 1e-6 and final["normalization/std"] > 0
     assert final["eval/left_right_padding_diff"] < 1e-4  # [D14]: numerical only
     for split, n in [("validation", 128), ("validation_cnndm", 32)]:
@@ -231,7 +225,7 @@ def test_torchrun_two_processes(world, tmp_path):
         firsts[rank] = {int(i) for i in first.split(",")}
     assert set(firsts) == {"0", "1"} and not firsts["0"] & firsts["1"]
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert sum("train/loss" in m for m in metrics) == 2  # 64 pairs / 32 per update, logged once (rank 0)
+    assert sum("train/rm/loss" in m for m in metrics) == 2  # 64 pairs / 32 per update, logged once (rank 0)
     assert len((out / "eval_validation.jsonl").read_text().splitlines()) == 8  # both ranks' rows, gathered
     assert (out / "value_head.json").exists()
 

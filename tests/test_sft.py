@@ -249,14 +249,14 @@ def test_smoke_loss_falls_and_outputs_load(smoke_run):
     out, result = smoke_run
     assert "[sft] 20/20 | loss" in result.stdout and "ETA" in result.stdout
     metrics = read_jsonl(out / "metrics.jsonl")
-    train = [m for m in metrics if "train/loss" in m]
+    train = [m for m in metrics if "train/sft/loss" in m]
     assert [m["train/episode"] for m in train] == [32 * (i + 1) for i in range(20)]
-    assert train[-1]["train/lr"] < train[0]["train/lr"] == pytest.approx(3e-3)  # cosine decay
-    assert train[-1]["train/loss"] < train[0]["train/loss"] - 1.5  # from ~log(vocab) = 6.6 (4.3 after 20 updates)
+    assert train[-1]["train/sft/lr"] < train[0]["train/sft/lr"] == pytest.approx(3e-3)  # cosine decay
+    assert train[-1]["train/sft/loss"] < train[0]["train/sft/loss"] - 1.5  # from ~log(vocab) = 6.6 (4.3 after 20 updates)
     final = metrics[-2] | metrics[-1]
     for key in ["val/loss", "test/loss", "eval/rouge1", "eval/rouge2", "eval/rougeL", "test/rougeL"]:
         assert math.isfinite(final[key]), key
-    assert final["val/loss"] < train[0]["train/loss"] - 1.5
+    assert final["val/loss"] < train[0]["train/sft/loss"] - 1.5
     model = AutoModelForCausalLM.from_pretrained(out)
     tokenizer = AutoTokenizer.from_pretrained(out)
     assert tokenizer.pad_token == "[PAD]" and model.config.hidden_dropout == 0.0
@@ -282,7 +282,7 @@ def test_torchrun_two_processes_match_one(world, smoke_run, tmp_path):
     one, two = read_jsonl(single / "metrics.jsonl"), read_jsonl(out / "metrics.jsonl")
     assert len(one) == len(two)
     for a, b in zip(one, two):
-        for key in ["train/loss", "val/loss", "test/loss"]:
+        for key in ["train/sft/loss", "val/loss", "test/loss"]:
             if key in a:
                 assert b[key] == pytest.approx(a[key], rel=1e-5), (a["step"], key)  # seen: 1e-7
     weights_one = AutoModelForCausalLM.from_pretrained(single).state_dict()
