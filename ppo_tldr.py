@@ -28,7 +28,6 @@ from typing import Literal, Optional
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn as nn
 import torch.nn.functional as F
 import tyro
 from datasets import load_dataset
@@ -326,8 +325,8 @@ def length_groups(queries, chunk_size, pad_token_id, group_by_length):
 
 def left_padded_queries(tokenizer, rows, query_length):
     """(N, Q) token ids of the rows' queries [D2.2], left-padded."""
-    return torch.tensor([left_pad(tokenize_query(tokenizer, r, query_length), query_length, tokenizer.pad_token_id)
-                         for r in rows])
+    pad = tokenizer.pad_token_id
+    return torch.tensor([left_pad(tokenize_query(tokenizer, r, query_length), query_length, pad) for r in rows])
 
 
 def masked_mean(values, mask, axis=None):
@@ -505,8 +504,7 @@ def check_inputs(args, world_size):
         if len(dataset[split]) == 0:
             raise ValueError(f"--query-dataset {args.query_dataset}: the {split!r} split is empty")
     if len(dataset["train"]) < args.batch_size:
-        raise ValueError(f"--query-dataset train has {len(dataset['train'])} posts, fewer than one --batch-size "
-                         f"{args.batch_size}")
+        raise ValueError(f"--query-dataset train: {len(dataset['train'])} posts, fewer than one --batch-size {args.batch_size}")
     tokenizer = load_tokenizer(args.sft_model_path, "--sft-model-path", args.sft_model_revision)
     if not cached_file(args.reward_model_path, "tokenizer_config.json", revision=args.reward_model_revision,
                        _raise_exceptions_for_missing_entries=False, _raise_exceptions_for_connection_errors=False):
@@ -523,7 +521,7 @@ def check_inputs(args, world_size):
     return dataset, tokenizer, gradient_accumulation_steps, args.total_episodes // args.batch_size
 
 
-class PolicyAndValueWrapper(nn.Module):
+class PolicyAndValueWrapper(torch.nn.Module):
     """Separate policy and value networks [PPO.separate_value] as one module: one optimizer and one DDP over both."""
 
     def __init__(self, policy, value_model):
@@ -563,7 +561,8 @@ def ppo_update(model, optimizer, rollout, args, pad_token_id, gradient_accumulat
                     new_logprobs = torch.masked_fill(new_logprobs, mb["padding_mask"], INVALID_LOGPROB)  # [PPO.eos_mask]
                     vpred = torch.masked_fill(vpred_temp[:, -response_length - 1 : -1].float(), mb["padding_mask_p1"], 0)
                     # [PPO.value_loss] clipped around the rollout's values
-                    vpredclipped = torch.clamp(vpred, mb["values"] - args.cliprange_value, mb["values"] + args.cliprange_value)
+                    low, high = mb["values"] - args.cliprange_value, mb["values"] + args.cliprange_value
+                    vpredclipped = torch.clamp(vpred, low, high)
                     vf_losses1 = torch.square(vpred - mb["returns"])
                     vf_losses2 = torch.square(vpredclipped - mb["returns"])
                     vf_loss = 0.5 * masked_mean(torch.max(vf_losses1, vf_losses2), ~mb["padding_mask_p1"])
@@ -581,13 +580,13 @@ def ppo_update(model, optimizer, rollout, args, pad_token_id, gradient_accumulat
                     optimizer.zero_grad()
                     optimizer_steps += 1
                 with torch.no_grad():  # statistics over valid tokens only (deviation: the reference's were unmasked)
-                    valid, valid_p1 = ~mb["padding_mask"], ~mb["padding_mask_p1"]
+                    valid = ~mb["padding_mask"]
                     entropy = torch.logsumexp(logits, dim=-1) - torch.sum(F.softmax(logits, dim=-1) * logits, dim=-1)
-                    stats.append(dict(approxkl=0.5 * masked_mean(logprobs_diff**2, valid), pg_loss=pg_loss.detach(),
-                                      pg_clipfrac=masked_mean((pg_losses2 > pg_losses).float(), valid),
-                                      vf_loss=vf_loss.detach(), vf_clipfrac=masked_mean((vf_losses2 > vf_losses1).float(),
-                                                                                        valid_p1),
-                                      entropy=masked_mean(entropy, valid), ratio=masked_mean(ratio, valid)))
+                    stats.append(dict(
+                        approxkl=0.5 * masked_mean(logprobs_diff**2, valid), pg_loss=pg_loss.detach(),
+                        pg_clipfrac=masked_mean((pg_losses2 > pg_losses).float(), valid), vf_loss=vf_loss.detach(),
+                        vf_clipfrac=masked_mean((vf_losses2 > vf_losses1).float(), ~mb["padding_mask_p1"]),
+                        entropy=masked_mean(entropy, valid), ratio=masked_mean(ratio, valid)))
                 del output, vpred_temp, logits, new_logprobs, loss
     shape = (args.num_ppo_epochs, args.num_mini_batches, gradient_accumulation_steps)
     return {k: torch.stack([s[k] for s in stats]).reshape(shape) for k in stats[0]}, optimizer_steps
@@ -624,7 +623,8 @@ def main(args):
 
     reward_source = (args.reward_model_path, args.reward_model_revision, config_without_dropout)
     reward_model = setup_model(ScalarModel.from_pretrained(*reward_source).to(device), trained=False)
-    bias, bias_stats, bias_source = reward_model.bias, None, "stored" if reward_model.has_stored_bias else "none stored"
+    bias, bias_stats = reward_model.bias, None
+    bias_source = "stored" if reward_model.has_stored_bias else "none stored, not computed"
     if checkpoint is not None and "reward_bias" in checkpoint:
         bias, bias_source = checkpoint["reward_bias"], "the resumed run's"
     elif not reward_model.has_stored_bias and args.compute_missing_bias:  # [D15] as reward_model.py sets it
@@ -760,8 +760,8 @@ def main(args):
             "objective/scores": scores.mean(),
             "objective/validation_score": validation_score.mean(),
             **{f"ppo/{name}": stats[key].mean() for name, key in [
-                ("policy/approxkl_avg", "approxkl"), ("policy/clipfrac_avg", "pg_clipfrac"), ("policy/entropy_avg", "entropy"),
-                ("loss/policy_avg", "pg_loss"), ("loss/value_avg", "vf_loss"), ("val/clipfrac_avg", "vf_clipfrac"),
+                ("policy/approxkl_avg", "approxkl"), ("policy/clipfrac_avg", "pg_clipfrac"), ("loss/policy_avg", "pg_loss"),
+                ("loss/value_avg", "vf_loss"), ("val/clipfrac_avg", "vf_clipfrac"), ("policy/entropy_avg", "entropy"),
                 ("val/ratio", "ratio")]},
             "ppo/val/ratio_var": stats["ratio"].var(unbiased=False),
         }.items()}
