@@ -204,6 +204,8 @@ def test_smoke_run_saves_a_loadable_policy_and_counts_optimizer_steps(world, rew
     (["--kl-horizon", "0"], "--kl-horizon must be positive"),
     (["--local-eval-batch-size", "100000"], "--local-eval-batch-size 100000 x 1 process"),
     (["--sample-table-every", "-1"], "--sample-table-every must be >= 0"),
+    (["--num-eval-samples", "0"], "--num-eval-samples must be positive"),
+    (["--keep-checkpoints", "0"], "--keep-checkpoints must be positive"),
 ])
 def test_bad_arguments_fail_before_loading_models(world, reward_model, tmp_path, monkeypatch, extra, message):
     out = tmp_path / "run"
@@ -479,6 +481,28 @@ def test_validation_prompts_are_distinct_across_processes_and_the_same_every_upd
         validation_indices(10, 3, 0, 4)
     with pytest.raises(ValueError, match="--local-eval-batch-size 0"):
         validation_indices(10, 0, 0, 1)
+
+
+def test_truncate_and_score_reads_the_truncated_text_and_replaces_a_missing_eos(world, reward_model):
+    """Rollout step 3 [D23.2, D23.3]: the response is cut after its first EOS and the reward model scores query +
+    truncated text; a response without EOS gets --missing-eos-score, or keeps its score when that is None."""
+    from ppo_tldr import load_tokenizer, truncate_and_score
+
+    from value_head import ScalarModel, get_reward
+
+    tokenizer = load_tokenizer(str(world / "base_model"), "--sft-model-path")
+    pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
+    scorer = ScalarModel.from_pretrained(str(reward_model)).eval()
+    query = torch.tensor([[pad, 5, 6], [7, 8, 9]])
+    response = torch.tensor([[10, eos, 11, 12], [10, 11, 12, 13]])
+    with torch.no_grad():
+        truncated, score = truncate_and_score(scorer, query, response, tokenizer, -1.0)
+        _, kept = truncate_and_score(scorer, query, response, tokenizer, None)
+        expected = get_reward(scorer, torch.cat([query, truncated], 1), pad, 3)[1]
+    assert truncated.tolist() == [[10, eos, pad, pad], [10, 11, 12, 13]]
+    assert score[0].item() == pytest.approx(expected[0].item(), abs=1e-5) and score[1].item() == -1.0
+    assert kept.tolist() == pytest.approx(expected.tolist(), abs=1e-5)
+    assert expected[1].item() != -1.0
 
 
 # ---------------------------------------------------------------- savings: the same numbers ----------------------
