@@ -1,4 +1,5 @@
 import json
+import math
 import os
 import runpy
 import sys
@@ -398,6 +399,42 @@ def _update(model, wrapper, rollout, micro_batch_size, accumulation, pad_token_i
     stats, steps = ppo_update(model, optimizer, rollout, args, pad_token_id, accumulation, contextlib.nullcontext())
     assert steps == 1
     return stats
+
+
+class FixedOutputs(torch.nn.Module):
+    """Stands in for PolicyAndValueWrapper: the same logits (1, T, V) and values (1, T) whatever the input."""
+
+    def __init__(self, logits, values):
+        super().__init__()
+        self.logits, self.values = torch.nn.Parameter(logits), torch.nn.Parameter(values)
+
+    def forward(self, input_ids, attention_mask, position_ids, use_cache=False, logits_to_keep=0):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(logits=self.logits[:, -logits_to_keep:]), self.values
+
+
+def test_clipped_policy_and_value_losses_by_hand():
+    """[PPO.policy_loss] [PPO.value_loss] on one episode of 3 response tokens, the third after the EOS (masked). Uniform
+    logits over 3 tokens: every new log-prob is log(1/3). Token 0: old log-prob log(1/3) - log(1.5), so ratio 1.5,
+    advantage 1: -1.5 clipped to -1.2. Token 1: ratio 1, advantage -2: 2. pg_loss = (-1.2 + 2) / 2 = 0.4. Values:
+    vpred 0.5 (old 0, clipped to 0.2, return 1: max(0.25, 0.64) = 0.64) and 1.0 (old 1.1, return 0: 1 either way);
+    vf_loss = 0.5 * (0.64 + 1) / 2 = 0.41. The masked token's huge advantage and return count for nothing."""
+    model = FixedOutputs(torch.zeros(1, 1 + 3, 3), torch.tensor([[0.5, 1.0, 7.0, 9.0]]))
+    third = math.log(1 / 3)
+    rollout = dict(query_responses=torch.tensor([[5, 0, 1, 2]]), responses=torch.tensor([[0, 1, 2]]),
+                   logprobs=torch.tensor([[third - math.log(1.5), third, INVALID_LOGPROB]]),
+                   values=torch.tensor([[0.0, 1.1, 0.0]]), returns=torch.tensor([[1.0, 0.0, 100.0]]),
+                   advantages=torch.tensor([[1.0, -2.0, 100.0]]), padding_mask=torch.tensor([[False, False, True]]),
+                   padding_mask_p1=torch.tensor([[False, False, True]]))
+    stats = {k: v.item() for k, v in _update(model, model, rollout, 1, 1).items()}
+    assert stats["pg_loss"] == pytest.approx(0.4, rel=1e-5)
+    assert stats["pg_clipfrac"] == 0.5
+    assert stats["vf_loss"] == pytest.approx(0.41, rel=1e-5)
+    assert stats["vf_clipfrac"] == 0.5
+    assert stats["ratio"] == pytest.approx(1.25, rel=1e-5)
+    assert stats["approxkl"] == pytest.approx(0.5 * math.log(1.5) ** 2 / 2, rel=1e-5)
+    assert stats["entropy"] == pytest.approx(math.log(3), rel=1e-5)
 
 
 def _update_in_a_process_group(rank, world_size, port, mode, model_path, rollout, results):
