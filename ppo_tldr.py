@@ -28,7 +28,6 @@ from typing import Literal, Optional
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn as nn
 import torch.nn.functional as F
 import tyro
 from datasets import load_dataset
@@ -40,7 +39,7 @@ from transformers.utils import cached_file
 
 from value_head import ScalarModel, get_reward
 
-INVALID_LOGPROB = 1.0  # log-prob written at positions after the EOS, so that the per-token KL there is 0
+INVALID_LOGPROB = 1.0  # log-prob written at positions after the EOS, so that the per-token KL there is 0 [PPO.eos_mask]
 
 
 @dataclass
@@ -74,34 +73,25 @@ class Args:
     sft_model_path: str = "cleanrl/EleutherAI_pythia-1b-deduped__sft__tldr"
     """the SFT policy: initialises the policy and the frozen reference policy"""
     sft_model_revision: Optional[str] = None
-    """branch, tag or commit of --sft-model-path on the hub (e.g. a run of the paper's release); None: the main
-    branch. Only for a hub id (a local folder has none)"""
+    """hub branch, tag or commit of --sft-model-path (e.g. a release's run); None: main; not for a folder"""
     reward_model_path: str = "cleanrl/EleutherAI_pythia-1b-deduped__reward__tldr"
-    """the reward model (value_head folder, the N+ reference's ScalarModel, or a one-label
-    AutoModelForSequenceClassification); also initialises the value model"""
+    """the reward model (value_head folder, the reference's ScalarModel or a 1-label classifier); also the value model"""
     reward_model_revision: Optional[str] = None
-    """branch, tag or commit of --reward-model-path on the hub (e.g. a run of the paper's release); None: the main
-    branch. Only for a hub id (a local folder has none)"""
+    """hub branch, tag or commit of --reward-model-path (e.g. a release's run); None: main; not for a folder"""
     query_dataset: str = "vwxyzjn/summarize_from_feedback_tldr_3_filtered"
-    """TL;DR posts: train split for rollouts (and its reference summaries for a missing reward bias), validation for
-    the per-update score, validation + test for evaluation"""
+    """TL;DR posts: train for rollouts (and a missing bias), validation per update, validation and test at the end"""
     query_dataset_revision: Optional[str] = None
-    """branch, tag or commit of --query-dataset on the hub; None: the main branch. Only for a hub id (a local
-    folder has none)"""
+    """hub branch, tag or commit of --query-dataset; None: main; not for a folder"""
     query_length: int = 512
     """query length in tokens; longer posts are cut at their last newline [D2.2], shorter ones left-padded"""
     response_length: int = 53
     """tokens sampled per response; sampling never stops early [D23.1]"""
     compute_missing_bias: bool = True
-    """a reward model whose files hold no normalisation bias (the hub's converted sequence classifier) gets it at the
-    start as reward_model.py sets it [D15]: the mean score of --query-dataset's train reference summaries; it is
-    printed, logged and saved with the value model. A stored bias is used as it is. Off: bias 0"""
+    """a reward model without a stored normalisation bias gets it at start as reward_model.py sets it [D15]; off: 0"""
     num_normalization_samples: Optional[int] = None
-    """reference summaries (the first ones of the train split) scored for a missing bias; None: all (as
-    reward_model.py's default)"""
+    """train reference summaries (the first ones) scored for a missing bias; None: all (reward_model.py's default)"""
     normalization_response_length: int = 169
-    """reward_model.py's --response-length for a missing bias: longer reference summaries (tokens, EOS included) are
-    left out, and query + summary are right-padded to --query-length + this"""
+    """reward_model.py's --response-length for a missing bias: longer summaries (tokens, EOS included) are left out"""
     # ---- batch sizes ----
     total_episodes: int = 1_000_000
     """episodes (sampled responses) to train on; updates = total_episodes // batch_size"""
@@ -110,35 +100,29 @@ class Args:
     num_mini_batches: int = 1
     """mini-batches per PPO epoch (one optimizer step each)"""
     local_micro_batch_size: int = 16
-    """episodes per device per forward/backward; gradient accumulation = batch_size / num_mini_batches /
-    (local_micro_batch_size * devices)"""
+    """episodes per device per forward/backward; gradient accumulation = batch_size / mini-batches / (this x devices)"""
     local_rollout_forward_batch_size: int = 64
     """queries per device per generation/scoring chunk (bounds the memory of rollouts and evaluation)"""
     # ---- optimisation ----
     lr: float = 3e-6
-    """learning rate, decayed linearly to 0 over the updates"""
+    """learning rate, decayed linearly to 0 over the updates [PPO.lr_decay]"""
     eps: float = 1e-5
     """AdamW epsilon"""
     gradient_checkpointing: bool = False
     """recompute activations in the backward pass of policy and value model (for large models)"""
     fsdp: bool = False
-    """shard the four models' parameters (and the trained ones' gradients and AdamW states) over the processes with
-    PyTorch FSDP2 `fully_shard` instead of replicating them with DDP: for the 2.8B and 6.9B runs (see README.md
-    "Multi-GPU and memory"); needs torchrun"""
+    """shard the models, gradients and AdamW states over the processes (FSDP2) instead of DDP: 2.8B, 6.9B; torchrun"""
     # ---- PPO ----
     num_ppo_epochs: int = 4
-    """passes over each batch of episodes"""
+    """passes over each batch of episodes [PPO.epochs]"""
     temperature: float = 0.7
-    """sampling temperature; every forward's logits are divided by it too [D23.1]"""
+    """sampling temperature; every forward's logits are divided by it too [PPO.temperature]"""
     kl_coef: float = 0.05
-    """coefficient of the per-token KL penalty (fixed, as in the reference; the initial value under --kl-target)"""
+    """coefficient of the per-token KL penalty [PPO.kl_penalty] (fixed, as the reference's; initial under --kl-target)"""
     kl_estimator: Literal["k1", "k3"] = "k1"
-    """per-token KL estimator in the reward and in objective/kl: k1 = log pi - log ref (the reference's); k3 =
-    (r - 1) - log r with r = ref / pi (Schulman 2020; >= 0, unbiased; TRL's kl_estimator="k3")"""
+    """per-token KL in the reward and objective/kl: k1 = log pi - log ref (the reference's); k3 = (r - 1) - log r"""
     kl_target: Optional[float] = None
-    """adaptive KL control (Ziegler et al. 2019, lm-human-preferences' AdaptiveKLController): after each update
-    the coefficient is multiplied by 1 + clip(KL / target - 1, -0.2, 0.2) * batch_size / kl_horizon, with KL the
-    batch's mean summed per-response KL (nats); None keeps --kl-coef fixed"""
+    """target KL per response (nats) of the adaptive KL controller (Ziegler et al. 2019); None: a fixed --kl-coef"""
     kl_horizon: int = 10000
     """horizon of the adaptive KL controller, in episodes (only with --kl-target)"""
     gamma: float = 1.0
@@ -154,32 +138,21 @@ class Args:
     missing_eos_score: Optional[float] = -1.0
     """score that replaces the reward of a response without EOS [D23.3]; None keeps the reward model's score"""
     whiten_rewards: bool = False
-    """whiten the per-token rewards before GAE (off in the reference)"""
+    """whiten the per-token rewards before GAE [PPO.reward_whitening] (off in the reference)"""
     global_advantage_whitening: bool = False
-    """whiten the advantages with the mean and variance of the whole batch over all processes (all-reduced); off:
-    each process whitens its own share, as the reference does (the same thing with one process)"""
+    """whiten the advantages with the statistics of every process's episodes; off: per process, as the reference"""
     score_at_eos: bool = False
     """add the score at the EOS token instead of one position after it (the reference's placement, the default)"""
     local_eval_batch_size: int = 2
-    """validation prompts per process sampled at temperature 0.01 before every rollout for
-    `objective/validation_score` (distinct on each process: rows [rank * N, (rank + 1) * N) of the validation split)"""
+    """validation prompts per process sampled at temperature 0.01 before every rollout (objective/validation_score)"""
     sample_table_every: int = 220
-    """save the validation sample (all processes' rows, with their scores) as a table at updates 1, 1 + N, 1 + 2N, ...
-    (the reference's `(update - 1) % 220 == 0`) and at the last update (deviation: not in the reference); 0: at the
-    last update only"""
+    """save that sample as a table at updates 1, 1 + N, 1 + 2N, ... and (deviation) at the last; 0: the last only"""
     num_eval_samples: Optional[int] = None
     """posts of each of validation and test evaluated after training (None: all)"""
     group_by_length: bool = False
-    """sort each process's rollout queries by their token count before cutting them into chunks of
-    --local-rollout-forward-batch-size (the episodes are put back in prompt order after the rollout), so that each
-    chunk drops more common left padding: faster when a process has several chunks. It changes which random draws
-    each prompt's response gets (not their distribution, nor the update's micro-batches); off: the reference's order"""
+    """sort the rollout queries by length into chunks (less padding; other random draws per prompt, same law)"""
     compile: bool = False
-    """torch.compile the four models' forwards (dynamic shapes: chunk widths and generation lengths vary); the
-    compilation happens in the first update, whose time/* (seconds) include it (the later updates run compiled)"""
-
-
-# ------------------------------------------------------------ helpers ------------------------------------------
+    """torch.compile the four models' forwards (dynamic shapes); the first update's time/* include compiling"""
 
 
 def load_tokenizer(path, arg, revision=None):
@@ -235,6 +208,10 @@ def left_pad(tokens, length, pad_token_id):
     return [pad_token_id] * (length - len(tokens)) + tokens
 
 
+def right_pad(tokens, length, pad_token_id):
+    return tokens + [pad_token_id] * (length - len(tokens))
+
+
 def first_true_indices(bools, dtype=torch.long):
     """Index of the first True in each row of a (B, T) bool tensor; T where a row has none."""
     row_len = bools.size(-1)
@@ -249,30 +226,6 @@ def truncate_response(stop_token_id, pad_token_id, responses):
     return torch.masked_fill(responses, idxs > trunc_idxs, pad_token_id)
 
 
-def trim_left_padding(tokens, pad_token_id):
-    """`tokens` (B, T) without its leading columns that are pad in every row: a chunk's common left padding, on which
-    no forward needs to run (position ids come from the attention mask, so the outputs at the kept positions are the
-    same up to float rounding). Keeps at least the last column."""
-    start = min(int(first_true_indices((tokens != pad_token_id).any(0, keepdim=True))), tokens.size(1) - 1)
-    return tokens[:, start:]
-
-
-def trim_right_padding(tokens, pad_token_id):
-    """`tokens` (B, T) without its trailing columns that are pad in every row (when every response of a chunk ended
-    early): a causal model's outputs at the kept positions do not depend on them. Keeps at least the first column."""
-    holds_a_token = (tokens != pad_token_id).any(0, keepdim=True).flip(1)
-    return tokens[:, : max(tokens.size(1) - int(first_true_indices(holds_a_token)), 1)]
-
-
-def length_groups(queries, chunk_size, pad_token_id, group_by_length):
-    """Row indices of each rollout chunk of `chunk_size` queries: in order, or under `group_by_length` with the rows
-    sorted by their number of query tokens (stable), so that each chunk's common left padding is large."""
-    order = torch.arange(queries.size(0), device=queries.device)
-    if group_by_length:
-        order = torch.sort((queries != pad_token_id).sum(1), stable=True).indices
-    return list(order.split(chunk_size))
-
-
 def forward(model, query_responses, pad_token_id, logits_to_keep=0):
     """Causal-LM forward on left/right-padded ids, position ids from the attention mask (deviation: the reference
     passed none; with absolute positions that is a bug, with rotary a numerical difference). `logits_to_keep` = k > 0
@@ -283,6 +236,7 @@ def forward(model, query_responses, pad_token_id, logits_to_keep=0):
     input_ids = torch.masked_fill(query_responses, ~attention_mask, 0)
     return model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
                  logits_to_keep=logits_to_keep)
+
 
 @torch.no_grad()
 def generate(model, queries, pad_token_id, response_length, temperature):
@@ -319,10 +273,6 @@ def generate(model, queries, pad_token_id, response_length, temperature):
     return torch.cat([queries] + tokens, dim=1), torch.stack(all_logits, dim=1)
 
 
-def right_pad(tokens, length, pad_token_id):
-    return tokens + [pad_token_id] * (length - len(tokens))
-
-
 def normalization_stats(scores):
     """(bias, stats): the mean score becomes the bias [D15]; stats of the scores minus the bias."""
     scores = torch.tensor(scores, dtype=torch.float64)
@@ -347,116 +297,97 @@ def reference_summaries(rows, tokenizer, query_length, response_length):
     return queries, responses, dropped
 
 
-@torch.no_grad()
-def normalization_bias(reward_model, queries, responses, pad_token_id, length, batch_size, device, rank, world_size,
-                       autocast):
-    """(bias, stats) as reward_model.py computes them after training [D15]: each query + reference summary
-    right-padded to `length` tokens and scored at its EOS; each process scores its share (the same number of forwards
-    everywhere, for FSDP) and every process gets all scores in the same order (all_gather_object: no tensor in the
-    collective), hence the same bias."""
-    share, scores = list(range(rank, len(queries), world_size)), []
-    for idxs, keep in eval_chunks(share, batch_size, math.ceil(len(queries) / world_size), 0):
-        batch = torch.tensor([right_pad(queries[i] + responses[i], length, pad_token_id) for i in idxs], device=device)
-        with autocast:
-            _, score, _ = get_reward(reward_model, batch, pad_token_id, context_length=0)
-        if keep:
-            scores += score.float().tolist()
-    return normalization_stats(gather_rows(scores, world_size))
+def trim_left_padding(tokens, pad_token_id):
+    """`tokens` (B, T) without the leading columns that are pad in every row (positions come from the attention mask,
+    so the outputs at the kept positions are the same up to float rounding); keeps at least one column."""
+    start = min(int(first_true_indices((tokens != pad_token_id).any(0, keepdim=True))), tokens.size(1) - 1)
+    return tokens[:, start:]
+
+
+def trim_right_padding(tokens, pad_token_id):
+    """`tokens` (B, T) without the trailing columns that are pad in every row (a causal model's outputs at the kept
+    positions do not depend on them); keeps at least one column."""
+    holds_a_token = (tokens != pad_token_id).any(0, keepdim=True).flip(1)
+    return tokens[:, : max(tokens.size(1) - int(first_true_indices(holds_a_token)), 1)]
+
+
+def length_groups(queries, chunk_size, pad_token_id, group_by_length):
+    """Row indices of each rollout chunk: in order, or under `group_by_length` sorted (stably) by query token count."""
+    order = torch.arange(queries.size(0), device=queries.device)
+    if group_by_length:
+        order = torch.sort((queries != pad_token_id).sum(1), stable=True).indices
+    return list(order.split(chunk_size))
+
+
+def left_padded_queries(tokenizer, rows, query_length):
+    """(N, Q) token ids of the rows' queries [D2.2], left-padded."""
+    pad = tokenizer.pad_token_id
+    return torch.tensor([left_pad(tokenize_query(tokenizer, r, query_length), query_length, pad) for r in rows])
 
 
 def masked_mean(values, mask, axis=None):
-    """Mean of `values` over the positions where `mask` is true."""
-    if axis is not None:
-        return (values * mask).sum(axis=axis) / mask.sum(axis=axis)
-    return (values * mask).sum() / mask.sum()
+    """Mean of `values` over the positions where `mask` is true (along `axis`, or over all)."""
+    return (values * mask).sum(axis=axis) / mask.sum(axis=axis)
 
 
-def masked_var(values, mask, unbiased=True):
-    """Variance of `values` over the positions where `mask` is true (Bessel-corrected if `unbiased`)."""
-    mean = masked_mean(values, mask)
-    variance = masked_mean((values - mean) ** 2, mask)
-    if unbiased:
-        mask_sum = mask.sum()
-        if mask_sum < 2:
-            raise ValueError(f"an unbiased variance needs at least 2 valid values, the mask has {int(mask_sum)}")
-        variance = variance * mask_sum / (mask_sum - 1)
-    return variance
-
-
-def masked_whiten(values, mask, shift_mean=True):
-    """(values - mean) / sqrt(var + 1e-8) over the valid positions, biased variance; the mean is added back
-    unless `shift_mean`."""
-    mean, var = masked_mean(values, mask), masked_var(values, mask, unbiased=False)
-    whitened = (values - mean) * torch.rsqrt(var + 1e-8)
-    if not shift_mean:
-        whitened += mean
-    return whitened
-
-
-def global_masked_whiten(values, mask, world_size):
-    """masked_whiten with the mean and (biased) variance over the valid positions of every process's `values`."""
-    if world_size == 1:
-        return masked_whiten(values, mask)
+def masked_whiten(values, mask, shift_mean=True, world_size=1):
+    """(values - mean) / sqrt(var + 1e-8), the mean and biased variance over the valid positions (of every process's
+    `values` when world_size > 1: all-reduced); the mean is added back unless `shift_mean`."""
     sums = torch.stack([(values * mask).sum(), mask.sum().to(values.dtype)])
-    dist.all_reduce(sums)
+    if world_size > 1:
+        dist.all_reduce(sums)
     mean = sums[0] / sums[1]
     squares = ((values - mean) ** 2 * mask).sum()
-    dist.all_reduce(squares)
-    return (values - mean) * torch.rsqrt(squares / sums[1] + 1e-8)
+    if world_size > 1:
+        dist.all_reduce(squares)
+    whitened = (values - mean) * torch.rsqrt(squares / sums[1] + 1e-8)
+    return whitened if shift_mean else whitened + mean
 
 
 def per_token_kl(logprobs, ref_logprobs, estimator="k1"):
-    """Per-token KL estimate (B, R) of the policy from the reference on the sampled tokens (Schulman 2020, "Approximating
-    KL divergence"): k1 = log pi - log ref; k3 = (r - 1) - log r with r = ref / pi, >= 0 at every token. Both are 0
-    where logprobs and ref_logprobs are equal (INVALID_LOGPROB after the EOS)."""
-    if estimator == "k1":
-        return logprobs - ref_logprobs
-    if estimator == "k3":
-        log_ratio = ref_logprobs - logprobs  # log r
-        return torch.expm1(log_ratio) - log_ratio
-    raise ValueError(f"--kl-estimator must be k1 or k3, got {estimator!r}")
+    """KL estimate (B, R) of the policy from the reference at each sampled token (Schulman 2020): k1 = log pi - log ref;
+    k3 = (r - 1) - log r with r = ref / pi, >= 0. Both are 0 after the EOS, where both log-probs are INVALID_LOGPROB."""
+    if estimator not in ("k1", "k3"):
+        raise ValueError(f"--kl-estimator must be k1 or k3, got {estimator!r}")
+    log_ratio = ref_logprobs - logprobs  # log r
+    return logprobs - ref_logprobs if estimator == "k1" else torch.expm1(log_ratio) - log_ratio
 
 
 def compute_rewards(scores, logprobs, ref_logprobs, sequence_lengths, kl_coef, score_at_eos=False, kl_estimator="k1"):
-    """Per-token rewards (B, R): the KL penalty -kl_coef * KL at every token (k1 estimator in the reference), plus the
-    score one position after the EOS as the reference does (at the EOS when it is the last token or there is none;
-    always at the EOS with `score_at_eos`). `logprobs` are already INVALID_LOGPROB after the EOS, so the penalty there
-    is 0. Returns (rewards, non_score_reward, kl)."""
-    kl = per_token_kl(logprobs, ref_logprobs, kl_estimator)  # (B, R)
-    non_score_reward = -kl_coef * kl
+    """(rewards, non_score_reward, kl), each (B, R): the KL penalty at every token plus the score one position after the
+    EOS (at the EOS when it is the last token or there is none; always at the EOS with `score_at_eos`)."""
+    kl = per_token_kl(logprobs, ref_logprobs, kl_estimator)
+    non_score_reward = -kl_coef * kl  # [PPO.kl_penalty]
     rewards = non_score_reward.clone()
     actual_start = torch.arange(rewards.size(0), device=rewards.device)
     sequence_lengths_p1 = sequence_lengths if score_at_eos else sequence_lengths + 1
     actual_end = torch.where(sequence_lengths_p1 < rewards.size(1), sequence_lengths_p1, sequence_lengths)
-    rewards[actual_start, actual_end] += scores
+    rewards[actual_start, actual_end] += scores  # [PPO.score_placement]
     return rewards, non_score_reward, kl
 
 
 def adaptive_kl_coef(kl_coef, kl, target, horizon, batch_size):
-    """The next KL coefficient of the adaptive controller (Ziegler et al. 2019, sec. 2.2): proportional control of the
-    measured KL (the batch's mean summed per-response KL) towards `target`, the error clipped to +-20%, over
-    `horizon` episodes."""
+    """The adaptive controller's next KL coefficient (Ziegler et al. 2019, sec. 2.2): proportional control of the batch's
+    mean summed per-response KL towards `target`, the error clipped to +-20%, over `horizon` episodes."""
     proportional_error = min(max(kl / target - 1.0, -0.2), 0.2)
     return kl_coef * (1.0 + proportional_error * batch_size / horizon)
 
 
-def compute_advantages(rewards, values, padding_mask, gamma, lam, whiten=masked_whiten):
-    """GAE (Schulman et al. 2016, eq. 16) backwards over the response, returns = advantages + values; then the
-    advantages are whitened over the valid tokens (by `whiten(values, mask)`) and zeroed where `padding_mask` is
-    true."""
+def compute_advantages(rewards, values, padding_mask, gamma, lam, world_size=1):
+    """GAE (Schulman et al. 2016, eq. 16) backwards over the response, returns = advantages + values; the advantages
+    whitened over the valid tokens (of every process when world_size > 1) and zeroed where `padding_mask` is true."""
     lastgaelam = 0
     advantages_reversed = []
     gen_length = rewards.shape[1]
-    for t in reversed(range(gen_length)):
+    for t in reversed(range(gen_length)):  # [PPO.gae]
         nextvalues = values[:, t + 1] if t < gen_length - 1 else 0.0
         delta = rewards[:, t] + gamma * nextvalues - values[:, t]
         lastgaelam = delta + gamma * lam * lastgaelam
         advantages_reversed.append(lastgaelam)
     advantages = torch.stack(advantages_reversed[::-1], dim=1)  # (B, R)
     returns = advantages + values
-    advantages = whiten(advantages, ~padding_mask)
-    advantages = torch.masked_fill(advantages, padding_mask, 0)
-    return advantages, returns
+    advantages = masked_whiten(advantages, ~padding_mask, world_size=world_size)  # [PPO.advantage_whitening]
+    return torch.masked_fill(advantages, padding_mask, 0), returns
 
 
 def logprobs_of(logits, tokens):
@@ -464,120 +395,9 @@ def logprobs_of(logits, tokens):
     return torch.gather(F.log_softmax(logits.float(), dim=-1), 2, tokens.unsqueeze(-1)).squeeze(-1)
 
 
-class PolicyAndValueWrapper(nn.Module):
-    """Policy and value model as one module: one optimizer and one DDP wrapper over both."""
-
-    def __init__(self, policy, value_model):
-        super().__init__()
-        self.policy = policy
-        self.value_model = value_model
-
-    def forward(self, input_ids, attention_mask, position_ids, use_cache=False, logits_to_keep=0):
-        kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
-        return self.policy(**kwargs, use_cache=use_cache, logits_to_keep=logits_to_keep), self.value_model(**kwargs)
-
-
-def ppo_update(model, optimizer, rollout, args, pad_token_id, gradient_accumulation_steps, autocast):
-    """Step 6 of an update: --num-ppo-epochs passes over this process's episodes, each pass in --num-mini-batches
-    mini-batches (one optimizer step each) of micro-batches whose gradients accumulate; under DDP or FSDP gradients are
-    reduced over the processes on the last micro-batch only. `rollout`: query_responses (b, Q + R), responses,
-    logprobs, values, advantages, returns, padding_mask, padding_mask_p1 (b, R); each micro-batch drops its common
-    left padding before its forward (response positions are read from the end). Returns the statistics, each
-    (epochs, mini-batches, micro-batches), and the number of optimizer steps taken."""
-    local_batch_size = rollout["responses"].size(0)
-    local_mini_batch_size = local_batch_size // args.num_mini_batches
-    shape, device = (args.num_ppo_epochs, args.num_mini_batches, gradient_accumulation_steps), rollout["responses"].device
-    stats = {name: torch.zeros(shape, device=device)  # on the compute device: they are all-reduced (NCCL: never CPU)
-             for name in ["approxkl", "pg_clipfrac", "pg_loss", "vf_loss", "vf_clipfrac", "entropy", "ratio"]}
-    sharded = [m for m in model.children() if isinstance(m, FSDPModule)]  # policy and value model under --fsdp
-    optimizer_steps = 0
-    for ppo_epoch_idx in range(args.num_ppo_epochs):
-        b_inds = torch.randperm(local_batch_size)
-        for minibatch_idx, mini_batch_start in enumerate(range(0, local_batch_size, local_mini_batch_size)):
-            mini_batch_inds = b_inds[mini_batch_start : mini_batch_start + local_mini_batch_size]
-            for gradient_accumulation_idx, micro_batch_start in enumerate(range(0, local_mini_batch_size, args.local_micro_batch_size)):
-                mb_inds = mini_batch_inds[micro_batch_start : micro_batch_start + args.local_micro_batch_size]
-                mb_advantage, mb_return = rollout["advantages"][mb_inds], rollout["returns"][mb_inds]
-                mb_values, mb_logprobs = rollout["values"][mb_inds], rollout["logprobs"][mb_inds]
-                mb_padding_mask, mb_padding_mask_p1 = rollout["padding_mask"][mb_inds], rollout["padding_mask_p1"][mb_inds]
-                last_micro_batch = gradient_accumulation_idx == gradient_accumulation_steps - 1
-                no_sync = model.no_sync() if isinstance(model, DDP) and not last_micro_batch else contextlib.nullcontext()
-                for m in sharded:  # FSDP: the same, by switching the reduce-scatter off
-                    m.set_requires_gradient_sync(last_micro_batch)
-                with no_sync, autocast:  # gradients are all-reduced (reduce-scattered) on the last micro-batch only
-                    # logits at the positions that predict the response tokens: the last R + 1 positions but one
-                    mb_query_responses = trim_left_padding(rollout["query_responses"][mb_inds], pad_token_id)
-                    output, vpred_temp = forward(model, mb_query_responses, pad_token_id,
-                                                 logits_to_keep=rollout["responses"].shape[1] + 1)
-                    logits = output.logits[:, :-1].float() / (args.temperature + 1e-7)
-                    new_logprobs = logprobs_of(logits, rollout["responses"][mb_inds])
-                    new_logprobs = torch.masked_fill(new_logprobs, mb_padding_mask, INVALID_LOGPROB)
-                    vpred = vpred_temp[:, -rollout["responses"].shape[1] - 1 : -1].float()
-                    vpred = torch.masked_fill(vpred, mb_padding_mask_p1, 0)
-                    # clipped value loss (Schulman et al. 2017 PPO; the N+ / lm-human-preferences form)
-                    vpredclipped = torch.clamp(vpred, mb_values - args.cliprange_value, mb_values + args.cliprange_value)
-                    vf_losses1 = torch.square(vpred - mb_return)
-                    vf_losses2 = torch.square(vpredclipped - mb_return)
-                    vf_loss_max = torch.max(vf_losses1, vf_losses2)
-                    vf_loss = 0.5 * masked_mean(vf_loss_max, ~mb_padding_mask_p1)
-                    # clipped surrogate objective (Schulman et al. 2017, eq. 7)
-                    logprobs_diff = new_logprobs - mb_logprobs
-                    ratio = torch.exp(logprobs_diff)
-                    pg_losses = -mb_advantage * ratio
-                    pg_losses2 = -mb_advantage * torch.clamp(ratio, 1.0 - args.cliprange, 1.0 + args.cliprange)
-                    pg_loss_max = torch.max(pg_losses, pg_losses2)
-                    pg_loss = masked_mean(pg_loss_max, ~mb_padding_mask)
-                    loss = pg_loss + args.vf_coef * vf_loss
-                    assert loss.dim() == 0
-                    (loss / gradient_accumulation_steps).backward()
-                if last_micro_batch:
-                    optimizer.step()
-                    optimizer.zero_grad()
-                    optimizer_steps += 1
-                with torch.no_grad():  # statistics over valid tokens only (deviation: the reference's were unmasked)
-                    valid = ~mb_padding_mask
-                    idx = (ppo_epoch_idx, minibatch_idx, gradient_accumulation_idx)
-                    prob_dist = F.softmax(logits, dim=-1)
-                    entropy = torch.logsumexp(logits, dim=-1) - torch.sum(prob_dist * logits, dim=-1)
-                    stats["approxkl"][idx] = 0.5 * masked_mean(logprobs_diff**2, valid)
-                    stats["pg_clipfrac"][idx] = masked_mean((pg_losses2 > pg_losses).float(), valid)
-                    stats["pg_loss"][idx] = pg_loss
-                    stats["vf_loss"][idx] = vf_loss
-                    stats["vf_clipfrac"][idx] = masked_mean((vf_losses2 > vf_losses1).float(), ~mb_padding_mask_p1)
-                    stats["entropy"][idx] = masked_mean(entropy, valid)
-                    stats["ratio"][idx] = masked_mean(ratio, valid)
-                del output, vpred_temp, logits, new_logprobs, loss
-    return stats, optimizer_steps
-
-
-def prompt_indices(num_queries, batch_size, update, rank, world_size, seed):
-    """This process's train queries for `update` (1-based), reshuffled each time the data is exhausted [D21]: one
-    shuffle per pass over the data (seeded with seed + pass, the same on every process), each global batch cut into
-    disjoint per-process slices; the incomplete last batch of a pass is dropped. A function of the update counter, so
-    a resumed run continues where it stopped."""
-    batches_per_pass = num_queries // batch_size
-    data_pass, start = divmod((update - 1) * batch_size, batches_per_pass * batch_size)
-    order = torch.randperm(num_queries, generator=torch.Generator().manual_seed(seed + data_pass))
-    local_batch_size = batch_size // world_size
-    return order[start + rank * local_batch_size : start + (rank + 1) * local_batch_size]
-
-
-def validation_indices(num_rows, local_eval_batch_size, rank, world_size):
-    """This process's validation prompts, the same at every update (so a resumed run samples the same ones): rows
-    [rank * N, (rank + 1) * N) for N = local_eval_batch_size, disjoint across processes. The reference re-reads the
-    first batch of its unshuffled validation loader at every update, a loader that accelerate shards by batches
-    (process k gets batch k)."""
-    if local_eval_batch_size < 1 or local_eval_batch_size * world_size > num_rows:
-        raise ValueError(f"--local-eval-batch-size {local_eval_batch_size} x {world_size} process(es) must be "
-                         f"between 1 and the {num_rows} rows of the validation split")
-    return list(range(rank * local_eval_batch_size, (rank + 1) * local_eval_batch_size))
-
-
-def reference_logprobs_and_values(ref_policy, value_model, query_responses, response_length, pad_token_id,
-                                  temperature):
-    """Rollout step 2 on (B, q + R) query-responses (any query width q): the reference policy's log-probabilities of
-    the R response tokens at `temperature` and the value model's values of the state before each of them, (B, R) each,
-    both read at the last positions (logits of the last R + 1 positions but one; values at positions -R - 1 ... -2)."""
+def reference_logprobs_and_values(ref_policy, value_model, query_responses, response_length, pad_token_id, temperature):
+    """The reference policy's log-probabilities of the R response tokens [PPO.temperature] and the values of the state
+    before each, (B, R) each, read at the last positions of (B, q + R) query-responses (any query width q)."""
     responses = query_responses[:, -response_length:]
     ref_logits = forward(ref_policy, query_responses, pad_token_id, logits_to_keep=response_length + 1).logits[:, :-1]
     ref_logprobs = logprobs_of(ref_logits / (temperature + 1e-7), responses)
@@ -586,31 +406,82 @@ def reference_logprobs_and_values(ref_policy, value_model, query_responses, resp
     return ref_logprobs, full_values[:, -response_length - 1 : -1]
 
 
+def truncate_and_score(reward_model, query, response, tokenizer, missing_eos_score):
+    """(postprocessed_response, score): `response` (c, R) truncated after its first EOS [D23.2], query + truncated text
+    scored at its EOS; a response without EOS gets `missing_eos_score` [D23.3] (None: the reward model's score)."""
+    postprocessed_response = truncate_response(tokenizer.eos_token_id, tokenizer.pad_token_id, response)
+    scored = trim_right_padding(torch.cat([query, postprocessed_response], 1), tokenizer.pad_token_id)
+    _, score, _ = get_reward(reward_model, scored, tokenizer.pad_token_id, query.size(1))
+    if missing_eos_score is not None:
+        score = torch.where((postprocessed_response == tokenizer.eos_token_id).any(-1), score, missing_eos_score)
+    return postprocessed_response, score
+
+
 @torch.no_grad()
-def rollout_scores(policy, reward_model, queries, tokenizer, args, temperature):
-    """Sample responses to `queries` in chunks and score them as in the rollout [D23.2, D23.3] (evaluation only).
-    Returns the truncated responses (B, R) and their scores (B,)."""
-    responses, scores = [], []
-    for i in range(0, queries.size(0), args.local_rollout_forward_batch_size):
-        query = trim_left_padding(queries[i : i + args.local_rollout_forward_batch_size], tokenizer.pad_token_id)
-        query_response, _ = generate(policy, query, tokenizer.pad_token_id, args.response_length, temperature)
-        response = truncate_response(tokenizer.eos_token_id, tokenizer.pad_token_id, query_response[:, query.size(1):])
-        scored = trim_right_padding(torch.cat([query, response], 1), tokenizer.pad_token_id)
-        _, score, _ = get_reward(reward_model, scored, tokenizer.pad_token_id, query.size(1))
-        if args.missing_eos_score is not None:
-            score = torch.where((response == tokenizer.eos_token_id).any(-1), score, args.missing_eos_score)
-        responses.append(response)
-        scores.append(score)
-    return torch.cat(responses), torch.cat(scores)
+def sample_table(policy, reward_model, rows, queries, tokenizer, args):
+    """One table row per post of `rows` (`queries`: their (N, Q) queries): the response sampled at temperature 0.01 and
+    its reference summary [D3], each truncated and scored as in the rollout, in chunks of the rollout's size."""
+    pad, eos, size, parts = tokenizer.pad_token_id, tokenizer.eos_token_id, args.local_rollout_forward_batch_size, []
+    for i in range(0, len(rows), size):
+        query = trim_left_padding(queries[i : i + size], pad)
+        references = [tokenizer.encode(" " + rows[j]["summary"]) + [eos] for j in range(i, min(i + size, len(rows)))]
+        references = torch.tensor([right_pad(r, max(map(len, references)), pad) for r in references], device=query.device)
+        query_response, _ = generate(policy, query, pad, args.response_length, 0.01)
+        response, score = truncate_and_score(reward_model, query, query_response[:, query.size(1):], tokenizer,
+                                             args.missing_eos_score)
+        parts.append((response, score, truncate_and_score(reward_model, query, references, tokenizer, None)[1]))
+    responses, scores, reference_scores = [torch.cat(p) for p in zip(*parts)]
+    return [dict(id=row["id"], query=tokenizer.decode(q, skip_special_tokens=True),
+                 response=tokenizer.decode(r, skip_special_tokens=True), reference=row["summary"], score=s.item(),
+                 reference_score=s_ref.item(), has_eos=bool((r == eos).any()), response_tokens=int((r != pad).sum()))
+            for row, q, r, s, s_ref in zip(rows, queries, responses, scores, reference_scores)]
 
 
-def main(args):
-    rank, world_size, device = init_distributed()
-    torch.backends.cuda.matmul.fp32_precision = "tf32" if args.tf32 else "ieee"  # CUDA matmuls; no convolutions here
+@torch.no_grad()
+def normalization_bias(reward_model, rows, tokenizer, args, device, rank, world_size, autocast):
+    """(bias, stats, how) as reward_model.py sets them after training [D15], from the reference summaries of `rows`:
+    query + summary right-padded and scored at the EOS, each process scoring its share (the same number of forwards
+    on each, for FSDP); every process gets every score in the same order, hence the same bias."""
+    check_columns(rows, ["summary"], "--query-dataset (train; its reference summaries set the missing reward bias)")
+    rows = rows.select(range(min(args.num_normalization_samples or len(rows), len(rows))))
+    queries, responses, dropped = reference_summaries(rows, tokenizer, args.query_length, args.normalization_response_length)
+    if not queries:
+        raise ValueError(f"--query-dataset {args.query_dataset}: no train reference summary fits "
+                         f"--normalization-response-length {args.normalization_response_length}")
+    share, scores = list(range(rank, len(queries), world_size)), []
+    for idxs, keep in eval_chunks(share, args.local_rollout_forward_batch_size, math.ceil(len(queries) / world_size), 0):
+        batch = [right_pad(queries[i] + responses[i], args.query_length + args.normalization_response_length,
+                           tokenizer.pad_token_id) for i in idxs]
+        with autocast:
+            _, score, _ = get_reward(reward_model, torch.tensor(batch, device=device), tokenizer.pad_token_id, 0)
+        scores += score.float().tolist() if keep else []
+    bias, stats = normalization_stats(gather_rows(scores, world_size))
+    return bias, stats, (f"computed: mean score of {len(queries)} train reference summaries ({dropped} over "
+                         f"--normalization-response-length left out)")
 
-    # ---- check every argument and the data before any model is loaded ----
-    if args.response_length <= 0:
-        raise ValueError(f"--response-length must be positive, got {args.response_length}")
+
+def validation_indices(num_rows, local_eval_batch_size, rank, world_size):
+    """This process's validation rows, the same at every update: [rank * N, (rank + 1) * N) for N =
+    local_eval_batch_size, as the reference's unshuffled validation loader, sharded by batches, read from its start."""
+    if local_eval_batch_size < 1 or local_eval_batch_size * world_size > num_rows:
+        raise ValueError(f"--local-eval-batch-size {local_eval_batch_size} x {world_size} process(es) must be "
+                         f"between 1 and the {num_rows} rows of the validation split")
+    return list(range(rank * local_eval_batch_size, (rank + 1) * local_eval_batch_size))
+
+
+def check_inputs(args, world_size):
+    """Every argument, the data and the reward model's tokenizer, checked before any model loads. Returns the dataset,
+    the tokenizer, the gradient accumulation steps and the number of updates."""
+    for name in ["response_length", "keep_checkpoints", "kl_target", "kl_horizon", "num_eval_samples"]:  # None: unset
+        if getattr(args, name) is not None and getattr(args, name) <= 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    for name in ["checkpoint_every", "sample_table_every"]:
+        if getattr(args, name) < 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 0 (0: at the end only), got {getattr(args, name)}")
+    if args.total_episodes < args.batch_size:
+        raise ValueError(f"--total-episodes {args.total_episodes} is smaller than one --batch-size {args.batch_size}")
+    if args.fsdp and world_size == 1:
+        raise ValueError("--fsdp shards the models over processes: launch with torchrun --nproc-per-node N (N > 1)")
     local_batch_size = exact_div(args.batch_size, world_size, "--batch-size over the number of processes")
     local_mini_batch_size = exact_div(local_batch_size, args.num_mini_batches,
                                       "per-process batch (--batch-size / processes) over --num-mini-batches")
@@ -618,9 +489,6 @@ def main(args):
                                             "per-process mini-batch over --local-micro-batch-size")
     exact_div(local_batch_size, args.local_rollout_forward_batch_size,
               "per-process batch (--batch-size / processes) over --local-rollout-forward-batch-size")
-    num_updates = args.total_episodes // args.batch_size
-    if num_updates < 1:
-        raise ValueError(f"--total-episodes {args.total_episodes} is smaller than one --batch-size {args.batch_size}")
     check_model_path(args.sft_model_path, "--sft-model-path", args.sft_model_revision)
     check_model_path(args.reward_model_path, "--reward-model-path", args.reward_model_revision)
     dataset = load_data(args.query_dataset, "--query-dataset", revision=args.query_dataset_revision)
@@ -632,225 +500,239 @@ def main(args):
         if len(dataset[split]) == 0:
             raise ValueError(f"--query-dataset {args.query_dataset}: the {split!r} split is empty")
     if len(dataset["train"]) < args.batch_size:
-        raise ValueError(f"--query-dataset train has {len(dataset['train'])} posts, fewer than one --batch-size {args.batch_size}")
-    if args.checkpoint_every < 0 or args.keep_checkpoints < 1:
-        raise ValueError(f"--checkpoint-every must be >= 0 and --keep-checkpoints >= 1, got {args.checkpoint_every} "
-                         f"and {args.keep_checkpoints}")
-    if args.sample_table_every < 0:
-        raise ValueError(f"--sample-table-every must be >= 0 (0: the last update only), got {args.sample_table_every}")
-    validation_shard = validation_indices(len(dataset["validation"]), args.local_eval_batch_size, rank, world_size)
-    if args.fsdp and world_size == 1:
-        raise ValueError("--fsdp shards the models over processes: launch with torchrun --nproc-per-node N (N > 1)")
-    if args.kl_target is not None and args.kl_target <= 0:
-        raise ValueError(f"--kl-target must be positive (a KL in nats per response), got {args.kl_target}")
-    if args.kl_horizon <= 0:
-        raise ValueError(f"--kl-horizon must be positive (episodes), got {args.kl_horizon}")
+        raise ValueError(f"--query-dataset train: {len(dataset['train'])} posts, fewer than one --batch-size {args.batch_size}")
     tokenizer = load_tokenizer(args.sft_model_path, "--sft-model-path", args.sft_model_revision)
-    pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
-    reward_tokenizer = None  # the reward model reads the policy's token ids: its tokenizer must be the same
     if not cached_file(args.reward_model_path, "tokenizer_config.json", revision=args.reward_model_revision,
                        _raise_exceptions_for_missing_entries=False, _raise_exceptions_for_connection_errors=False):
         print(f"[ppo] --reward-model-path {args.reward_model_path} holds no tokenizer: it cannot be checked against "
               f"the policy's, so it is taken to be the same", flush=True)
-    else:  # as shipped, without a [PAD] of its own (the hub's): pad ids never reach a model, so [PAD] is left out
-        reward_tokenizer = AutoTokenizer.from_pretrained(args.reward_model_path, revision=args.reward_model_revision)
+        return dataset, tokenizer, gradient_accumulation_steps, args.total_episodes // args.batch_size
+    # the reward model reads the policy's token ids; [PAD] is left out (the hub's has none; pad never reaches a model)
+    reward_tokenizer = AutoTokenizer.from_pretrained(args.reward_model_path, revision=args.reward_model_revision)
     vocab = lambda t: {token: i for token, i in t.get_vocab().items() if token != "[PAD]"}
-    if reward_tokenizer is not None and (vocab(reward_tokenizer) != vocab(tokenizer) or reward_tokenizer.eos_token_id != eos):
+    if vocab(reward_tokenizer) != vocab(tokenizer) or reward_tokenizer.eos_token_id != tokenizer.eos_token_id:
         raise ValueError(f"--reward-model-path {args.reward_model_path}: its tokenizer differs from --sft-model-path's "
                          f"({len(reward_tokenizer)} vs {len(tokenizer)} tokens, EOS {reward_tokenizer.eos_token_id} vs "
-                         f"{eos}); the reward model must read the policy's token ids")
+                         f"{tokenizer.eos_token_id}); the reward model must read the policy's token ids")
+    return dataset, tokenizer, gradient_accumulation_steps, args.total_episodes // args.batch_size
+
+
+class PolicyAndValueWrapper(torch.nn.Module):
+    """Separate policy and value networks [PPO.separate_value] as one module: one optimizer and one DDP over both."""
+
+    def __init__(self, policy, value_model):
+        super().__init__()
+        self.policy, self.value_model = policy, value_model
+
+    def forward(self, input_ids, attention_mask, position_ids, use_cache=False, logits_to_keep=0):
+        kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
+        return self.policy(**kwargs, use_cache=use_cache, logits_to_keep=logits_to_keep), self.value_model(**kwargs)
+
+
+def ppo_update(model, optimizer, rollout, args, pad_token_id, gradient_accumulation_steps, autocast):
+    """6. --num-ppo-epochs passes over this process's `rollout` (query_responses (b, Q + R), the rest (b, R)), each in
+    --num-mini-batches mini-batches, one optimizer step each [PPO.epochs], of micro-batches whose gradients accumulate
+    (reduced over processes on the last). Returns the statistics, each (epochs, mini-batches, micro-batches), and the
+    number of optimizer steps."""
+    local_batch_size, response_length = rollout["responses"].shape
+    local_mini_batch_size = local_batch_size // args.num_mini_batches
+    sharded = [m for m in model.children() if isinstance(m, FSDPModule)]  # policy and value model under --fsdp
+    optimizer_steps, stats = 0, []
+    for ppo_epoch_idx in range(args.num_ppo_epochs):
+        b_inds = torch.randperm(local_batch_size)
+        for mini_batch_start in range(0, local_batch_size, local_mini_batch_size):
+            mini_batch_inds = b_inds[mini_batch_start : mini_batch_start + local_mini_batch_size]
+            for micro_batch_start in range(0, local_mini_batch_size, args.local_micro_batch_size):
+                mb = {k: v[mini_batch_inds[micro_batch_start : micro_batch_start + args.local_micro_batch_size]]
+                      for k, v in rollout.items()}
+                last = micro_batch_start + args.local_micro_batch_size == local_mini_batch_size
+                no_sync = model.no_sync() if isinstance(model, DDP) and not last else contextlib.nullcontext()
+                for m in sharded:  # FSDP: the same, by switching the reduce-scatter off
+                    m.set_requires_gradient_sync(last)
+                with no_sync, autocast:  # the micro-batch's common left padding dropped; responses read from the end
+                    output, vpred_temp = forward(model, trim_left_padding(mb["query_responses"], pad_token_id),
+                                                 pad_token_id, logits_to_keep=response_length + 1)
+                    logits = output.logits[:, :-1].float() / (args.temperature + 1e-7)  # [PPO.temperature]
+                    new_logprobs = logprobs_of(logits, mb["responses"])
+                    new_logprobs = torch.masked_fill(new_logprobs, mb["padding_mask"], INVALID_LOGPROB)  # [PPO.eos_mask]
+                    vpred = torch.masked_fill(vpred_temp[:, -response_length - 1 : -1].float(), mb["padding_mask_p1"], 0)
+                    # [PPO.value_loss] clipped around the rollout's values
+                    low, high = mb["values"] - args.cliprange_value, mb["values"] + args.cliprange_value
+                    vpredclipped = torch.clamp(vpred, low, high)
+                    vf_losses1 = torch.square(vpred - mb["returns"])
+                    vf_losses2 = torch.square(vpredclipped - mb["returns"])
+                    vf_loss = 0.5 * masked_mean(torch.max(vf_losses1, vf_losses2), ~mb["padding_mask_p1"])
+                    # [PPO.policy_loss] the clipped surrogate objective (Schulman et al. 2017, eq. 7)
+                    logprobs_diff = new_logprobs - mb["logprobs"]
+                    ratio = torch.exp(logprobs_diff)
+                    pg_losses = -mb["advantages"] * ratio
+                    pg_losses2 = -mb["advantages"] * torch.clamp(ratio, 1.0 - args.cliprange, 1.0 + args.cliprange)
+                    pg_loss = masked_mean(torch.max(pg_losses, pg_losses2), ~mb["padding_mask"])
+                    loss = pg_loss + args.vf_coef * vf_loss  # no entropy bonus
+                    assert loss.dim() == 0
+                    (loss / gradient_accumulation_steps).backward()
+                if last:
+                    optimizer.step()
+                    optimizer.zero_grad()
+                    optimizer_steps += 1
+                with torch.no_grad():  # statistics over valid tokens only (deviation: the reference's were unmasked)
+                    valid = ~mb["padding_mask"]
+                    entropy = torch.logsumexp(logits, dim=-1) - torch.sum(F.softmax(logits, dim=-1) * logits, dim=-1)
+                    stats.append(dict(
+                        approxkl=0.5 * masked_mean(logprobs_diff**2, valid), pg_loss=pg_loss.detach(),
+                        pg_clipfrac=masked_mean((pg_losses2 > pg_losses).float(), valid), vf_loss=vf_loss.detach(),
+                        vf_clipfrac=masked_mean((vf_losses2 > vf_losses1).float(), ~mb["padding_mask_p1"]),
+                        entropy=masked_mean(entropy, valid), ratio=masked_mean(ratio, valid)))
+                del output, vpred_temp, logits, new_logprobs, loss
+    shape = (args.num_ppo_epochs, args.num_mini_batches, gradient_accumulation_steps)
+    return {k: torch.stack([s[k] for s in stats]).reshape(shape) for k in stats[0]}, optimizer_steps
+
+
+def main(args):
+    rank, world_size, device = init_distributed()
+    torch.backends.cuda.matmul.fp32_precision = "tf32" if args.tf32 else "ieee"  # CUDA matmuls; no convolutions here
+    dataset, tokenizer, gradient_accumulation_steps, num_updates = check_inputs(args, world_size)  # before any model
+    pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
+    validation_rows = dataset["validation"].select(validation_indices(len(dataset["validation"]),
+                                                                      args.local_eval_batch_size, rank, world_size))
     run_name = f"{args.exp_name}__{args.seed}__{int(time.time())}"
     output_dir = args.output_dir or os.path.join("runs", run_name)
     checkpoint = find_checkpoint(args, output_dir, world_size)
+    run_name = run_name if checkpoint is None else checkpoint["run_name"]
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16 and device.type == "cuda")
-
-    # ---- data: left-padded queries [D2.2]; this process's validation prompts, sampled before every rollout ----
-    def tokenize_split(rows):  # (N, Q) left-padded query tokens
-        return torch.tensor([left_pad(tokenize_query(tokenizer, r, args.query_length), args.query_length, pad) for r in rows])
-
-    train_queries = tokenize_split(dataset["train"])
-    validation_rows = dataset["validation"].select(validation_shard)
-    validation_queries = tokenize_split(validation_rows).to(device)
-    context_length = args.query_length
-    if checkpoint is not None:
-        run_name = checkpoint["run_name"]
+    train_queries = left_padded_queries(tokenizer, dataset["train"], args.query_length)  # (N, Q)
+    validation_queries = left_padded_queries(tokenizer, validation_rows, args.query_length).to(device)
     seed_everything(args.seed + rank * 100003)
 
-    # ---- models: reward and value from the reward model (first: a bad one fails before anything is written),
-    # policy and reference from SFT ----
-    def prepare(model, frozen):
-        """Frozen models in eval mode without gradients; gradient checkpointing on the trained ones if asked. Under
-        --fsdp each model is sharded as soon as it is loaded: the four whole 6.9B models would not fit one GPU."""
-        if frozen:
+    # ---- models: reward and value model from the reward model (first: a bad one fails before any write), policies ----
+    def setup_model(model, trained):
+        """Frozen: eval mode, no gradients; trained: gradient checkpointing if asked; sharded (--fsdp) once loaded."""
+        if not trained:
             model.eval().requires_grad_(False)
         elif args.gradient_checkpointing:
             getattr(model, "backbone", model).gradient_checkpointing_enable()
-        # trained ones: gradients reduce-scattered; bf16 on CUDA: bf16 compute, fp32 reduction and master weights
-        model = shard_model(model, args.bf16 and device.type == "cuda") if args.fsdp else model
+        if args.fsdp:  # bf16 on CUDA: bf16 compute, fp32 gradient reduction and master weights
+            model = shard_model(model, args.bf16 and device.type == "cuda")
         if args.compile:  # in place (the state dict keeps its names); dynamic: widths and generation lengths vary
             model.compile(dynamic=True)
         return model
 
-    reward_model = ScalarModel.from_pretrained(args.reward_model_path, args.reward_model_revision, config_without_dropout)
-    bias, bias_source = reward_model.bias, "stored" if reward_model.has_stored_bias else "none stored, not computed"
+    reward_source = (args.reward_model_path, args.reward_model_revision, config_without_dropout)
+    reward_model = setup_model(ScalarModel.from_pretrained(*reward_source).to(device), trained=False)
+    bias, bias_stats = reward_model.bias, None
+    bias_source = "stored" if reward_model.has_stored_bias else "none stored, not computed"
     if checkpoint is not None and "reward_bias" in checkpoint:
         bias, bias_source = checkpoint["reward_bias"], "the resumed run's"
-    elif not reward_model.has_stored_bias and args.compute_missing_bias:  # checked and tokenised before anything is written
-        bias_source = None
-        check_columns(dataset["train"], ["summary"], "--query-dataset (train; its reference summaries set the reward "
-                      "model's missing bias [D15]; --no-compute-missing-bias leaves it 0)")
-        num_rows = min(args.num_normalization_samples or len(dataset["train"]), len(dataset["train"]))
-        rows = dataset["train"].select(range(num_rows))
-        norm_queries, norm_responses, norm_dropped = reference_summaries(rows, tokenizer, args.query_length,
-                                                                         args.normalization_response_length)
-        if not norm_queries:
-            raise ValueError(f"--query-dataset {args.query_dataset}: no train reference summary fits "
-                             f"--normalization-response-length {args.normalization_response_length}")
-    reward_model = prepare(reward_model.to(device), frozen=True)
-    value_model = ScalarModel.from_pretrained(args.reward_model_path, args.reward_model_revision, config_without_dropout)
-    value_model = prepare(value_model.to(device), frozen=False)
-    policy = prepare(load_policy(args.sft_model_path, tokenizer, device, args.sft_model_revision), frozen=False)
-    ref_policy = prepare(load_policy(args.sft_model_path, tokenizer, device, args.sft_model_revision), frozen=True)
-    logger = Logger(args, run_name, output_dir, rank, checkpoint)  # the first write into output_dir
-    if bias_source is None:  # [D15] as reward_model.py sets it after training; the same value on every process
-        bias, stats = normalization_bias(reward_model, norm_queries, norm_responses, pad,
-                                         args.query_length + args.normalization_response_length,
-                                         args.local_rollout_forward_batch_size, device, rank, world_size, autocast)
-        bias_source = (f"computed: mean score of {len(norm_queries)} train reference summaries ({norm_dropped} over "
-                       f"--normalization-response-length left out)")
-        logger.log({"normalization/bias": bias, **{f"normalization/{k}": v for k, v in stats.items()}}, step=0)
+    elif not reward_model.has_stored_bias and args.compute_missing_bias:  # [D15] as reward_model.py sets it
+        bias, bias_stats, bias_source = normalization_bias(reward_model, dataset["train"], tokenizer, args, device,
+                                                           rank, world_size, autocast)
+    value_model = setup_model(ScalarModel.from_pretrained(*reward_source).to(device), trained=True)  # [PPO.value_init]
+    policy = setup_model(load_policy(args.sft_model_path, tokenizer, device, args.sft_model_revision), trained=True)
+    ref_policy = setup_model(load_policy(args.sft_model_path, tokenizer, device, args.sft_model_revision), trained=False)
     reward_model.bias = value_model.bias = bias  # every score and the value model's initial outputs are normalised
     print(f"[ppo] rank {rank}: reward model normalisation bias {bias!r} ({bias_source})", flush=True)
+    logger = Logger(args, run_name, output_dir, rank, checkpoint)  # the first write into output_dir
+    if bias_stats is not None:
+        logger.log({"normalization/bias": bias, **{f"normalization/{k}": v for k, v in bias_stats.items()}}, step=0)
     unwrapped = PolicyAndValueWrapper(policy, value_model)
     model = DDP(unwrapped) if world_size > 1 and not args.fsdp else unwrapped
     if args.fsdp:
-        held = sum(p.to_local().numel() for p in unwrapped.parameters())  # this process's shards
-        print(f"[ppo] rank {rank}: FSDP holds {held} of the {sum(p.numel() for p in unwrapped.parameters())} trained "
-              f"parameters", flush=True)
-    # one AdamW over policy and value; fused kernel on CUDA (the same update up to rounding)
+        print(f"[ppo] rank {rank}: FSDP holds {sum(p.to_local().numel() for p in unwrapped.parameters())} of the "
+              f"{sum(p.numel() for p in unwrapped.parameters())} trained parameters", flush=True)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, eps=args.eps, fused=device.type == "cuda")
-    first_update, global_step, optimizer_steps, kl_coef = 0, 0, 0, args.kl_coef
+
+    # ---- resume: weights, AdamW moments, counters and every random stream, as the checkpoints hold them ----
+    first_update, episode, optimizer_steps, kl_coef = 0, 0, 0, args.kl_coef
     full_state = StateDictOptions(full_state_dict=True, cpu_offload=True)  # whole tensors on CPU, sharded or not
-    if checkpoint is not None:  # resume: weights, AdamW moments, counters and every random stream
+    if checkpoint is not None:
         set_state_dict(unwrapped, optimizer, model_state_dict=checkpoint["model"],
                        optim_state_dict=checkpoint["optimizer"], options=full_state)
-        first_update, global_step, optimizer_steps = checkpoint["update"], checkpoint["episode"], checkpoint["optimizer_steps"]
-        kl_coef = checkpoint["kl_coef"]  # the adaptive controller's coefficient for the next update
+        first_update, episode, optimizer_steps, kl_coef = (checkpoint[k] for k in ("update", "episode",
+                                                                                   "optimizer_steps", "kl_coef"))
         set_rng_states(checkpoint["rng"], rank)
         print(f"[ppo] resumed from update {first_update} of {output_dir}/checkpoints", flush=True)
         del checkpoint
 
-    def write_checkpoint(update):
+    def write_checkpoint(update):  # the prompt order is a function of the update counter: the data-loader position
         model_state, optimizer_state = get_state_dict(unwrapped, optimizer, options=full_state)  # gathers FSDP shards
-        state = dict(rng=rng_states(world_size), update=update, episode=global_step, optimizer_steps=optimizer_steps,
-                     kl_coef=kl_coef, reward_bias=bias)
-        if rank == 0:  # the prompt order is a function of the update counter: it is the data-loader position
-            save_checkpoint(output_dir, update, dict(state, model=model_state, optimizer=optimizer_state,
-                                                     args=asdict(args), run_name=run_name, **logger.state()),
+        state = dict(rng=rng_states(world_size), update=update, episode=episode, optimizer_steps=optimizer_steps,
+                     kl_coef=kl_coef, reward_bias=bias, model=model_state, optimizer=optimizer_state)
+        if rank == 0:
+            save_checkpoint(output_dir, update, dict(state, args=asdict(args), run_name=run_name, **logger.state()),
                             args.keep_checkpoints)
 
     print(f"[ppo] {num_updates} updates of {args.batch_size} episodes, {args.num_ppo_epochs} epochs x "
           f"{args.num_mini_batches} mini-batches, gradient accumulation {gradient_accumulation_steps}, "
           f"{world_size} process(es), {device}, output {output_dir}", flush=True)
-
-    def whiten(values, mask):  # the advantages' whitening: per process (the reference's) or over all processes
-        return global_masked_whiten(values, mask, world_size) if args.global_advantage_whitening else masked_whiten(values, mask)
-
-    start_time, first_step = time.time(), global_step
+    start_time, first_episode = time.time(), episode
     for update in range(first_update + 1, num_updates + 1):
-        global_step += args.batch_size
-        optimizer.param_groups[0]["lr"] = (1.0 - (update - 1.0) / num_updates) * args.lr  # linear decay
-        indices = prompt_indices(len(train_queries), args.batch_size, update, rank, world_size, args.seed)
-        queries = train_queries[indices].to(device)  # (b, Q)
-        timer = {"validation": 0.0, "generation": 0.0, "scoring": 0.0, "training": 0.0}
+        episode += args.batch_size
+        optimizer.param_groups[0]["lr"] = (1.0 - (update - 1.0) / num_updates) * args.lr  # [PPO.lr_decay]
+        indices = rank_batch_indices(len(train_queries), args.batch_size, update - 1, rank, world_size, args.seed)
+        queries = train_queries[indices].to(device)  # (b, Q), reshuffled after each pass over the data [D21]
+        timer = dict(validation=0.0, generation=0.0, scoring=0.0, training=0.0)  # seconds
         model.eval()
 
-        # 0. before the rollout, as the reference: this process's validation prompts sampled at temperature 0.01 and
-        # scored (with the rollout's missing-EOS score; deviation: the reference's validation score omits it)
+        # the validation sample, before the rollout as in the reference: this process's validation prompts at
+        # temperature 0.01, scored with the missing-EOS score (deviation: the reference's validation score omits it)
         t0 = time.time()
-        with torch.no_grad(), autocast:
-            validation_responses, validation_score = rollout_scores(policy, reward_model, validation_queries, tokenizer,
-                                                                    args, 0.01)
+        with autocast:
+            samples = sample_table(policy, reward_model, validation_rows, validation_queries, tokenizer, args)
+        validation_score = torch.tensor([row["score"] for row in samples], device=device)
         if (args.sample_table_every and (update - 1) % args.sample_table_every == 0) or update == num_updates:
-            rows = [dict(update=update, episode=global_step - args.batch_size, id=row["id"],
-                         query=tokenizer.decode(q, skip_special_tokens=True),
-                         response=tokenizer.decode(r, skip_special_tokens=True), reference=row["summary"],
-                         score=s.item(), has_eos=bool((r == eos).any()))
-                    for row, q, r, s in zip(validation_rows, validation_queries, validation_responses, validation_score)]
-            if world_size > 1:  # every process's rows, in rank order
-                gathered = [None] * world_size
-                dist.all_gather_object(gathered, rows)
-                rows = [row for part in gathered for row in part]
-            logger.table(f"samples_update_{update}", rows, output_dir)  # episode: what the sampled policy trained on
+            samples = [dict(update=update, episode=episode - args.batch_size, **row) for row in samples]  # trained on
+            logger.table(f"samples_update_{update}", gather_rows(samples, world_size), output_dir)
         timer["validation"] += time.time() - t0
 
-        # ---- rollout, in chunks of local_rollout_forward_batch_size ----
+        # the rollout, in chunks of --local-rollout-forward-batch-size queries, each without its common left padding
+        # (deviation: the reference's forwards run at the full query width; the same up to float rounding)
         with torch.no_grad(), autocast:
-            query_responses, responses, postprocessed_responses = [], [], []
-            logprobs, ref_logprobs, values, scores, sequence_lengths = [], [], [], [], []
-            chunks = length_groups(queries, args.local_rollout_forward_batch_size, pad, args.group_by_length)
+            chunks, parts = length_groups(queries, args.local_rollout_forward_batch_size, pad, args.group_by_length), []
             for chunk in chunks:
-                # the chunk's common left padding is dropped: every forward below sees only columns that hold a token
-                # (deviation: the reference's forwards run at the full query width; the same up to float rounding)
                 query = trim_left_padding(queries[chunk], pad)  # (c, q), q <= Q
-                # 1. sample exactly response_length tokens; old logprobs from the sampling logits [D23.1]
+                # 1. generate: exactly response_length tokens [D23.1]; old logprobs from the sampling logits
                 t0 = time.time()
                 query_response, logits = generate(policy, query, pad, args.response_length, args.temperature)
                 response = query_response[:, query.size(1):]  # (c, R)
-                logprob = logprobs_of(logits, response)
+                logprob = logprobs_of(logits, response)  # [PPO.temperature]
                 del logits
                 timer["generation"] += time.time() - t0
-
-                # 2. reference logprobs (same temperature) and values of the untruncated response
+                # 2. logprobs of the reference policy and values, of the untruncated response
                 t0 = time.time()
                 ref_logprob, value = reference_logprobs_and_values(ref_policy, value_model, query_response,
                                                                    args.response_length, pad, args.temperature)
-
-                # 3. truncate after the first EOS [D23.2], score the truncated text, -1 without EOS [D23.3]
-                postprocessed_response = truncate_response(eos, pad, response)
-                scored = trim_right_padding(torch.cat([query, postprocessed_response], 1), pad)  # read at the EOS
-                _, score, _ = get_reward(reward_model, scored, pad, query.size(1))
-                if args.missing_eos_score is not None:
-                    score = torch.where((postprocessed_response == eos).any(-1), score, args.missing_eos_score)
-                sequence_length = first_true_indices(postprocessed_response == pad) - 1  # index of the EOS (or R-1)
+                # 3. truncate after the first EOS [D23.2] and score; -1 without an EOS [D23.3]
+                postprocessed_response, score = truncate_and_score(reward_model, query, response, tokenizer,
+                                                                   args.missing_eos_score)
                 timer["scoring"] += time.time() - t0
-
-                # stored at the common width Q + R (the dropped padding put back), for the update's random micro-batches
-                query_response = F.pad(query_response, (context_length - query.size(1), 0), value=pad)
-                query_responses.append(query_response)
-                responses.append(response)
-                postprocessed_responses.append(postprocessed_response)
-                logprobs.append(logprob)
-                ref_logprobs.append(ref_logprob)
-                values.append(value)
-                scores.append(score)
-                sequence_lengths.append(sequence_length)
+                query_response = F.pad(query_response, (args.query_length - query.size(1), 0), value=pad)  # (c, Q + R)
+                parts.append((query_response, response, postprocessed_response, logprob, ref_logprob, value.float(),
+                              score.float()))
             unsort = torch.argsort(torch.cat(chunks))  # back to the order of `queries` (a no-op without grouping)
-            query_responses, responses = torch.cat(query_responses)[unsort], torch.cat(responses)[unsort]  # (b, Q + R), (b, R)
-            postprocessed_responses = torch.cat(postprocessed_responses)[unsort]
-            logprobs, ref_logprobs = torch.cat(logprobs)[unsort].float(), torch.cat(ref_logprobs)[unsort].float()  # (b, R)
-            values, scores = torch.cat(values)[unsort].float(), torch.cat(scores)[unsort].float()  # (b, R), (b,)
-            sequence_lengths = torch.cat(sequence_lengths)[unsort]  # (b,)
+            query_responses, responses, postprocessed_responses, logprobs, ref_logprobs, values, scores = (
+                torch.cat(p)[unsort] for p in zip(*parts))  # (b, Q + R), (b, R) ..., (b,)
             check_finite("objective/scores", scores, f"update {update}", dict(query_responses=query_responses),
                          output_dir, rank, world_size)
 
-            # 4. masks and rewards: logprobs after the EOS are invalid, values are kept up to EOS+1
-            response_idxs = torch.arange(args.response_length, device=device).repeat(local_batch_size, 1)
+            # 4. rewards: log-probs after the EOS invalid, values kept up to EOS+1 [PPO.eos_mask]; KL penalty + score
+            sequence_lengths = first_true_indices(postprocessed_responses == pad) - 1  # (b,) the EOS's index (or R-1)
+            response_idxs = torch.arange(args.response_length, device=device)
             padding_mask = response_idxs > sequence_lengths.unsqueeze(1)  # (b, R) true strictly after the EOS
+            padding_mask_p1 = response_idxs > (sequence_lengths + 1).unsqueeze(1)
             logprobs = torch.masked_fill(logprobs, padding_mask, INVALID_LOGPROB)
             ref_logprobs = torch.masked_fill(ref_logprobs, padding_mask, INVALID_LOGPROB)
-            padding_mask_p1 = response_idxs > (sequence_lengths + 1).unsqueeze(1)
             values = torch.masked_fill(values, padding_mask_p1, 0)
             rewards, non_score_reward, kl = compute_rewards(scores, logprobs, ref_logprobs, sequence_lengths, kl_coef,
                                                             args.score_at_eos, args.kl_estimator)
-            if args.whiten_rewards:
+            if args.whiten_rewards:  # [PPO.reward_whitening]
                 rewards = masked_whiten(rewards, ~padding_mask_p1, shift_mean=False)
                 rewards = torch.masked_fill(rewards, padding_mask_p1, 0)
 
             # 5. GAE and advantage whitening (per process as the reference does, or over all processes)
-            advantages, returns = compute_advantages(rewards, values, padding_mask, args.gamma, args.lam, whiten)
+            advantages, returns = compute_advantages(rewards, values, padding_mask, args.gamma, args.lam,
+                                                     world_size if args.global_advantage_whitening else 1)
 
-        # 6. PPO epochs over mini-batches and micro-batches: clipped policy and value losses
+        # 6. PPO epochs: clipped policy and value losses over mini-batches of micro-batches
         model.train()
         t0 = time.time()
         rollout = dict(query_responses=query_responses, responses=responses, logprobs=logprobs, values=values,
@@ -862,91 +744,52 @@ def main(args):
                      dict(rollout, scores=scores, pg_loss_stats=stats["pg_loss"], vf_loss_stats=stats["vf_loss"]),
                      output_dir, rank, world_size)
 
-        # 7. logging (N+ metric names; the validation score of step 0)
-        with torch.no_grad(), autocast:
-            mean_kl = kl.sum(1).mean()  # the reward's estimator; 0 after the EOS, where both are INVALID_LOGPROB
-            mean_entropy = torch.masked_fill(-logprobs, padding_mask, 0).sum(1).mean()  # valid tokens only (deviation)
-            mean_non_score_reward = non_score_reward.sum(1).mean()
-            num_eos_tokens = (responses == eos).sum().float()
-            if world_size > 1:
-                dist.all_reduce(num_eos_tokens)  # summed over processes (deviation: the reference logged rank 0's)
-            eps = int((global_step - first_step) / (time.time() - start_time))
-            metrics = {
-                "objective/kl": gather_mean(mean_kl, world_size).item(),
-                "objective/kl_coef": kl_coef,  # the coefficient in this update's rewards
-                "objective/entropy": gather_mean(mean_entropy, world_size).item(),
-                "objective/non_score_reward": gather_mean(mean_non_score_reward, world_size).item(),
-                "objective/rlhf_reward": gather_mean(mean_non_score_reward + scores.mean(), world_size).item(),
-                "objective/scores": gather_mean(scores.mean(), world_size).item(),
-                "objective/validation_score": gather_mean(validation_score.mean(), world_size).item(),
-                "ppo/policy/approxkl_avg": gather_mean(stats["approxkl"].mean(), world_size).item(),
-                "ppo/policy/clipfrac_avg": gather_mean(stats["pg_clipfrac"].mean(), world_size).item(),
-                "ppo/loss/policy_avg": gather_mean(stats["pg_loss"].mean(), world_size).item(),
-                "ppo/loss/value_avg": gather_mean(stats["vf_loss"].mean(), world_size).item(),
-                "ppo/val/clipfrac_avg": gather_mean(stats["vf_clipfrac"].mean(), world_size).item(),
-                "ppo/policy/entropy_avg": gather_mean(stats["entropy"].mean(), world_size).item(),
-                "ppo/val/ratio": gather_mean(stats["ratio"].mean(), world_size).item(),
-                "ppo/val/ratio_var": gather_mean(stats["ratio"].var(unbiased=False), world_size).item(),
-                "ppo/val/num_eos_tokens": num_eos_tokens.item(),
-                "ppo/lr": optimizer.param_groups[0]["lr"],
-                "ppo/episode": global_step,
-                "ppo/eps": eps,
-                "ppo/optimizer_steps": optimizer_steps,
-                **{f"time/{k}": v for k, v in timer.items()},
-            }
+        # 7. log: the reference's metric names, means over all processes
+        num_eos_tokens = (responses == eos).sum().float()
+        if world_size > 1:
+            dist.all_reduce(num_eos_tokens)  # summed over processes (deviation: the reference logged rank 0's)
+        metrics = {name: gather_mean(value, world_size).item() for name, value in {
+            "objective/kl": kl.sum(1).mean(),  # the reward's estimator; 0 after the EOS
+            "objective/entropy": torch.masked_fill(-logprobs, padding_mask, 0).sum(1).mean(),  # valid tokens (deviation)
+            "objective/non_score_reward": non_score_reward.sum(1).mean(),
+            "objective/rlhf_reward": non_score_reward.sum(1).mean() + scores.mean(),
+            "objective/scores": scores.mean(),
+            "objective/validation_score": validation_score.mean(),
+            **{f"ppo/{name}": stats[key].mean() for name, key in [
+                ("policy/approxkl_avg", "approxkl"), ("policy/clipfrac_avg", "pg_clipfrac"), ("loss/policy_avg", "pg_loss"),
+                ("loss/value_avg", "vf_loss"), ("val/clipfrac_avg", "vf_clipfrac"), ("policy/entropy_avg", "entropy"),
+                ("val/ratio", "ratio")]},
+            "ppo/val/ratio_var": stats["ratio"].var(unbiased=False),
+        }.items()}
+        episodes_per_second = int((episode - first_episode) / (time.time() - start_time))
+        metrics.update({"objective/kl_coef": kl_coef, "ppo/val/num_eos_tokens": num_eos_tokens.item(),
+                        "ppo/lr": optimizer.param_groups[0]["lr"], "ppo/episode": episode, "ppo/eps": episodes_per_second,
+                        "ppo/optimizer_steps": optimizer_steps, **{f"time/{k}": v for k, v in timer.items()}})
         logger.log(metrics, step=update)
         if args.kl_target is not None:  # the same on every process: objective/kl is the mean over all of them
             kl_coef = adaptive_kl_coef(kl_coef, metrics["objective/kl"], args.kl_target, args.kl_horizon, args.batch_size)
         if rank == 0:
-            progress("ppo", update, num_updates, start_time, first_update, episode=global_step, eps=eps,
-                     score=metrics["objective/scores"], kl=metrics["objective/kl"],
-                     val_score=metrics["objective/validation_score"])
-        del validation_responses, validation_score
-        del query_responses, responses, postprocessed_responses, logprobs, ref_logprobs, values, scores
-        del rewards, non_score_reward, kl, advantages, returns, rollout
+            progress("ppo", update, num_updates, start_time, first_update, episode=episode,
+                     episodes_per_second=episodes_per_second, score=metrics["objective/scores"],
+                     kl=metrics["objective/kl"], val_score=metrics["objective/validation_score"])
         if update == num_updates or (args.checkpoint_every and update % args.checkpoint_every == 0):
             write_checkpoint(update)
 
-    # ---- evaluation at temperature 0.01 on validation and test; reference summaries scored too ----
-    if args.run_eval:
-        model.eval()
-        for split in ["validation", "test"]:
-            rows = dataset[split]
-            if args.num_eval_samples is not None:
-                rows = rows.select(range(min(args.num_eval_samples, len(rows))))
-            shard = list(range(rank, len(rows), world_size))  # each process evaluates its share; rank 0 gathers
-            # every process runs the same number of forwards (FSDP needs it): the shorter shares repeat a row
-            padded = shard + (shard or [0])[-1:] * (math.ceil(len(rows) / world_size) - len(shard))
-            eval_queries = tokenize_split(rows.select(padded)).to(device)
-            references = [tokenizer.encode(" " + rows[i]["summary"]) + [eos] for i in padded]
-            references = torch.tensor([r + [pad] * (max(map(len, references)) - len(r)) for r in references], device=device)
-            with torch.no_grad(), autocast:
-                eval_responses, eval_scores = rollout_scores(policy, reward_model, eval_queries, tokenizer, args, 0.01)
-                reference_scores = []
-                for i in range(0, len(references), args.local_rollout_forward_batch_size):
-                    chunk = slice(i, i + args.local_rollout_forward_batch_size)
-                    eval_query = trim_left_padding(eval_queries[chunk], pad)
-                    query_reference = trim_right_padding(torch.cat([eval_query, references[chunk]], 1), pad)
-                    reference_scores.append(get_reward(reward_model, query_reference, pad, eval_query.size(1))[1])
-                reference_scores = torch.cat(reference_scores)
-                table = []
-                for j, i in enumerate(shard):
-                    response, reference_score = eval_responses[j], reference_scores[j]
-                    has_eos = bool((response == eos).any())
-                    table.append(dict(
-                        id=rows[i]["id"], query=tokenizer.decode(eval_queries[j], skip_special_tokens=True),
-                        response=tokenizer.decode(response, skip_special_tokens=True), reference=rows[i]["summary"],
-                        score=eval_scores[j].item(), reference_score=reference_score.item(), has_eos=has_eos,
-                        response_tokens=int((response != pad).sum()),
-                    ))
-            if world_size > 1:
-                gathered = [None] * world_size
-                dist.all_gather_object(gathered, table)
-                table = [row for part in gathered for row in part]
-            logger.table(f"eval_{split}", table, output_dir)
-            logger.log({f"eval/{split}/score": sum(r["score"] for r in table) / len(table),
-                        f"eval/{split}/reference_score": sum(r["reference_score"] for r in table) / len(table),
-                        f"eval/{split}/eos_rate": sum(r["has_eos"] for r in table) / len(table)}, step=num_updates)
+    # ---- evaluation at temperature 0.01 on validation and test; every process runs as many forwards (FSDP): a
+    # shorter share repeats its last post, whose row is dropped ----
+    model.eval()
+    for split in ["validation", "test"] if args.run_eval else []:
+        rows = dataset[split].select(range(min(args.num_eval_samples or len(dataset[split]), len(dataset[split]))))
+        shard = list(range(rank, len(rows), world_size))
+        rows = rows.select(shard + (shard or [0])[-1:] * (math.ceil(len(rows) / world_size) - len(shard)))
+        with autocast:
+            queries = left_padded_queries(tokenizer, rows, args.query_length).to(device)
+            table = sample_table(policy, reward_model, rows, queries, tokenizer, args)
+        table = gather_rows(table[: len(shard)], world_size)
+        logger.table(f"eval_{split}", table, output_dir)
+        logger.log({f"eval/{split}/{name}": sum(r[column] for r in table) / len(table) for name, column in
+                    [("score", "score"), ("reference_score", "reference_score"), ("eos_rate", "has_eos")]},
+                   step=num_updates)
 
     # ---- save the policy (AutoModelForCausalLM-loadable) and the value model ----
     policy_state = get_model_state_dict(policy, options=full_state)  # whole tensors, also under FSDP (a collective)

@@ -1,4 +1,5 @@
 import json
+import math
 import os
 import runpy
 import sys
@@ -8,8 +9,8 @@ import torch
 
 from conftest import free_port, read_jsonl, run_ok, run_script, world_args
 from ppo_tldr import (
-    INVALID_LOGPROB, adaptive_kl_coef, compute_advantages, compute_rewards, first_true_indices, masked_mean, masked_var,
-    masked_whiten, per_token_kl, prompt_indices, truncate_response, validation_indices,
+    INVALID_LOGPROB, adaptive_kl_coef, compute_advantages, compute_rewards, first_true_indices, masked_mean,
+    masked_whiten, per_token_kl, truncate_response, validation_indices,
 )
 
 EOS, PAD = 0, 9
@@ -26,22 +27,23 @@ def test_truncate_response_eos_in_the_middle_at_the_end_and_none():
     assert truncate_response(EOS, PAD, responses).tolist() == [[5, EOS, PAD, PAD], [5, 6, 7, EOS], [5, 6, 7, 8]]
 
 
+def biased_var(values, mask):
+    """The biased variance of values[mask], computed directly."""
+    return values[mask].var(unbiased=False).item()
+
+
 def test_masked_statistics_by_hand():
     values = torch.tensor([[1.0, 2.0, 100.0], [3.0, 4.0, -50.0]])
     mask = torch.tensor([[True, True, False], [True, True, False]])
     assert masked_mean(values, mask).item() == pytest.approx(2.5)
     assert masked_mean(values, mask, axis=1).tolist() == pytest.approx([1.5, 3.5])
-    # values 1, 2, 3, 4: biased variance 1.25, unbiased 5/3
-    assert masked_var(values, mask, unbiased=False).item() == pytest.approx(1.25)
-    assert masked_var(values, mask).item() == pytest.approx(5 / 3)
+    # values 1, 2, 3, 4: mean 2.5, biased variance 1.25
     whitened = masked_whiten(values, mask)
     expected = [(v - 2.5) / (1.25 + 1e-8) ** 0.5 for v in (1.0, 2.0, 3.0, 4.0)]
     assert whitened[mask].tolist() == pytest.approx(expected, rel=1e-5)
     assert masked_mean(whitened, mask).item() == pytest.approx(0.0, abs=1e-6)
-    assert masked_var(whitened, mask, unbiased=False).item() == pytest.approx(1.0, rel=1e-5)
+    assert biased_var(whitened, mask) == pytest.approx(1.0, rel=1e-5)
     assert masked_whiten(values, mask, shift_mean=False)[mask].tolist() == pytest.approx([e + 2.5 for e in expected], rel=1e-5)
-    with pytest.raises(ValueError, match="at least 2"):
-        masked_var(values, torch.tensor([[True, False, False], [False, False, False]]))
 
 
 def test_compute_rewards_places_the_score_after_the_eos():
@@ -117,7 +119,7 @@ def test_gae_whitens_over_valid_tokens_and_zeroes_padding():
     assert advantages[0, 2].item() == 0.0
     valid = ~padding_mask
     assert masked_mean(advantages, valid).item() == pytest.approx(0.0, abs=1e-6)
-    assert masked_var(advantages, valid, unbiased=False).item() == pytest.approx(1.0, rel=1e-4)
+    assert biased_var(advantages, valid) == pytest.approx(1.0, rel=1e-4)
 
 
 # ---------------------------------------------------------------- the real command line ------------------------
@@ -203,6 +205,8 @@ def test_smoke_run_saves_a_loadable_policy_and_counts_optimizer_steps(world, rew
     (["--kl-horizon", "0"], "--kl-horizon must be positive"),
     (["--local-eval-batch-size", "100000"], "--local-eval-batch-size 100000 x 1 process"),
     (["--sample-table-every", "-1"], "--sample-table-every must be >= 0"),
+    (["--num-eval-samples", "0"], "--num-eval-samples must be positive"),
+    (["--keep-checkpoints", "0"], "--keep-checkpoints must be positive"),
 ])
 def test_bad_arguments_fail_before_loading_models(world, reward_model, tmp_path, monkeypatch, extra, message):
     out = tmp_path / "run"
@@ -301,12 +305,10 @@ def _whiten_in_a_process_group(rank, world_size, port, values, mask, results):
 
     import torch.distributed as dist
 
-    from ppo_tldr import global_masked_whiten
-
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
     share = slice(rank * 2, (rank + 1) * 2)
-    results[rank] = global_masked_whiten(values[share], mask[share], world_size)
+    results[rank] = masked_whiten(values[share], mask[share], world_size=world_size)
     dist.destroy_process_group()
 
 
@@ -316,8 +318,6 @@ def test_global_advantage_whitening_uses_the_statistics_of_every_process():
     whitening (the reference's) would not."""
     import torch.multiprocessing as mp
 
-    from ppo_tldr import global_masked_whiten
-
     values = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0], [10.0, 20.0, 30.0], [0.0, -1.0, 7.0]])
     mask = torch.tensor([[1, 1, 0], [1, 1, 1], [1, 0, 0], [1, 1, 1]], dtype=torch.bool)
     port = free_port()
@@ -326,7 +326,6 @@ def test_global_advantage_whitening_uses_the_statistics_of_every_process():
     together = torch.cat([results[0], results[1]])
     expected = masked_whiten(values, mask)
     assert torch.allclose(together[mask], expected[mask], atol=1e-6)
-    assert torch.equal(global_masked_whiten(values, mask, 1), expected)
     assert not torch.allclose(masked_whiten(values[:2], mask[:2])[mask[:2]], expected[:2][mask[:2]], atol=1e-3)
 
 
@@ -400,6 +399,42 @@ def _update(model, wrapper, rollout, micro_batch_size, accumulation, pad_token_i
     stats, steps = ppo_update(model, optimizer, rollout, args, pad_token_id, accumulation, contextlib.nullcontext())
     assert steps == 1
     return stats
+
+
+class FixedOutputs(torch.nn.Module):
+    """Stands in for PolicyAndValueWrapper: the same logits (1, T, V) and values (1, T) whatever the input."""
+
+    def __init__(self, logits, values):
+        super().__init__()
+        self.logits, self.values = torch.nn.Parameter(logits), torch.nn.Parameter(values)
+
+    def forward(self, input_ids, attention_mask, position_ids, use_cache=False, logits_to_keep=0):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(logits=self.logits[:, -logits_to_keep:]), self.values
+
+
+def test_clipped_policy_and_value_losses_by_hand():
+    """[PPO.policy_loss] [PPO.value_loss] on one episode of 3 response tokens, the third after the EOS (masked). Uniform
+    logits over 3 tokens: every new log-prob is log(1/3). Token 0: old log-prob log(1/3) - log(1.5), so ratio 1.5,
+    advantage 1: -1.5 clipped to -1.2. Token 1: ratio 1, advantage -2: 2. pg_loss = (-1.2 + 2) / 2 = 0.4. Values:
+    vpred 0.5 (old 0, clipped to 0.2, return 1: max(0.25, 0.64) = 0.64) and 1.0 (old 1.1, return 0: 1 either way);
+    vf_loss = 0.5 * (0.64 + 1) / 2 = 0.41. The masked token's huge advantage and return count for nothing."""
+    model = FixedOutputs(torch.zeros(1, 1 + 3, 3), torch.tensor([[0.5, 1.0, 7.0, 9.0]]))
+    third = math.log(1 / 3)
+    rollout = dict(query_responses=torch.tensor([[5, 0, 1, 2]]), responses=torch.tensor([[0, 1, 2]]),
+                   logprobs=torch.tensor([[third - math.log(1.5), third, INVALID_LOGPROB]]),
+                   values=torch.tensor([[0.0, 1.1, 0.0]]), returns=torch.tensor([[1.0, 0.0, 100.0]]),
+                   advantages=torch.tensor([[1.0, -2.0, 100.0]]), padding_mask=torch.tensor([[False, False, True]]),
+                   padding_mask_p1=torch.tensor([[False, False, True]]))
+    stats = {k: v.item() for k, v in _update(model, model, rollout, 1, 1).items()}
+    assert stats["pg_loss"] == pytest.approx(0.4, rel=1e-5)
+    assert stats["pg_clipfrac"] == 0.5
+    assert stats["vf_loss"] == pytest.approx(0.41, rel=1e-5)
+    assert stats["vf_clipfrac"] == 0.5
+    assert stats["ratio"] == pytest.approx(1.25, rel=1e-5)
+    assert stats["approxkl"] == pytest.approx(0.5 * math.log(1.5) ** 2 / 2, rel=1e-5)
+    assert stats["entropy"] == pytest.approx(math.log(3), rel=1e-5)
 
 
 def _update_in_a_process_group(rank, world_size, port, mode, model_path, rollout, results):
@@ -485,17 +520,26 @@ def test_validation_prompts_are_distinct_across_processes_and_the_same_every_upd
         validation_indices(10, 0, 0, 1)
 
 
-def test_prompt_shards_are_disjoint_cover_the_global_batch_and_reshuffle_each_pass():
-    """20 queries, global batch 8: 2 updates per pass (4 queries dropped), 2 processes of 4."""
-    seen = []
-    for update in (1, 2):
-        shards = [prompt_indices(20, 8, update, rank, 2, seed=7).tolist() for rank in range(2)]
-        assert not set(shards[0]) & set(shards[1])
-        assert shards[0] + shards[1] == prompt_indices(20, 8, update, 0, 1, seed=7).tolist()  # as one process
-        seen += shards[0] + shards[1]
-    assert len(set(seen)) == 16  # no query twice within a pass
-    second_pass = torch.randperm(20, generator=torch.Generator().manual_seed(8)).tolist()
-    assert prompt_indices(20, 8, 3, 0, 1, seed=7).tolist() == second_pass[:8]  # the next pass: seed + 1
+def test_truncate_and_score_reads_the_truncated_text_and_replaces_a_missing_eos(world, reward_model):
+    """Rollout step 3 [D23.2, D23.3]: the response is cut after its first EOS and the reward model scores query +
+    truncated text; a response without EOS gets --missing-eos-score, or keeps its score when that is None."""
+    from ppo_tldr import load_tokenizer, truncate_and_score
+
+    from value_head import ScalarModel, get_reward
+
+    tokenizer = load_tokenizer(str(world / "base_model"), "--sft-model-path")
+    pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
+    scorer = ScalarModel.from_pretrained(str(reward_model)).eval()
+    query = torch.tensor([[pad, 5, 6], [7, 8, 9]])
+    response = torch.tensor([[10, eos, 11, 12], [10, 11, 12, 13]])
+    with torch.no_grad():
+        truncated, score = truncate_and_score(scorer, query, response, tokenizer, -1.0)
+        _, kept = truncate_and_score(scorer, query, response, tokenizer, None)
+        expected = get_reward(scorer, torch.cat([query, truncated], 1), pad, 3)[1]
+    assert truncated.tolist() == [[10, eos, pad, pad], [10, 11, 12, 13]]
+    assert score[0].item() == pytest.approx(expected[0].item(), abs=1e-5) and score[1].item() == -1.0
+    assert kept.tolist() == pytest.approx(expected.tolist(), abs=1e-5)
+    assert expected[1].item() != -1.0
 
 
 # ---------------------------------------------------------------- savings: the same numbers ----------------------
