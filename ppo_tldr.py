@@ -5,7 +5,7 @@ One GPU (1B, the paper's global batch of 512 episodes through gradient accumulat
     python ppo_tldr.py --total-episodes 1000000
 Eight GPUs (the paper's set-up):
     torchrun --nproc-per-node 8 ppo_tldr.py --total-episodes 1000000 --local-micro-batch-size 16
-The tiny offline world (CPU, about a minute; see README.md "The tiny offline TL;DR world"); the random base model
+The tiny offline world (CPU, about a minute; see benchmark/README.md "The tiny offline TL;DR world"); the random base model
 stands in for the SFT policy and a reward model is trained first:
     python benchmark/offline_world.py --out-dir world --size tiny
     python reward_model.py --sft-model-path world/base_model --label-dataset world/tldr_preference \\

@@ -1,4 +1,4 @@
-# See README.md "GPU check" for what this measures and how to read it.
+# See benchmark/README.md "GPU check" for what this measures and how to read it.
 """One command for a machine with one CUDA GPU: the four scripts at the paper's shapes, measured, offline.
 
     python benchmark/gpu_check.py --out-dir /tmp/gpu_check           # one CUDA GPU, about 5-8 minutes

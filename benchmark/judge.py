@@ -1,4 +1,4 @@
-# See README.md "Judging with a GPT model" for how to use it.
+# See benchmark/README.md "Judging with a GPT model" for how to use it.
 """Win rates of policy summaries over the human reference summaries, judged by a chat model (the paper's metric).
 
     export OPENAI_API_KEY=...

@@ -1,4 +1,4 @@
-# See README.md "The tiny offline TL;DR world" for what this world is and why it stands in for the real one.
+# See benchmark/README.md "The tiny offline TL;DR world" for what this world is and why it stands in for the real one.
 """A tiny, deterministic, offline stand-in for TL;DR summarisation: data, gold judge, tokenizer and base model.
 
     python benchmark/offline_world.py --out-dir /tmp/world --size tiny --seed 1

@@ -1,4 +1,4 @@
-# See README.md "Offline benchmark" for the results of this pipeline and how to read them.
+# See benchmark/README.md "Offline benchmark" for the results of this pipeline and how to read them.
 """The offline RLHF benchmark: world -> sft.py -> reward_model.py -> ppo_tldr.py and dpo.py, judged by the gold judge.
 
     python benchmark/pipeline.py                      # benchmark-sized world, ~41 min on 2 idle CPU cores
@@ -39,12 +39,12 @@ SETTINGS = {
     "small": dict(
         size="small", query_length=128, eval_posts=200, judge_posts=1000,  # judged: all validation posts
         # SFT 2,600 updates: 2,000 had not learnt to copy; 2,500 copied the post's feeling 72% (PPO then +0.22 only);
-        # 2,600 copies it 89% (PPO +0.28); 2,700 won 0.43, 3,000 won 0.50 (README "Offline benchmark")
+        # 2,600 copies it 89% (PPO +0.28); 2,700 won 0.43, 3,000 won 0.50 (benchmark/README.md "Offline benchmark")
         sft=["--lr", "1e-3", "--batch-size", "32", "--local-micro-batch-size", "32", "--num-train-epochs", "5",
              "--total-episodes", "83200"],
         reward_model=["--lr", "1e-4", "--batch-size", "32", "--local-micro-batch-size", "32",
                       "--num-normalization-samples", "2000", "--local-eval-batch-size", "32"],
-        # PPO: the validation score is flat after ~320 episodes (README "Offline benchmark")
+        # PPO: the validation score is flat after ~320 episodes (benchmark/README.md "Offline benchmark")
         ppo=["--lr", "5e-5", "--total-episodes", "2560", "--batch-size", "64", "--local-micro-batch-size", "32",
              "--local-rollout-forward-batch-size", "64", "--sample-table-every", "5",
              "--local-eval-batch-size", "64"],  # the gold curve's validation batch (the reference samples 2)

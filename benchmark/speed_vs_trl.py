@@ -1,4 +1,4 @@
-# See README.md "Speed against TRL" for what is compared, how to read the report and the TRL differences.
+# See benchmark/README.md "Speed against TRL" for what is compared, how to read the report and the TRL differences.
 """Throughput and peak memory of ppo_tldr.py against TRL 1.12's PPOTrainer on the offline world, and how
 ppo_tldr.py's time per update scales with response length, batch size and model size.
 

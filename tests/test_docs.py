@@ -206,3 +206,33 @@ def test_the_checks_name_the_wrong_row_or_name(tmp_path):
         f"[D99] is used in algo.py but is not a row of README.md's index ({INDEX_HEADING!r})",
         "index row [D7] is used nowhere outside the index (code, README.md, benchmark/, tests): remove the row or "
         "cite the tag"]
+
+
+SECTION_REFERENCE = re.compile(r'((?:benchmark/)?README)(?:\.md)? "([^"]+)"')
+
+
+def section_reference_errors(texts, root=ROOT):
+    """Every `README.md "Section"` / `benchmark/README.md "Section"` written in `texts` ({path: text}) must name a
+    heading of that file (a quote may wrap over a line break)."""
+    headings = {}
+    for name in ("README", "benchmark/README"):
+        lines = (root / f"{name}.md").read_text().splitlines()
+        headings[name] = {line.lstrip("#").strip() for line in lines if line.startswith("#")}
+    errors = []
+    for path, text in texts.items():
+        for readme, section in SECTION_REFERENCE.findall(text):
+            if " ".join(section.split()) not in headings[readme]:
+                errors.append(f"{path} points to {readme}.md \"{section}\", which has no such section")
+    return errors
+
+
+def test_every_readme_section_named_in_the_project_exists():
+    texts = project_texts()
+    texts["tests/test_docs.py"] = ""  # this file's examples aside
+    errors = section_reference_errors(texts)
+    assert not errors, "\n".join(errors)
+
+
+def test_a_reference_to_a_missing_section_is_reported():
+    errors = section_reference_errors({"a.py": '# see README.md "Set-up", benchmark/README.md "No such part"'})
+    assert errors == ['a.py points to benchmark/README.md "No such part", which has no such section']

@@ -1,6 +1,5 @@
 """The hub artefacts as a user loads them: a Hugging Face cache (in a temporary HF_HOME, HF_HUB_OFFLINE=1) holding
-tiny models under the exact default ids, in the formats of the hub repos (README.md "Loading the paper's released
-models"), and `python ppo_tldr.py` with its default model arguments; the bias computed at PPO start against the one
+tiny models under the exact default ids, in the formats of the hub repos (README.md "value_head.py"), and `python ppo_tldr.py` with its default model arguments; the bias computed at PPO start against the one
 reward_model.py stores.
 
 The default dataset ids are not served this way: in offline mode `datasets.load_dataset("org/name")` raises before it

@@ -463,7 +463,7 @@ def _update_in_a_process_group(rank, world_size, port, mode, model_path, rollout
     # DDP's reducer holds the process group: drop the models first, so that under DDP the group's threads are joined
     # inside destroy_process_group. Freed later (with this function's locals), gloo's destructor joined a worker
     # thread that waited for the GIL this thread held, and the test hung once. Under FSDP the group stays alive
-    # after this too (README "Multi-GPU and memory", known issue).
+    # after this too (README.md "Multi-GPU and memory", known issue).
     del model, wrapper, policy, value_model, stats, state
     gc.collect()  # module hooks make reference cycles
     dist.barrier()

@@ -54,7 +54,7 @@ def test_every_command_parses_and_fits(size, gpus):
             assert args.total_episodes == 1_000_000
             per_process = args.batch_size // processes
             assert per_process % args.local_rollout_forward_batch_size == 0
-        # sharded where DDP does not fit an 80 GB GPU (README "Multi-GPU and memory")
+        # sharded where DDP does not fit an 80 GB GPU (README.md "Multi-GPU and memory")
         assert args.fsdp == (size == "6.9b" or (script == "ppo_tldr.py" and size != "1b"))
         assert args.batch_size % (args.local_micro_batch_size * processes) == 0, (script, args.batch_size)
 
