@@ -53,7 +53,8 @@ SETTINGS = {
     ),
     # The test model on the quick world (4 heads, full rotary). SFT 1,500 updates of 32 (1,200: PPO +0.20 only, seed 1).
     # `pipeline.py --quick --seed N`, greedy win rates SFT / PPO / DPO: seed 1 0.075 / 0.324 / 0.328, seed 2 0.370 /
-    # 0.439 / 0.242 (its SFT copies the feeling, seed 1's does not: PPO and DPO do not yet clearly beat a strong SFT).
+    # 0.439 / 0.242, seed 3 0.109 / 0.180 / 0.212. Every SFT copies the main fact; only seed 2's copies the feeling
+    # (92% vs 10%), and PPO and DPO then add a feeling and a question without copying them: not yet +0.2 on every seed.
     # Seconds on 2 shared cores, seed 1: world 11, SFT 172, RM 37, PPO 64, DPO 51, evaluation 22; wall 358.
     "quick": dict(
         size="quick", query_length=96, response_length=40, eval_posts=64, judge_posts=1000,
