@@ -40,6 +40,21 @@ def run_ok(*command, **kwargs):
     return result
 
 
+def raises_in_process(script, *command, error=ValueError, match=None):
+    """Run `python script *command` in this process (no start-up cost; for inputs that must fail before any model
+    loads) and return the exception it raises, which must be `error` (matching the regular expression `match`)."""
+    import runpy
+
+    saved = sys.argv
+    sys.argv = [script, *map(str, command)]
+    try:
+        with pytest.raises(error, match=match) as caught:
+            runpy.run_path(os.path.join(ROOT, script), run_name="__main__")
+    finally:
+        sys.argv = saved
+    return caught.value
+
+
 def read_jsonl(path):
     with open(path) as f:
         return [json.loads(line) for line in f]

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import sft
-from conftest import read_jsonl, run_ok, run_script, world_args
+from conftest import raises_in_process, read_jsonl, run_ok, world_args
 
 # Tiny-world settings that learn quickly from random init: 20 updates of 32, crossing into a second epoch; micro-batches
 # of 8, so that the 2-process run accumulates too (2 per rank, under no_sync) and still matches 4 in one process.
@@ -209,29 +209,22 @@ def test_check_args():
 
 
 # ------------------------------------------------------------ bad input (the real command line) ----------------
-@pytest.mark.slow
 def test_error_dataset_lacking_columns(world, tmp_path):
     folder = tmp_path / "bad_dataset"
     folder.mkdir()
     (folder / "train.jsonl").write_text(json.dumps(dict(id="a", title="t", post="p")) + "\n")
-    result = run_script("sft.py", "--base-model", str(world / "base_model"), "--query-dataset", str(folder))
-    assert result.returncode != 0
-    assert "--query-dataset" in result.stderr and "['subreddit', 'summary']" in result.stderr
+    raises_in_process("sft.py", "--base-model", world / "base_model", "--query-dataset", folder,
+                      match=r"--query-dataset.*\['subreddit', 'summary'\]")
 
 
-@pytest.mark.slow
 def test_error_model_path_missing(world, tmp_path):
-    result = run_script("sft.py", "--base-model", str(tmp_path / "no_such_model"),
-                        "--query-dataset", str(world / "tldr_sft"))
-    assert result.returncode != 0
-    assert "--base-model" in result.stderr and "no_such_model" in result.stderr and "is not a folder" in result.stderr
+    raises_in_process("sft.py", "--base-model", tmp_path / "no_such_model", "--query-dataset", world / "tldr_sft",
+                      match=r"--base-model.*no_such_model.*is not a folder")
 
 
-@pytest.mark.slow
 def test_error_batch_size_does_not_divide(world):
-    result = run_script("sft.py", *world_args(world, "sft.py"), "--batch-size", "30", "--local-micro-batch-size", "16")
-    assert result.returncode != 0
-    assert "--batch-size" in result.stderr and "30 is not divisible by 16" in result.stderr
+    raises_in_process("sft.py", *world_args(world, "sft.py"), "--batch-size", "30", "--local-micro-batch-size", "16",
+                      match="--batch-size.*30 is not divisible by 16")
 
 
 # ------------------------------------------------------------ smoke and torchrun -------------------------------
