@@ -142,7 +142,7 @@ class Args:
     global_advantage_whitening: bool = False
     """whiten the advantages with the statistics of every process's episodes; off: per process, as the reference"""
     score_at_eos: bool = False
-    """add the score at the EOS token instead of one position after it (the reference's placement, the default)"""
+    """add the score at the EOS token; off (the reference's placement): one position after it [PPO.score_placement]"""
     local_eval_batch_size: int = 2
     """validation prompts per process sampled at temperature 0.01 before every rollout (objective/validation_score)"""
     sample_table_every: int = 220
@@ -775,13 +775,14 @@ def main(args):
         if update == num_updates or (args.checkpoint_every and update % args.checkpoint_every == 0):
             write_checkpoint(update)
 
-    # ---- evaluation at temperature 0.01 on validation and test; every process runs as many forwards (FSDP): a
-    # shorter share repeats its last post, whose row is dropped ----
+    # ---- evaluation at temperature 0.01 on validation and test, each process on a contiguous share; every process runs
+    # as many forwards (FSDP): a shorter share repeats a post, whose row is dropped ----
     model.eval()
     for split in ["validation", "test"] if args.run_eval else []:
         rows = dataset[split].select(range(min(args.num_eval_samples or len(dataset[split]), len(dataset[split]))))
-        shard = list(range(rank, len(rows), world_size))
-        rows = rows.select(shard + (shard or [0])[-1:] * (math.ceil(len(rows) / world_size) - len(shard)))
+        share = math.ceil(len(rows) / world_size)
+        shard = list(range(rank * share, min((rank + 1) * share, len(rows))))
+        rows = rows.select(shard + [shard[-1] if shard else 0] * (share - len(shard)))  # gathered in dataset order
         with autocast:
             queries = left_padded_queries(tokenizer, rows, args.query_length).to(device)
             table = sample_table(policy, reward_model, rows, queries, tokenizer, args)
