@@ -38,24 +38,19 @@ import offline_world  # noqa: E402
 SETTINGS = {
     "small": dict(
         size="small", query_length=128, eval_posts=200, judge_posts=1000,  # judged: all validation posts
-        # SFT 2,600 updates: 2,000 had not learnt to copy; 2,500 copied the post's feeling 72% (PPO then +0.22 only);
-        # 2,600 copies it 89% (PPO +0.28); 2,700 won 0.43, 3,000 won 0.50 (benchmark/README.md "Offline benchmark")
+        # SFT 2,600 updates: copying the post's facts and feeling emerges late (benchmark/README.md "Offline benchmark")
         sft=["--lr", "1e-3", "--batch-size", "32", "--local-micro-batch-size", "32", "--num-train-epochs", "5",
              "--total-episodes", "83200"],
         reward_model=["--lr", "1e-4", "--batch-size", "32", "--local-micro-batch-size", "32",
                       "--num-normalization-samples", "2000", "--local-eval-batch-size", "32"],
-        # PPO: the validation score is flat after ~320 episodes (benchmark/README.md "Offline benchmark")
         ppo=["--lr", "5e-5", "--total-episodes", "2560", "--batch-size", "64", "--local-micro-batch-size", "32",
              "--local-rollout-forward-batch-size", "64", "--sample-table-every", "5",
              "--local-eval-batch-size", "64"],  # the gold curve's validation batch (the reference samples 2)
         dpo=["--lr", "1e-4", "--beta", "0.1", "--batch-size", "32", "--local-micro-batch-size", "32",
              "--local-eval-batch-size", "32", "--total-episodes", "9216"],  # 288 of the 625 updates of one epoch
     ),
-    # The test model on the quick world (4 heads, full rotary). SFT 1,500 updates of 32 (1,200: PPO +0.20 only, seed 1).
-    # `pipeline.py --quick --seed N`, greedy win rates SFT / PPO / DPO: seed 1 0.075 / 0.324 / 0.328, seed 2 0.370 /
-    # 0.439 / 0.242, seed 3 0.109 / 0.180 / 0.212. Every SFT copies the main fact; only seed 2's copies the feeling
-    # (92% vs 10%), and PPO and DPO then add a feeling and a question without copying them: not yet +0.2 on every seed.
-    # Seconds on 2 shared cores, seed 1: world 11, SFT 172, RM 37, PPO 64, DPO 51, evaluation 22; wall 358.
+    # The test model's size on the quick world (4 heads, full rotary: SFT learns to copy the post's main fact within
+    # its 1,500 updates of 32). Results per seed: benchmark/README.md "Quick setting".
     "quick": dict(
         size="quick", query_length=96, response_length=40, eval_posts=64, judge_posts=1000,
         sft=["--lr", "3e-3", "--batch-size", "32", "--local-micro-batch-size", "32", "--num-train-epochs", "2",
