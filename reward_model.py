@@ -1,9 +1,8 @@
 # See README.md "reward_model.py" for what this script does, the N+ details it implements and its benchmark numbers.
 """Reward model training on TL;DR preference pairs, faithful to the N+ reference (Huang et al., 2024) [D10-D15].
 
-Backbone = the SFT model without its LM head + a scalar head (value_head.py); the reward is read at the EOS; loss
--log sigmoid(r_chosen - r_rejected); after training the mean score of the SFT reference summaries is stored as a
-bias so that they score 0 on average [D15]. Saved with value_head's save_pretrained (read by ppo_tldr.py).
+The SFT backbone without its LM head + a scalar head (value_head.py), read at the EOS, trained on the loss
+-log sigmoid(r_chosen - r_rejected); then the reference summaries' mean score is stored as a bias: they score 0 [D15].
 
 Single GPU (hub defaults: the Pythia-1B SFT checkpoint and the OpenAI comparisons):
     python reward_model.py --sft-model-path cleanrl/EleutherAI_pythia-1b-deduped__sft__tldr
@@ -21,7 +20,6 @@ import os
 import random
 import shutil
 import time
-from collections import defaultdict
 from dataclasses import asdict, dataclass
 from typing import Optional
 
@@ -73,8 +71,7 @@ class Args:
     sft_model_revision: Optional[str] = None
     """hub branch, tag or commit of --sft-model-path (e.g. a run of the paper's release); None: main; hub ids only"""
     label_dataset: str = "vwxyzjn/summarize_from_feedback_oai_preprocessing_1706381144"
-    """preference pairs: OpenAI columns (info, summaries, choice, batch, split, extra) or prompt/chosen/rejected;
-    split "train" trains, every other split is evaluated"""
+    """preference pairs (OpenAI columns or prompt/chosen/rejected); split "train" trains, the others are evaluated"""
     label_dataset_revision: Optional[str] = None
     """hub branch, tag or commit of --label-dataset; None: the main branch; not for a local folder"""
     query_dataset: str = "vwxyzjn/summarize_from_feedback_tldr_3_filtered"
@@ -96,8 +93,7 @@ class Args:
     num_eval_samples: Optional[int] = None
     """pairs evaluated per validation split (the first ones); None: all"""
     cnndm_query_length: int = 1919
-    """query length in tokens of the CNN/DM rows (validation_cnndm), articles cut at their last newline to fit, as the
-    reference's 2047 - 128; --query-length applies to the TL;DR posts"""
+    """query length in tokens of the CNN/DM rows (validation_cnndm; the reference's 2047 - 128), articles cut to fit"""
     num_normalization_samples: Optional[int] = None
     """reference summaries of the --query-dataset train split scored for the bias (the first ones); None: all"""
     lr: float = 3e-6
@@ -105,8 +101,7 @@ class Args:
     eps: float = 1e-5
     """AdamW epsilon"""
     fsdp: bool = False
-    """shard the model's parameters, gradients and AdamW states over the processes with PyTorch FSDP2 `fully_shard`
-    instead of replicating them with DDP: for the 6.9B run (see README.md "Multi-GPU and memory"); needs torchrun"""
+    """FSDP2: shard parameters, gradients and AdamW states over the processes, not DDP (6.9B; README); needs torchrun"""
 
 
 # -------------------------------------------------------- common helpers (copied verbatim) ---------------------
@@ -160,7 +155,6 @@ def right_pad(tokens, length, pad_token_id):
 # -------------------------------------------------------- reward-model helpers ---------------------------------
 OPENAI_COLUMNS = ["info", "summaries", "choice", "batch", "split", "extra"]  # OpenAI's comparisons, as on the hub
 STANDARD_COLUMNS = ["prompt", "chosen", "rejected"]  # the standard preference format
-QUERY_COLUMNS = ["subreddit", "title", "post", "summary"]
 
 
 def check_args(args, world_size):
@@ -204,18 +198,17 @@ def tokenize_article(tokenizer, article, query_length):
 
 
 def tokenize_pairs(tokenizer, dataset, fmt, query_length, response_length, cnndm_query_length):
-    """(pairs, dropped): one dict per preference pair with the token ids of query + chosen and query + rejected.
-    Responses get an EOS appended [D12]; pairs with a response over `response_length` tokens are dropped and
-    counted (deviation: the reference truncates them, cutting off the EOS the reward is read at)."""
-    pairs, dropped = [], 0
+    """(pairs, dropped): per pair the token ids of query + chosen and of query + rejected, each response + EOS [D12]; a
+    pair with a response over `response_length` tokens is dropped and counted (deviation: the reference truncates it,
+    cutting off the EOS the reward is read at)."""
+    pairs = []
     for index, row in enumerate(dataset):
         if fmt == "openai":
             info = row["info"]
             cnndm = info.get("post") is None and info.get("article") is not None  # validation_cnndm
             query_tokens = (tokenize_article(tokenizer, info["article"], cnndm_query_length) if cnndm
                             else tokenize_query(tokenizer, info, query_length))  # [D2.2]
-            chosen = row["summaries"][row["choice"]]["text"]  # OpenAI texts already begin with a space
-            rejected = row["summaries"][1 - row["choice"]]["text"]
+            chosen, rejected = (row["summaries"][c]["text"] for c in (row["choice"], 1 - row["choice"]))  # " text"
             meta = dict(id=info["id"], split=row["split"], batch=row["batch"],
                         confidence=(row["extra"] or {}).get("confidence"))
         else:
@@ -225,15 +218,12 @@ def tokenize_pairs(tokenizer, dataset, fmt, query_length, response_length, cnndm
                                  f"{len(query_tokens)} tokens (prompts of the prompt/chosen/rejected format are not cut)")
             chosen, rejected = row["chosen"], row["rejected"]
             meta = dict(id=row.get("id", index), split=None, batch=None, confidence=None)
-        chosen_tokens = tokenizer.encode(chosen) + [tokenizer.eos_token_id]
-        rejected_tokens = tokenizer.encode(rejected) + [tokenizer.eos_token_id]
-        if max(len(chosen_tokens), len(rejected_tokens)) > response_length:
-            dropped += 1
-            continue
-        pairs.append(dict(index=index, query=tokenizer.decode(query_tokens), chosen=chosen, rejected=rejected,
-                          query_chosen=query_tokens + chosen_tokens, query_rejected=query_tokens + rejected_tokens,
-                          **meta))
-    return pairs, dropped
+        chosen_tokens, rejected_tokens = (tokenizer.encode(t) + [tokenizer.eos_token_id] for t in (chosen, rejected))
+        if max(len(chosen_tokens), len(rejected_tokens)) <= response_length:  # else dropped
+            pairs.append(dict(index=index, query=tokenizer.decode(query_tokens), chosen=chosen, rejected=rejected,
+                              query_chosen=query_tokens + chosen_tokens, query_rejected=query_tokens + rejected_tokens,
+                              **meta))
+    return pairs, len(dataset) - len(pairs)
 
 
 def pair_batch(pairs, length, pad_token_id):
@@ -248,16 +238,13 @@ def pair_rewards(model, pairs, pad_token_id, device):
     sequence, not to query_length + response_length: under causal attention trailing pad columns change no output."""
     longest = max(len(s) for p in pairs for s in (p["query_chosen"], p["query_rejected"]))
     query_responses = pair_batch(pairs, longest, pad_token_id).to(device)  # (2B, T)
-    _, scores, _ = get_reward(model, query_responses, pad_token_id, context_length=0)
-    return scores.float().chunk(2)
+    return get_reward(model, query_responses, pad_token_id, context_length=0)[1].float().chunk(2)
 
 
 def pairwise_loss_and_accuracy(chosen_rewards, rejected_rewards):
-    """Bradley-Terry loss -log sigmoid(r_chosen - r_rejected) (Stiennon et al. 2020, eq. 1) and the share of pairs
-    with r_chosen > r_rejected (a tie counts 0, as the reference), both averaged over the pairs."""
+    """Means over the pairs of the Bradley-Terry loss (Stiennon et al. 2020, eq. 1) and of r_chosen > r_rejected."""
     loss = -F.logsigmoid(chosen_rewards - rejected_rewards).mean()
-    accuracy = (chosen_rewards > rejected_rewards).float().mean()
-    return loss, accuracy
+    return loss, (chosen_rewards > rejected_rewards).float().mean()  # a tie counts 0, as in the reference
 
 
 def cosine_to_zero(num_updates):
@@ -271,13 +258,10 @@ def eval_metrics(rows, split):
     metrics = {f"eval/{split}/accuracy": sum(correct) / len(rows),
                f"eval/{split}/reward_chosen": sum(r["reward_chosen"] for r in rows) / len(rows),
                f"eval/{split}/reward_rejected": sum(r["reward_rejected"] for r in rows) / len(rows)}
-    for key in ["split", "batch", "confidence"]:
-        groups = defaultdict(list)
-        for row, c in zip(rows, correct):
-            if row[key] is not None:  # the prompt/chosen/rejected format has no breakdown
-                groups[row[key]].append(c)
-        for value in sorted(groups, key=str):
-            metrics[f"eval/{split}/accuracy/{key}/{value}"] = sum(groups[value]) / len(groups[value])
+    for key in ["split", "batch", "confidence"]:  # None (the prompt/chosen/rejected format): no breakdown
+        for value in sorted({row[key] for row in rows if row[key] is not None}, key=str):
+            group = [c for row, c in zip(rows, correct) if row[key] == value]
+            metrics[f"eval/{split}/accuracy/{key}/{value}"] = sum(group) / len(group)
     return metrics
 
 
@@ -319,10 +303,9 @@ def main(args):
         raise ValueError(f"--label-dataset {args.label_dataset}: no train split (it has {list(label_splits)})")
     eval_splits = [split for split in label_splits if split != "train"] if args.run_eval else []
     query_rows = load_data(args.query_dataset, "--query-dataset", "train", args.query_dataset_revision)
-    check_columns(query_rows, QUERY_COLUMNS, f"--query-dataset {args.query_dataset}")
+    check_columns(query_rows, ["subreddit", "title", "post", "summary"], f"--query-dataset {args.query_dataset}")
 
-    # 2. Tokenize: query + chosen and query + rejected, right-padded at batching [D12]; the reference summaries of the
-    # SFT train split, scored after training for the bias [D15]
+    # 2. Tokenize the pairs, right-padded at batching [D12], and the reference summaries that set the bias [D15]
     pairs = {}
     for split in ["train"] + eval_splits:
         if len(label_splits[split]) == 0:
@@ -331,8 +314,7 @@ def main(args):
         pairs[split], dropped = tokenize_pairs(tokenizer, label_splits[split], fmt, args.query_length,
                                                args.response_length, args.cnndm_query_length)
         if rank == 0:
-            print(f"{args.label_dataset} {split}: {len(pairs[split])} pairs ({fmt} format), {dropped} dropped "
-                  f"for a response over --response-length {args.response_length} tokens")
+            print(f"{split}: {len(pairs[split])} pairs ({fmt} format), {dropped} dropped (over --response-length)")
     train = pairs["train"]
     num_train_pairs = len(train) if args.total_episodes is None else args.total_episodes
     num_updates = num_train_pairs // args.batch_size
@@ -346,11 +328,9 @@ def main(args):
     if not norm_queries:
         raise ValueError(f"--query-dataset {args.query_dataset}: no reference summary fits --response-length")
     if rank == 0:
-        print(f"{args.query_dataset} train: {len(norm_queries)} reference summaries for the normalisation, "
-              f"{norm_dropped} dropped for being over --response-length {args.response_length} tokens")
+        print(f"{len(norm_queries)} reference summaries set the bias, {norm_dropped} dropped (over --response-length)")
 
-    # 3. Model: the SFT backbone without its LM head + a fresh scalar head [D10, D11], dropout off [D7]; AdamW (weight
-    # decay 0.01, no clipping), cosine to 0; a resumed run restores them and its random streams
+    # 3. Model: the SFT backbone + a fresh scalar head [D10, D11], no dropout [D7]; AdamW (no clipping), cosine to 0
     run_name = f"{args.exp_name}__{args.seed}__{int(time.time())}"
     output_dir = args.output_dir or os.path.join("runs", run_name)
     checkpoint = find_checkpoint(args, output_dir, world_size)
@@ -378,9 +358,8 @@ def main(args):
         set_rng_states(checkpoint["rng"], rank)
         print(f"resumed from update {first_update} of {output_dir}/checkpoints", flush=True)
         del checkpoint
-    # one pass over one shuffle shared by all processes, each global batch cut into disjoint per-process slices
     batches = [rank_batch_indices(len(train), args.batch_size, u, rank, world_size, args.seed)
-               for u in range(num_updates)]
+               for u in range(num_updates)]  # one pass; one shuffle for all processes, cut into disjoint slices
     all_indices = gather_rows([i for batch in batches for i in batch], world_size)
     assert len(set(all_indices)) == len(all_indices) == num_updates * args.batch_size, "the processes' pairs overlap"
     print(f"[rank {rank}/{world_size}] trains on {len(all_indices) // world_size} pairs (first indices "
@@ -389,8 +368,7 @@ def main(args):
     # 4. Train: Bradley-Terry updates, chosen and rejected in one forward [D12]
     start_time = time.time()
     ddp_model.train()
-    for update in range(first_update + 1, num_updates + 1):
-        batch = batches[update - 1]
+    for update, batch in enumerate(batches[first_update:], start=first_update + 1):
         sums = torch.zeros(4, device=device)  # loss, accuracy, chosen and rejected rewards: sums of micro-batch means
         for start in range(0, len(batch), args.local_micro_batch_size):
             last = start + args.local_micro_batch_size == len(batch)
@@ -427,21 +405,21 @@ def main(args):
 
     # 5. Normalise [D15]: the reference summaries' mean score becomes the bias; left- vs right-padding check [D14]
     model.eval()
+    torch.set_grad_enabled(False)  # evaluation only from here on
     norm_scores, padding_diffs = [], []
-    with torch.no_grad():
-        for idxs, keep in eval_chunks(list(range(rank, len(norm_queries), world_size)), args.local_eval_batch_size,
-                                      math.ceil(len(norm_queries) / world_size), 0):
-            right_padded = torch.tensor([right_pad(norm_queries[i] + norm_responses[i], args.query_length
-                                                   + args.response_length, pad_token_id) for i in idxs], device=device)
-            left_padded = torch.tensor([left_pad(norm_queries[i], args.query_length, pad_token_id)  # as ppo_tldr.py
-                                        + right_pad(norm_responses[i], args.response_length, pad_token_id)
-                                        for i in idxs], device=device)  # (B, Q + R) both
-            with torch.autocast(**autocast):
-                _, scores, _ = get_reward(model, right_padded, pad_token_id, context_length=0)
-                _, left_scores, _ = get_reward(model, left_padded, pad_token_id, context_length=args.query_length)
-            if keep:
-                norm_scores += scores.float().tolist()
-                padding_diffs.append((scores.float() - left_scores.float()).abs().max().item())
+    references = list(zip(norm_queries, norm_responses))
+    for chunk, keep in eval_chunks(references[rank::world_size], args.local_eval_batch_size,
+                                   math.ceil(len(references) / world_size), references[0]):
+        right = torch.tensor([right_pad(q + r, args.query_length + args.response_length, pad_token_id)
+                              for q, r in chunk], device=device)  # (B, Q + R)
+        left = torch.tensor([left_pad(q, args.query_length, pad_token_id)  # as ppo_tldr.py pads them; (B, Q + R)
+                             + right_pad(r, args.response_length, pad_token_id) for q, r in chunk], device=device)
+        with torch.autocast(**autocast):
+            scores = get_reward(model, right, pad_token_id, context_length=0)[1].float()
+            left_scores = get_reward(model, left, pad_token_id, context_length=args.query_length)[1].float()
+        if keep:
+            norm_scores += scores.tolist()
+            padding_diffs.append((scores - left_scores).abs().max().item())
     bias, stats = normalization_stats(gather_rows(norm_scores, world_size))
     model.bias = bias  # every output now has the bias subtracted: reference summaries score 0 on average [D15]
     padding_diff = max(gather_rows(padding_diffs, world_size))
@@ -449,24 +427,22 @@ def main(args):
                 "eval/left_right_padding_diff": padding_diff}, step=num_updates)
     model_state = get_model_state_dict(model, options=full_state)  # whole tensors, also under FSDP (a collective)
     if rank == 0:
-        print(f"normalisation: bias {bias:.4g}, normalised mean {stats['mean']:.3g} std {stats['std']:.4g} "
-              f"min {stats['min']:.4g} max {stats['max']:.4g}; left- vs right-padding max |diff| {padding_diff:.3g}")
+        print(f"normalisation: bias {bias:.4g}, then mean {stats['mean']:.3g} std {stats['std']:.4g} min "
+              f"{stats['min']:.4g} max {stats['max']:.4g}; left- vs right-padding max |diff| {padding_diff:.3g}")
         model.save_pretrained(output_dir, state_dict=model_state)  # value_head format, read by ppo_tldr.py
         tokenizer.save_pretrained(output_dir)
 
-    # 6. Evaluate every validation split with the normalised rewards (deviation: the reference evaluates before the
-    # normalisation), one table row per pair; a split whose pairs were all dropped (printed in step 2) is skipped
+    # 6. Evaluate the validation splits that kept pairs (deviation: the reference evaluates before normalising)
     for split in [s for s in eval_splits if pairs[s]]:
         split_pairs, rows = pairs[split][: args.num_eval_samples], []
-        with torch.no_grad():
-            for batch, keep in eval_chunks(split_pairs[rank::world_size], args.local_eval_batch_size,
-                                           math.ceil(len(split_pairs) / world_size), split_pairs[0]):
-                with torch.autocast(**autocast):
-                    chosen_rewards, rejected_rewards = pair_rewards(model, batch, pad_token_id, device)
-                rows += [dict({k: v for k, v in p.items() if k not in ("query_chosen", "query_rejected")},
-                              reward_chosen=c, reward_rejected=r)
-                         for p, c, r in zip(batch, chosen_rewards.tolist(), rejected_rewards.tolist()) if keep]
-        rows = sorted(gather_rows(rows, world_size), key=lambda r: r["index"])
+        for batch, keep in eval_chunks(split_pairs[rank::world_size], args.local_eval_batch_size,
+                                       math.ceil(len(split_pairs) / world_size), split_pairs[0]):
+            with torch.autocast(**autocast):
+                chosen_rewards, rejected_rewards = pair_rewards(model, batch, pad_token_id, device)
+            rows += [dict({k: v for k, v in p.items() if k not in ("query_chosen", "query_rejected")},
+                          reward_chosen=c, reward_rejected=r)
+                     for p, c, r in zip(batch, chosen_rewards.tolist(), rejected_rewards.tolist()) if keep]
+        rows = sorted(gather_rows(rows, world_size), key=lambda r: r["index"])  # one table row per pair
         metrics = eval_metrics(rows, split)
         logger.log(metrics, step=num_updates)
         logger.table(f"eval_{split}", [{k: v for k, v in r.items() if k != "index"} for r in rows], output_dir)
