@@ -1,9 +1,6 @@
 # See README.md "reward_model.py" for what this script does, the N+ details it implements and its benchmark numbers.
 """Reward model training on TL;DR preference pairs, faithful to the N+ reference (Huang et al., 2024) [D10-D15].
 
-The SFT backbone without its LM head + a scalar head (value_head.py), read at the EOS, trained on the loss
--log sigmoid(r_chosen - r_rejected); then the reference summaries' mean score is stored as a bias: they score 0 [D15].
-
 Single GPU (hub defaults: the Pythia-1B SFT checkpoint and the OpenAI comparisons):
     python reward_model.py --sft-model-path cleanrl/EleutherAI_pythia-1b-deduped__sft__tldr
 Multi-GPU (batch_size is global: 64 = 8 GPUs x 8 pairs, no accumulation):
@@ -228,9 +225,8 @@ def tokenize_pairs(tokenizer, dataset, fmt, query_length, response_length, cnndm
 
 def pair_batch(pairs, length, pad_token_id):
     """(2B, length) token ids: the B chosen sequences then the B rejected ones, right-padded, for one forward."""
-    chosen = [right_pad(p["query_chosen"], length, pad_token_id) for p in pairs]
-    rejected = [right_pad(p["query_rejected"], length, pad_token_id) for p in pairs]
-    return torch.cat([torch.tensor(chosen), torch.tensor(rejected)])
+    sequences = [p["query_chosen"] for p in pairs] + [p["query_rejected"] for p in pairs]
+    return torch.tensor([right_pad(s, length, pad_token_id) for s in sequences])
 
 
 def pair_rewards(model, pairs, pad_token_id, device):
@@ -345,7 +341,7 @@ def main(args):
         shard_model(model, args.bf16 and device.type == "cuda")
         print(f"rank {rank}: FSDP holds {sum(p.to_local().numel() for p in model.parameters())} of the "
               f"{sum(p.numel() for p in model.parameters())} parameters", flush=True)
-    ddp_model = DDP(model) if world_size > 1 and not args.fsdp else model  # DDP broadcasts rank 0's head to the others
+    ddp_model = DDP(model) if world_size > 1 and not args.fsdp else model
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, eps=args.eps, fused=device.type == "cuda")
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_to_zero(num_updates))
     autocast = dict(device_type=device.type, dtype=torch.bfloat16, enabled=args.bf16 and device.type == "cuda")
@@ -439,10 +435,9 @@ def main(args):
                                        math.ceil(len(split_pairs) / world_size), split_pairs[0]):
             with torch.autocast(**autocast):
                 chosen_rewards, rejected_rewards = pair_rewards(model, batch, pad_token_id, device)
-            rows += [dict({k: v for k, v in p.items() if k not in ("query_chosen", "query_rejected")},
-                          reward_chosen=c, reward_rejected=r)
+            rows += [dict({k: v for k, v in p.items() if "query_" not in k}, reward_chosen=c, reward_rejected=r)
                      for p, c, r in zip(batch, chosen_rewards.tolist(), rejected_rewards.tolist()) if keep]
-        rows = sorted(gather_rows(rows, world_size), key=lambda r: r["index"])  # one table row per pair
+        rows = sorted(gather_rows(rows, world_size), key=lambda r: r["index"])  # a row per pair, no token ids
         metrics = eval_metrics(rows, split)
         logger.log(metrics, step=num_updates)
         logger.table(f"eval_{split}", [{k: v for k, v in r.items() if k != "index"} for r in rows], output_dir)
