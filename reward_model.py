@@ -98,7 +98,7 @@ class Args:
     eps: float = 1e-5
     """AdamW epsilon"""
     fsdp: bool = False
-    """FSDP2: shard parameters, gradients and AdamW states over the processes, not DDP (6.9B; README); needs torchrun"""
+    """shard parameters, gradients and AdamW states over the processes (FSDP2), not DDP: for 6.9B; needs torchrun"""
 
 
 # -------------------------------------------------------- common helpers (copied verbatim) ---------------------
@@ -326,7 +326,7 @@ def main(args):
     if rank == 0:
         print(f"{len(norm_queries)} reference summaries set the bias, {norm_dropped} dropped (over --response-length)")
 
-    # 3. Model: the SFT backbone + a fresh scalar head [D10, D11], no dropout [D7]; AdamW (no clipping), cosine to 0
+    # 3. Model: the SFT backbone + a fresh scalar head [D10, D11], no dropout [D7]; AdamW (decay 0.01, no clipping)
     run_name = f"{args.exp_name}__{args.seed}__{int(time.time())}"
     output_dir = args.output_dir or os.path.join("runs", run_name)
     checkpoint = find_checkpoint(args, output_dir, world_size)
