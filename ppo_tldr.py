@@ -587,8 +587,7 @@ def main(args):
     seed_everything(args.seed + rank * 100003)
 
     # ---- models: reward and value model from the reward model (first: a bad one fails before any write), policies ----
-    def setup_model(model, trained):
-        """Eval mode (the loop sets the modes); frozen: no gradients; trained: gradient checkpointing if asked."""
+    def setup_model(model, trained):  # eval mode (the loop sets the modes); gradients and checkpointing if trained
         model.eval().requires_grad_(trained)
         if trained and args.gradient_checkpointing:
             getattr(model, "backbone", model).gradient_checkpointing_enable()
