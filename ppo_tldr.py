@@ -294,7 +294,6 @@ def reference_summaries(rows, tokenizer, query_length, response_length):
     return queries, responses, dropped
 
 
-
 def trim_left_padding(tokens, pad_token_id):
     """`tokens` (B, T) less its all-pad leading columns (one kept); same outputs: positions come from the mask."""
     start = min(int(first_true_indices((tokens != pad_token_id).any(0, keepdim=True))), tokens.size(1) - 1)
@@ -408,7 +407,7 @@ def truncate_and_score(reward_model, query, response, tokenizer, missing_eos_sco
 
 @torch.no_grad()
 def sample_table(policy, reward_model, rows, tokenizer, args, device):
-    """A row per post: its response at temperature 0.01 and reference summary [D3], truncated and scored as rollouts."""
+    """A row per post: the response at temperature 0.01 and the reference summary [D3], scored as in the rollout."""
     pad, eos, size, parts = tokenizer.pad_token_id, tokenizer.eos_token_id, args.local_rollout_forward_batch_size, []
     queries = left_padded_queries(tokenizer, rows, args.query_length).to(device)  # (N, Q)
     for i in range(0, len(rows), size):
