@@ -1,12 +1,9 @@
 # See README.md "ppo_tldr.py" for the list of N+ details, the deviations from the reference and the benchmarks.
 """PPO for TL;DR summarisation, faithful to the N+ reference (Huang et al. 2024, arXiv 2403.17031).
 
-One GPU (1B, the paper's global batch of 512 episodes through gradient accumulation):
-    python ppo_tldr.py --total-episodes 1000000
-Eight GPUs (the paper's set-up):
-    torchrun --nproc-per-node 8 ppo_tldr.py --total-episodes 1000000 --local-micro-batch-size 16
-The tiny offline world (CPU, about a minute; see benchmark/README.md "The tiny offline TL;DR world"); the random base model
-stands in for the SFT policy and a reward model is trained first:
+One GPU (1B; the paper's 512 episodes per update through gradient accumulation): `python ppo_tldr.py`; eight GPUs
+(the paper's set-up): `torchrun --nproc-per-node 8 ppo_tldr.py`. The tiny offline world (CPU, about a minute; see
+benchmark/README.md "The tiny offline TL;DR world"); its random base model stands in for the SFT policy:
     python benchmark/offline_world.py --out-dir world --size tiny
     python reward_model.py --sft-model-path world/base_model --label-dataset world/tldr_preference \\
         --query-dataset world/tldr_sft --query-length 128 --lr 3e-4 --batch-size 32 --output-dir world/reward_model
@@ -298,15 +295,13 @@ def reference_summaries(rows, tokenizer, query_length, response_length):
 
 
 def trim_left_padding(tokens, pad_token_id):
-    """`tokens` (B, T) without the leading columns that are pad in every row (positions come from the attention mask,
-    so the outputs at the kept positions are the same up to float rounding); keeps at least one column."""
+    """`tokens` (B, T) less its all-pad leading columns (one kept); same outputs: positions come from the mask."""
     start = min(int(first_true_indices((tokens != pad_token_id).any(0, keepdim=True))), tokens.size(1) - 1)
     return tokens[:, start:]
 
 
 def trim_right_padding(tokens, pad_token_id):
-    """`tokens` (B, T) without the trailing columns that are pad in every row (a causal model's outputs at the kept
-    positions do not depend on them); keeps at least one column."""
+    """`tokens` (B, T) less its all-pad trailing columns (one kept), which a causal model's outputs do not see."""
     holds_a_token = (tokens != pad_token_id).any(0, keepdim=True).flip(1)
     return tokens[:, : max(tokens.size(1) - int(first_true_indices(holds_a_token)), 1)]
 
@@ -326,13 +321,12 @@ def left_padded_queries(tokenizer, rows, query_length):
 
 
 def masked_mean(values, mask, axis=None):
-    """Mean of `values` over the positions where `mask` is true (along `axis`, or over all)."""
     return (values * mask).sum(axis=axis) / mask.sum(axis=axis)
 
 
 def masked_whiten(values, mask, shift_mean=True, world_size=1):
     """(values - mean) / sqrt(var + 1e-8), the mean and biased variance over the valid positions (of every process's
-    `values` when world_size > 1: all-reduced); the mean is added back unless `shift_mean`."""
+    `values` when world_size > 1); the mean is added back unless `shift_mean`."""
     sums = torch.stack([(values * mask).sum(), mask.sum().to(values.dtype)])
     if world_size > 1:
         dist.all_reduce(sums)
@@ -345,8 +339,7 @@ def masked_whiten(values, mask, shift_mean=True, world_size=1):
 
 
 def per_token_kl(logprobs, ref_logprobs, estimator="k1"):
-    """KL estimate (B, R) of the policy from the reference at each sampled token (Schulman 2020): k1 = log pi - log ref;
-    k3 = (r - 1) - log r with r = ref / pi, >= 0. Both are 0 after the EOS, where both log-probs are INVALID_LOGPROB."""
+    """Per-token KL (B, R) (Schulman 2020): k1 = log pi - log ref; k3 = (r - 1) - log r, r = ref / pi; 0 after EOS."""
     if estimator not in ("k1", "k3"):
         raise ValueError(f"--kl-estimator must be k1 or k3, got {estimator!r}")
     log_ratio = ref_logprobs - logprobs  # log r
@@ -359,10 +352,9 @@ def compute_rewards(scores, logprobs, ref_logprobs, sequence_lengths, kl_coef, s
     kl = per_token_kl(logprobs, ref_logprobs, kl_estimator)
     non_score_reward = -kl_coef * kl  # [PPO.kl_penalty]
     rewards = non_score_reward.clone()
-    actual_start = torch.arange(rewards.size(0), device=rewards.device)
     sequence_lengths_p1 = sequence_lengths if score_at_eos else sequence_lengths + 1
     actual_end = torch.where(sequence_lengths_p1 < rewards.size(1), sequence_lengths_p1, sequence_lengths)
-    rewards[actual_start, actual_end] += scores  # [PPO.score_placement]
+    rewards[torch.arange(rewards.size(0), device=rewards.device), actual_end] += scores  # [PPO.score_placement]
     return rewards, non_score_reward, kl
 
 
@@ -374,11 +366,8 @@ def adaptive_kl_coef(kl_coef, kl, target, horizon, batch_size):
 
 
 def compute_advantages(rewards, values, padding_mask, gamma, lam, world_size=1):
-    """GAE (Schulman et al. 2016, eq. 16) backwards over the response, returns = advantages + values; the advantages
-    whitened over the valid tokens (of every process when world_size > 1) and zeroed where `padding_mask` is true."""
-    lastgaelam = 0
-    advantages_reversed = []
-    gen_length = rewards.shape[1]
+    """GAE (Schulman et al. 2016, eq. 16), returns = advantages + values; the advantages whitened, 0 at padding."""
+    lastgaelam, advantages_reversed, gen_length = 0, [], rewards.size(1)
     for t in reversed(range(gen_length)):  # [PPO.gae]
         nextvalues = values[:, t + 1] if t < gen_length - 1 else 0.0
         delta = rewards[:, t] + gamma * nextvalues - values[:, t]
@@ -398,9 +387,8 @@ def logprobs_of(logits, tokens):
 def reference_logprobs_and_values(ref_policy, value_model, query_responses, response_length, pad_token_id, temperature):
     """The reference policy's log-probabilities of the R response tokens [PPO.temperature] and the values of the state
     before each, (B, R) each, read at the last positions of (B, q + R) query-responses (any query width q)."""
-    responses = query_responses[:, -response_length:]
     ref_logits = forward(ref_policy, query_responses, pad_token_id, logits_to_keep=response_length + 1).logits[:, :-1]
-    ref_logprobs = logprobs_of(ref_logits / (temperature + 1e-7), responses)
+    ref_logprobs = logprobs_of(ref_logits / (temperature + 1e-7), query_responses[:, -response_length:])
     del ref_logits
     full_values, _, _ = get_reward(value_model, query_responses, pad_token_id, query_responses.size(1) - response_length)
     return ref_logprobs, full_values[:, -response_length - 1 : -1]
@@ -418,14 +406,14 @@ def truncate_and_score(reward_model, query, response, tokenizer, missing_eos_sco
 
 
 @torch.no_grad()
-def sample_table(policy, reward_model, rows, queries, tokenizer, args):
-    """One table row per post of `rows` (`queries`: their (N, Q) queries): the response sampled at temperature 0.01 and
-    its reference summary [D3], each truncated and scored as in the rollout, in chunks of the rollout's size."""
+def sample_table(policy, reward_model, rows, tokenizer, args, device):
+    """A row per post: the response at temperature 0.01 and the reference summary [D3], scored as in the rollout."""
     pad, eos, size, parts = tokenizer.pad_token_id, tokenizer.eos_token_id, args.local_rollout_forward_batch_size, []
+    queries = left_padded_queries(tokenizer, rows, args.query_length).to(device)  # (N, Q)
     for i in range(0, len(rows), size):
         query = trim_left_padding(queries[i : i + size], pad)
         references = [tokenizer.encode(" " + rows[j]["summary"]) + [eos] for j in range(i, min(i + size, len(rows)))]
-        references = torch.tensor([right_pad(r, max(map(len, references)), pad) for r in references], device=query.device)
+        references = torch.tensor([right_pad(r, max(map(len, references)), pad) for r in references], device=device)
         query_response, _ = generate(policy, query, pad, args.response_length, 0.01)
         response, score = truncate_and_score(reward_model, query, query_response[:, query.size(1):], tokenizer,
                                              args.missing_eos_score)
@@ -438,10 +426,9 @@ def sample_table(policy, reward_model, rows, queries, tokenizer, args):
 
 
 @torch.no_grad()
-def normalization_bias(reward_model, rows, tokenizer, args, device, rank, world_size, autocast):
-    """(bias, stats, how) as reward_model.py sets them after training [D15], from the reference summaries of `rows`:
-    query + summary right-padded and scored at the EOS, each process scoring its share (the same number of forwards
-    on each, for FSDP); every process gets every score in the same order, hence the same bias."""
+def normalization_bias(reward_model, rows, tokenizer, args, device, rank, world_size):
+    """(bias, stats, how) as reward_model.py sets them [D15] from the reference summaries of `rows`; each process scores
+    its share in as many forwards as the others (FSDP) and gets every score in the same order, hence the same bias."""
     check_columns(rows, ["summary"], "--query-dataset (train; its reference summaries set the missing reward bias)")
     rows = rows.select(range(min(args.num_normalization_samples or len(rows), len(rows))))
     queries, responses, dropped = reference_summaries(rows, tokenizer, args.query_length, args.normalization_response_length)
@@ -452,8 +439,7 @@ def normalization_bias(reward_model, rows, tokenizer, args, device, rank, world_
     for idxs, keep in eval_chunks(share, args.local_rollout_forward_batch_size, math.ceil(len(queries) / world_size), 0):
         batch = [right_pad(queries[i] + responses[i], args.query_length + args.normalization_response_length,
                            tokenizer.pad_token_id) for i in idxs]
-        with autocast:
-            _, score, _ = get_reward(reward_model, torch.tensor(batch, device=device), tokenizer.pad_token_id, 0)
+        _, score, _ = get_reward(reward_model, torch.tensor(batch, device=device), tokenizer.pad_token_id, 0)
         scores += score.float().tolist() if keep else []
     bias, stats = normalization_stats(gather_rows(scores, world_size))
     return bias, stats, (f"computed: mean score of {len(queries)} train reference summaries ({dropped} over "
@@ -470,50 +456,49 @@ def validation_indices(num_rows, local_eval_batch_size, rank, world_size):
 
 
 def check_inputs(args, world_size):
-    """Every argument, the data and the reward model's tokenizer, checked before any model loads. Returns the dataset,
-    the tokenizer, the gradient accumulation steps and the number of updates."""
-    for name in ["response_length", "keep_checkpoints", "kl_target", "kl_horizon", "num_eval_samples"]:  # None: unset
-        if getattr(args, name) is not None and getattr(args, name) <= 0:
-            raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    for name in ["checkpoint_every", "sample_table_every"]:
-        if getattr(args, name) < 0:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 0 (0: at the end only), got {getattr(args, name)}")
+    """Every argument, the data and the reward model's tokenizer, checked before any model loads."""
+    positive, non_negative = "positive", ">= 0 (0: at the end only)"
+    rules = dict(response_length=positive, keep_checkpoints=positive, kl_target=positive, kl_horizon=positive,
+                 num_eval_samples=positive, checkpoint_every=non_negative, sample_table_every=non_negative)
+    for name, rule in rules.items():  # None: unset
+        value = getattr(args, name)
+        if value is not None and (value < 0 or value == 0 and rule == positive):
+            raise ValueError(f"--{name.replace('_', '-')} must be {rule}, got {value}")
     if args.total_episodes < args.batch_size:
         raise ValueError(f"--total-episodes {args.total_episodes} is smaller than one --batch-size {args.batch_size}")
     if args.fsdp and world_size == 1:
         raise ValueError("--fsdp shards the models over processes: launch with torchrun --nproc-per-node N (N > 1)")
     local_batch_size = exact_div(args.batch_size, world_size, "--batch-size over the number of processes")
-    local_mini_batch_size = exact_div(local_batch_size, args.num_mini_batches,
-                                      "per-process batch (--batch-size / processes) over --num-mini-batches")
+    per_process = "per-process batch (--batch-size / processes) over --"
+    local_mini_batch_size = exact_div(local_batch_size, args.num_mini_batches, per_process + "num-mini-batches")
     gradient_accumulation_steps = exact_div(local_mini_batch_size, args.local_micro_batch_size,
                                             "per-process mini-batch over --local-micro-batch-size")
-    exact_div(local_batch_size, args.local_rollout_forward_batch_size,
-              "per-process batch (--batch-size / processes) over --local-rollout-forward-batch-size")
+    exact_div(local_batch_size, args.local_rollout_forward_batch_size, per_process + "local-rollout-forward-batch-size")
     check_model_path(args.sft_model_path, "--sft-model-path", args.sft_model_revision)
     check_model_path(args.reward_model_path, "--reward-model-path", args.reward_model_revision)
     dataset = load_data(args.query_dataset, "--query-dataset", revision=args.query_dataset_revision)
     for split in ["train", "validation"] + (["test"] if args.run_eval else []):
-        if split not in dataset:
-            raise ValueError(f"--query-dataset {args.query_dataset} has no {split!r} split (it has {list(dataset)})")
+        if split not in dataset or len(dataset[split]) == 0:
+            problem = "is empty" if split in dataset else f"is missing (it has {list(dataset)})"
+            raise ValueError(f"--query-dataset {args.query_dataset}: the {split!r} split {problem}")
         check_columns(dataset[split], ["id", "subreddit", "title", "post"] + (["summary"] if split != "train" else []),
                       f"--query-dataset ({split})")
-        if len(dataset[split]) == 0:
-            raise ValueError(f"--query-dataset {args.query_dataset}: the {split!r} split is empty")
     if len(dataset["train"]) < args.batch_size:
         raise ValueError(f"--query-dataset train: {len(dataset['train'])} posts, fewer than one --batch-size {args.batch_size}")
     tokenizer = load_tokenizer(args.sft_model_path, "--sft-model-path", args.sft_model_revision)
-    if not cached_file(args.reward_model_path, "tokenizer_config.json", revision=args.reward_model_revision,
-                       _raise_exceptions_for_missing_entries=False, _raise_exceptions_for_connection_errors=False):
+    if cached_file(args.reward_model_path, "tokenizer_config.json", revision=args.reward_model_revision,
+                   _raise_exceptions_for_missing_entries=False, _raise_exceptions_for_connection_errors=False):
+        # the reward model reads the policy's token ids; [PAD] left out (the hub's has none; pad never reaches a model)
+        reward_tokenizer = AutoTokenizer.from_pretrained(args.reward_model_path, revision=args.reward_model_revision)
+        vocab = lambda t: {token: i for token, i in t.get_vocab().items() if token != "[PAD]"}
+        if vocab(reward_tokenizer) != vocab(tokenizer) or reward_tokenizer.eos_token_id != tokenizer.eos_token_id:
+            raise ValueError(f"--reward-model-path {args.reward_model_path}: its tokenizer differs from "
+                             f"--sft-model-path's ({len(reward_tokenizer)} vs {len(tokenizer)} tokens, EOS "
+                             f"{reward_tokenizer.eos_token_id} vs {tokenizer.eos_token_id}); the reward model must "
+                             f"read the policy's token ids")
+    else:
         print(f"[ppo] --reward-model-path {args.reward_model_path} holds no tokenizer: it cannot be checked against "
               f"the policy's, so it is taken to be the same", flush=True)
-        return dataset, tokenizer, gradient_accumulation_steps, args.total_episodes // args.batch_size
-    # the reward model reads the policy's token ids; [PAD] is left out (the hub's has none; pad never reaches a model)
-    reward_tokenizer = AutoTokenizer.from_pretrained(args.reward_model_path, revision=args.reward_model_revision)
-    vocab = lambda t: {token: i for token, i in t.get_vocab().items() if token != "[PAD]"}
-    if vocab(reward_tokenizer) != vocab(tokenizer) or reward_tokenizer.eos_token_id != tokenizer.eos_token_id:
-        raise ValueError(f"--reward-model-path {args.reward_model_path}: its tokenizer differs from --sft-model-path's "
-                         f"({len(reward_tokenizer)} vs {len(tokenizer)} tokens, EOS {reward_tokenizer.eos_token_id} vs "
-                         f"{tokenizer.eos_token_id}); the reward model must read the policy's token ids")
     return dataset, tokenizer, gradient_accumulation_steps, args.total_episodes // args.batch_size
 
 
@@ -530,10 +515,8 @@ class PolicyAndValueWrapper(torch.nn.Module):
 
 
 def ppo_update(model, optimizer, rollout, args, pad_token_id, gradient_accumulation_steps, autocast):
-    """6. --num-ppo-epochs passes over this process's `rollout` (query_responses (b, Q + R), the rest (b, R)), each in
-    --num-mini-batches mini-batches, one optimizer step each [PPO.epochs], of micro-batches whose gradients accumulate
-    (reduced over processes on the last). Returns the statistics, each (epochs, mini-batches, micro-batches), and the
-    number of optimizer steps."""
+    """6. Epochs over this process's `rollout` (query_responses (b, Q + R), the rest (b, R)) [PPO.epochs]; returns the
+    statistics, each (epochs, mini-batches, micro-batches), and the number of optimizer steps."""
     local_batch_size, response_length = rollout["responses"].shape
     local_mini_batch_size = local_batch_size // args.num_mini_batches
     sharded = [m for m in model.children() if isinstance(m, FSDPModule)]  # policy and value model under --fsdp
@@ -558,9 +541,8 @@ def ppo_update(model, optimizer, rollout, args, pad_token_id, gradient_accumulat
                     vpred = torch.masked_fill(vpred_temp[:, -response_length - 1 : -1].float(), mb["padding_mask_p1"], 0)
                     # [PPO.value_loss] clipped around the rollout's values
                     low, high = mb["values"] - args.cliprange_value, mb["values"] + args.cliprange_value
-                    vpredclipped = torch.clamp(vpred, low, high)
                     vf_losses1 = torch.square(vpred - mb["returns"])
-                    vf_losses2 = torch.square(vpredclipped - mb["returns"])
+                    vf_losses2 = torch.square(torch.clamp(vpred, low, high) - mb["returns"])
                     vf_loss = 0.5 * masked_mean(torch.max(vf_losses1, vf_losses2), ~mb["padding_mask_p1"])
                     # [PPO.policy_loss] the clipped surrogate objective (Schulman et al. 2017, eq. 7)
                     logprobs_diff = new_logprobs - mb["logprobs"]
@@ -601,15 +583,12 @@ def main(args):
     run_name = run_name if checkpoint is None else checkpoint["run_name"]
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16 and device.type == "cuda")
     train_queries = left_padded_queries(tokenizer, dataset["train"], args.query_length)  # (N, Q)
-    validation_queries = left_padded_queries(tokenizer, validation_rows, args.query_length).to(device)
     seed_everything(args.seed + rank * 100003)
 
     # ---- models: reward and value model from the reward model (first: a bad one fails before any write), policies ----
-    def setup_model(model, trained):
-        """Frozen: eval mode, no gradients; trained: gradient checkpointing if asked; sharded (--fsdp) once loaded."""
-        if not trained:
-            model.eval().requires_grad_(False)
-        elif args.gradient_checkpointing:
+    def setup_model(model, trained):  # eval mode (the loop sets the modes); gradients and checkpointing if trained
+        model.eval().requires_grad_(trained)
+        if trained and args.gradient_checkpointing:
             getattr(model, "backbone", model).gradient_checkpointing_enable()
         if args.fsdp:  # bf16 on CUDA: bf16 compute, fp32 gradient reduction and master weights
             model = shard_model(model, args.bf16 and device.type == "cuda")
@@ -624,8 +603,9 @@ def main(args):
     if checkpoint is not None and "reward_bias" in checkpoint:
         bias, bias_source = checkpoint["reward_bias"], "the resumed run's"
     elif not reward_model.has_stored_bias and args.compute_missing_bias:  # [D15] as reward_model.py sets it
-        bias, bias_stats, bias_source = normalization_bias(reward_model, dataset["train"], tokenizer, args, device,
-                                                           rank, world_size, autocast)
+        with autocast:
+            bias, bias_stats, bias_source = normalization_bias(reward_model, dataset["train"], tokenizer, args, device,
+                                                               rank, world_size)
     value_model = setup_model(ScalarModel.from_pretrained(*reward_source).to(device), trained=True)  # [PPO.value_init]
     policy = setup_model(load_policy(args.sft_model_path, tokenizer, device, args.sft_model_revision), trained=True)
     ref_policy = setup_model(load_policy(args.sft_model_path, tokenizer, device, args.sft_model_revision), trained=False)
@@ -677,7 +657,7 @@ def main(args):
         # temperature 0.01, scored with the missing-EOS score (deviation: the reference's validation score omits it)
         t0 = time.time()
         with autocast:
-            samples = sample_table(policy, reward_model, validation_rows, validation_queries, tokenizer, args)
+            samples = sample_table(policy, reward_model, validation_rows, tokenizer, args, device)
         validation_score = torch.tensor([row["score"] for row in samples], device=device)
         if (args.sample_table_every and (update - 1) % args.sample_table_every == 0) or update == num_updates:
             samples = [dict(update=update, episode=episode - args.batch_size, **row) for row in samples]  # trained on
@@ -784,8 +764,7 @@ def main(args):
         shard = list(range(rank * share, min((rank + 1) * share, len(rows))))
         rows = rows.select(shard + [shard[-1] if shard else 0] * (share - len(shard)))  # gathered in dataset order
         with autocast:
-            queries = left_padded_queries(tokenizer, rows, args.query_length).to(device)
-            table = sample_table(policy, reward_model, rows, queries, tokenizer, args)
+            table = sample_table(policy, reward_model, rows, tokenizer, args, device)
         table = gather_rows(table[: len(shard)], world_size)
         logger.table(f"eval_{split}", table, output_dir)
         logger.log({f"eval/{split}/{name}": sum(r[column] for r in table) / len(table) for name, column in
