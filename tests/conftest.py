@@ -55,6 +55,27 @@ def raises_in_process(script, *command, error=ValueError, match=None):
     return caught.value
 
 
+def audited_env(audit_dir):
+    """What a run's environment adds so that its processes record every collective's tensors in `audit_dir`
+    (tests/device_audit/sitecustomize.py: NCCL refuses CPU tensors, gloo takes them, so the CPU suite must look)."""
+    path = os.pathsep.join([os.path.join(ROOT, "tests", "device_audit")] +
+                           [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
+    return {"PYTHONPATH": path, "TLDR_DEVICE_AUDIT": str(audit_dir)}
+
+
+def audited_run(*command, audit_dir, **kwargs):
+    """run_ok of a two-process torchrun command whose collectives are audited; returns (the two processes' audit
+    records, the result), after checking that no CPU tensor entered a collective and that the audit saw some."""
+    result = run_ok(*command, torchrun=True, env={**kwargs.pop("env", {}), **audited_env(audit_dir)}, **kwargs)
+    records = [json.loads(p.read_text()) for p in sorted(audit_dir.glob("audit_*.json"))]
+    assert len(records) == 2, f"expected the audits of 2 processes, found {len(records)} in {audit_dir}"
+    violations = [v for r in records for v in r["violations"]]
+    assert not violations, "CPU tensors (created without a device) entered collectives:\n" + "\n".join(
+        f"  {v['collective']} at {v['where']} ({v['function']}), shape {v['shape']}" for v in violations)
+    assert all(sum(r["checked"].values()) > 0 for r in records)  # the audit saw the collectives
+    return records, result
+
+
 def read_jsonl(path):
     with open(path) as f:
         return [json.loads(line) for line in f]

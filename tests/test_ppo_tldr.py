@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from conftest import free_port, raises_in_process, read_jsonl, run_ok, world_args
+from conftest import audited_run, free_port, raises_in_process, read_jsonl, run_ok, world_args
 from ppo_tldr import (
     INVALID_LOGPROB, adaptive_kl_coef, compute_advantages, compute_rewards, first_true_indices, masked_mean,
     masked_whiten, per_token_kl, truncate_response, validation_indices,
@@ -171,14 +171,20 @@ def test_first_minibatch_ratio_is_one_and_optimizer_steps(world, reward_model, t
 
 @pytest.mark.slow
 def test_smoke_run_saves_a_loadable_policy_and_counts_optimizer_steps(world, reward_model, tmp_path):
+    """Also run with every FutureWarning and DeprecationWarning shown: none points at one of our files."""
     from transformers import AutoModelForCausalLM
 
     from value_head import ScalarModel
 
     out = tmp_path / "run"
-    run_ok("ppo_tldr.py", *ppo_args(world, reward_model, out, "--total-episodes", "48", "--num-ppo-epochs", "2",
-                                    "--num-mini-batches", "2", "--local-micro-batch-size", "4",
-                                    "--num-eval-samples", "8"))
+    result = run_ok("ppo_tldr.py", *ppo_args(world, reward_model, out, "--total-episodes", "48", "--num-ppo-epochs", "2",
+                                             "--num-mini-batches", "2", "--local-micro-batch-size", "4",
+                                             "--num-eval-samples", "8"),
+                    env={"PYTHONWARNINGS": "always::FutureWarning,always::DeprecationWarning"})
+    flagged = [line for line in (result.stdout + result.stderr).splitlines() if ("FutureWarning" in line or
+               "DeprecationWarning" in line) and any(f + ":" in line for f in ("ppo_tldr.py", "value_head.py"))]
+    assert not flagged, "\n".join(flagged)
+    assert "past_key_values" not in result.stderr  # transformers' own warning names no file of ours
     metrics = read_metrics(out)
     updates = [m for m in metrics if "ppo/episode" in m]
     assert [m["ppo/episode"] for m in updates] == [16, 32, 48]
@@ -330,22 +336,35 @@ def test_global_advantage_whitening_uses_the_statistics_of_every_process():
 
 @pytest.mark.slow
 def test_fsdp_shards_and_matches_ddp_and_resumes(world, reward_model, tmp_path):
-    """--fsdp on two gloo processes: each holds about half of the trained parameters; the run (rollouts, updates,
-    evaluation with uneven shares of 7 posts, saved policy and value model) matches the DDP run with the same seeds;
-    rolled back to its update-1 checkpoint and resumed, it ends the same."""
+    """--fsdp on two gloo processes: each holds about half of the trained parameters; the run (rollouts, updates with
+    the all-reduced advantage whitening, evaluation with uneven shares of 7 posts, saved policy and value model)
+    matches the DDP run with the same seeds; rolled back to its update-1 checkpoint and resumed, it ends the same.
+    Every run's collectives are audited: every tensor entering one is on the compute device, as NCCL requires; and
+    sampling all-gathers each of the policy's sharded modules (2 blocks + the root) once per generate call, not once
+    per token: at least 10x fewer all-gathers than one per block and token (a forward per token through a resharding
+    block)."""
     import re
     import shutil
 
     from safetensors.torch import load_file
 
-    common = ["--total-episodes", "32", "--num-ppo-epochs", "2", "--local-micro-batch-size", "4", "--response-length",
-              "16", "--local-rollout-forward-batch-size", "8", "--num-eval-samples", "7", "--checkpoint-every", "1",
-              "--keep-checkpoints", "2"]
+    response_length, updates, local_batch, chunk = 16, 2, 8, 8
+    common = ["--total-episodes", str(2 * local_batch * updates), "--num-ppo-epochs", "2", "--local-micro-batch-size",
+              "4", "--response-length", str(response_length), "--local-rollout-forward-batch-size", str(chunk),
+              "--num-eval-samples", "7", "--checkpoint-every", "1", "--keep-checkpoints", "2",
+              "--global-advantage-whitening"]
     ddp, fsdp, resumed = tmp_path / "ddp", tmp_path / "fsdp", tmp_path / "resumed"
-    run_ok("ppo_tldr.py", *ppo_args(world, reward_model, ddp, *common), torchrun=True)
-    result = run_ok("ppo_tldr.py", *ppo_args(world, reward_model, fsdp, *common, "--fsdp"), torchrun=True)
+    audited_run("ppo_tldr.py", *ppo_args(world, reward_model, ddp, *common), audit_dir=tmp_path / "audit_ddp")
+    records, result = audited_run("ppo_tldr.py", *ppo_args(world, reward_model, fsdp, *common, "--fsdp"),
+                                  audit_dir=tmp_path / "audit_fsdp")
     held = [tuple(map(int, m)) for m in re.findall(r"FSDP holds (\d+) of the (\d+)", result.stdout)]
     assert len(held) == 2 and sum(h for h, _ in held) == held[0][1] and all(h < total for h, total in held)
+    blocks, sharded_modules = 2, 3  # the tiny world's GPT-NeoX: 2 layers, then the whole model
+    generate_calls = updates * (local_batch // chunk + 1) + 2  # rollout chunks + validation sample; 2 eval splits
+    for r in records:
+        sampling = r["all_gathers"].get("generate", 0)
+        assert sampling == generate_calls * sharded_modules, r["all_gathers"]
+        assert 10 * sampling <= generate_calls * response_length * blocks
 
     def comparable(out):
         return [{k: v for k, v in m.items() if not k.startswith(("time/", "ppo/eps"))} for m in read_metrics(out)]
@@ -365,7 +384,8 @@ def test_fsdp_shards_and_matches_ddp_and_resumes(world, reward_model, tmp_path):
     shutil.copytree(fsdp, resumed)
     shutil.rmtree(resumed / "checkpoints" / "step_00000002")
     (resumed / "model.safetensors").unlink()
-    run_ok("ppo_tldr.py", *ppo_args(world, reward_model, resumed, *common, "--fsdp", "--resume"), torchrun=True)
+    audited_run("ppo_tldr.py", *ppo_args(world, reward_model, resumed, *common, "--fsdp", "--resume"),
+                audit_dir=tmp_path / "audit_resumed")
     assert comparable(resumed) == comparable(fsdp)
     assert (resumed / "model.safetensors").read_bytes() == (fsdp / "model.safetensors").read_bytes()
 

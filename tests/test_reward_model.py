@@ -12,7 +12,7 @@ import torch
 from transformers import GPTNeoXConfig, GPTNeoXModel
 
 import reward_model as rm
-from conftest import raises_in_process, run_ok, world_args
+from conftest import audited_run, raises_in_process, run_ok, world_args
 from value_head import ScalarModel, get_reward
 
 PAD, EOS = 99, 0
@@ -230,7 +230,8 @@ def test_torchrun_two_processes(world, tmp_path):
 def test_fsdp_shards_and_matches_ddp_and_resumes(world, tmp_path):
     """--fsdp on two gloo processes: each holds about half of the parameters; training, the normalisation (33
     summaries: 3 chunks on one process, 2 on the other) and the evaluation (7 pairs) match the DDP run, head and bias
-    included; rolled back to its update-2 checkpoint and resumed, it ends with the same bytes."""
+    included; rolled back to its update-2 checkpoint and resumed, it ends with the same bytes. The FSDP run's
+    collectives are audited: every tensor entering one is on the compute device, as NCCL requires."""
     from safetensors.torch import load_file
 
     def cli(out, *extra):
@@ -246,7 +247,8 @@ def test_fsdp_shards_and_matches_ddp_and_resumes(world, tmp_path):
 
     ddp, fsdp, resumed = tmp_path / "ddp", tmp_path / "fsdp", tmp_path / "resumed"
     result = run_ok(*cli(ddp), torchrun=True)
-    result = run_ok(*cli(fsdp, "--fsdp"), torchrun=True)
+    records, result = audited_run(*cli(fsdp, "--fsdp"), audit_dir=tmp_path / "audit")
+    assert all(r["checked"].get("broadcast", 0) > 0 for r in records)  # the scalar head's broadcast was checked
     held = [tuple(map(int, m)) for m in re.findall(r"FSDP holds (\d+) of the (\d+)", result.stdout)]
     assert len(held) == 2 and sum(h for h, _ in held) == held[0][1] and all(h < total for h, total in held)
 
