@@ -18,7 +18,7 @@ import datasets
 import pytest
 import torch
 
-from conftest import ONE_THREAD, run_ok, run_script, world_args
+from conftest import ONE_THREAD, raises_in_process, run_ok, run_script, world_args
 
 pytestmark = pytest.mark.slow  # every test here runs the scripts as subprocesses
 
@@ -108,23 +108,11 @@ def uninterrupted(world, reward_model, tmp_path_factory):
 
 
 @pytest.mark.parametrize("name", SCRIPTS)
-def test_killed_during_training_then_resumed_is_bit_identical(name, world, reward_model, uninterrupted, tmp_path):
-    command, line, _ = SCRIPTS[name]
-    out = tmp_path / "run"
-    kill_after_line(command(world, reward_model, out), line)
-    assert checkpoints(out), "a checkpoint was written before the kill"
-    assert len(metrics(out)) < len(metrics(uninterrupted[name]))
-    result = run_ok(*command(world, reward_model, out, "--resume"))
-    assert "resumed from update" in result.stdout
-    assert metrics(out) == metrics(uninterrupted[name])
-    assert outputs(out) == outputs(uninterrupted[name])  # weights, value model, eval and sample tables
-    assert checkpoints(out) == checkpoints(uninterrupted[name])  # the newest --keep-checkpoints 2
-
-
-@pytest.mark.parametrize("name", SCRIPTS)
-def test_killed_while_writing_a_checkpoint_then_resumed_is_bit_identical(name, world, reward_model, uninterrupted,
-                                                                         tmp_path):
-    command, _, crash_in = SCRIPTS[name]
+def test_killed_while_writing_a_checkpoint_then_during_training_then_resumed_is_bit_identical(name, world, reward_model,
+                                                                                            uninterrupted, tmp_path):
+    """Killed half-way through writing its second checkpoint; resumed (from the first) and killed again during
+    training; resumed again: the outputs are those of the uninterrupted run."""
+    command, line, crash_in = SCRIPTS[name]
     out = tmp_path / "run"
     result = run_script("-c", CRASH_IN_CHECKPOINT_WRITE, *command(world, reward_model, out),
                         env={"CRASH_IN": crash_in})
@@ -132,10 +120,13 @@ def test_killed_while_writing_a_checkpoint_then_resumed_is_bit_identical(name, w
     assert checkpoints(out) == ["step_00000002", f"tmp_{crash_in}"]  # the half-written one was never renamed
     with pytest.raises(Exception):
         torch.load(out / "checkpoints" / f"tmp_{crash_in}" / "state.pt", weights_only=False)  # it is half a file
-    run_ok(*command(world, reward_model, out, "--resume"))  # resumes from step 2, ignoring the half-written one
+    kill_after_line(command(world, reward_model, out, "--resume"), line)  # resumes from step 2, not the half one
+    assert len(metrics(out)) < len(metrics(uninterrupted[name]))
+    result = run_ok(*command(world, reward_model, out, "--resume"))
+    assert "resumed from update" in result.stdout
     assert metrics(out) == metrics(uninterrupted[name])
-    assert outputs(out) == outputs(uninterrupted[name])
-    assert checkpoints(out) == checkpoints(uninterrupted[name])  # the tmp_ folder was cleared at the next write
+    assert outputs(out) == outputs(uninterrupted[name])  # weights, value model, eval and sample tables
+    assert checkpoints(out) == checkpoints(uninterrupted[name])  # the newest --keep-checkpoints 2; tmp_ cleared
 
 
 def test_same_seed_same_metrics_different_seed_different_samples(world, reward_model, uninterrupted, tmp_path):
@@ -324,8 +315,6 @@ def test_a_fresh_run_refuses_to_overwrite_checkpoints_and_resume_refuses_other_a
     out = tmp_path / "run"
     shutil.copytree(uninterrupted["sft"], out)
     before = outputs(out)
-    result = run_script(*sft_command(world, reward_model, out))
-    assert result.returncode != 0 and "pass --resume to continue it" in result.stderr
-    result = run_script(*sft_command(world, reward_model, out, "--resume", "--lr", "1e-3"))
-    assert result.returncode != 0 and "--lr 0.003 -> 0.001" in result.stderr
+    raises_in_process(*sft_command(world, reward_model, out), match="pass --resume to continue it")
+    raises_in_process(*sft_command(world, reward_model, out, "--resume", "--lr", "1e-3"), match="--lr 0.003 -> 0.001")
     assert outputs(out) == before
