@@ -395,9 +395,7 @@ def main(args):
     pad_token_id, eos_token_id = tokenizer.pad_token_id, tokenizer.eos_token_id
     data = {}
     for split in ["train"] + eval_splits:
-        dataset = label_datasets[split]
-        if len(dataset) == 0:
-            raise ValueError(f"--label-dataset {args.label_dataset}: the {split!r} split is empty")
+        dataset = label_datasets[split]  # not empty: load_data refuses an empty split
         data[split] = dataset.map(
             lambda row, i: tokenize_pair(tokenizer, row, args.query_length, data_format, f"{split}-{i}",
                                          args.cnndm_query_length),
