@@ -293,7 +293,8 @@ def tokenize_article(tokenizer, article, query_length):
 
 def tokenize_pair(tokenizer, row, query_length, data_format, fallback_id, cnndm_query_length):
     """Token ids and texts of one pair: the query in the TL;DR format [D2.2] (CNN/DM rows: the article format; standard
-    rows: the prompt as is, `fallback_id` if they have no id), each response its text's tokens + EOS [D5]."""
+    rows: the prompt as is, `fallback_id` if they have no id), each response its text's tokens + EOS [D5] (the OpenAI
+    texts begin with a space)."""
     if data_format == "openai":
         info, choice = row["info"], row["choice"]
         if info.get("post") is None and info.get("article") is not None:
