@@ -98,10 +98,9 @@ class Args:
     beta: float = 0.05
     """DPO inverse temperature beta (dimensionless): strength of the implicit KL penalty to the reference"""
     loss_type: Literal["sigmoid", "ipo", "label_smoothing"] = "sigmoid"
-    """sigmoid: DPO (Rafailov et al. 2023, eq. 7); ipo: IPO (Azar et al. 2023, eq. 17); label_smoothing:
-    conservative DPO (Mitchell 2023) with --label-smoothing as the assumed label-flip probability"""
+    """sigmoid: DPO (Rafailov et al. 2023, eq. 7); ipo: IPO (Azar et al. 2023, eq. 17); label_smoothing: cDPO"""
     label_smoothing: float = 0.0
-    """label-flip probability in (0, 0.5); read only by --loss-type label_smoothing (non-zero otherwise: an error)"""
+    """label-flip probability in (0, 0.5) of cDPO (conservative DPO, Mitchell 2023); must be 0 with the other losses"""
     precompute_ref_logprobs: bool = False
     """compute the reference's sequence log-probs once before training, then free it; False: computed on the fly"""
     fsdp: bool = False
