@@ -163,14 +163,6 @@ def tokenize_query(tokenizer, info, query_length):
     return tokens
 
 
-def left_pad(tokens, length, pad_token_id):
-    return [pad_token_id] * (length - len(tokens)) + tokens
-
-
-def right_pad(tokens, length, pad_token_id):
-    return tokens + [pad_token_id] * (length - len(tokens))
-
-
 def first_true_indices(bools, dtype=torch.long):
     """Index of the first True in each row of a (B, T) bool tensor; T where a row has none."""
     row_len = bools.size(-1)
@@ -315,10 +307,10 @@ def tokenize_pair(tokenizer, row, query_length, data_format, fallback_id, cnndm_
 def collate_pairs(pairs, pad_token_id):
     """chosen, rejected (B, T): query + response right-padded to the batch's longest, at most query + --response-length
     [D5] (trailing all-pad columns change nothing under causal attention), and the query lengths (B,)."""
-    queries, chosen, rejected = pairs["query_token"], pairs["chosen_token"], pairs["rejected_token"]
-    length = max(len(q) + max(len(c), len(r)) for q, c, r in zip(queries, chosen, rejected))
-    chosen, rejected = (torch.tensor([right_pad(q + r, length, pad_token_id) for q, r in zip(queries, responses)])
-                        for responses in [chosen, rejected])
+    queries = pairs["query_token"]
+    sequences = [[q + r for q, r in zip(queries, pairs[f"{side}_token"])] for side in ["chosen", "rejected"]]
+    length = max(len(s) for side in sequences for s in side)
+    chosen, rejected = (torch.tensor([s + [pad_token_id] * (length - len(s)) for s in side]) for side in sequences)
     return chosen, rejected, torch.tensor([len(q) for q in queries])
 
 
@@ -549,7 +541,7 @@ def main(args):
                  for row in query_dataset.select(range(len(query_dataset))[: args.num_eval_samples])]
         rows = []
         for batch, keep in eval_batches(posts):
-            queries = torch.tensor([left_pad(p["query"], args.query_length, pad_token_id) for p in batch])
+            queries = torch.tensor([[pad_token_id] * (args.query_length - len(p["query"])) + p["query"] for p in batch])
             with autocast:
                 query_responses, _ = generate(policy, queries.to(device), pad_token_id, args.eval_response_length, 0.01)
             responses = query_responses[:, args.query_length:]  # (b, R)
