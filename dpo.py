@@ -163,20 +163,6 @@ def tokenize_query(tokenizer, info, query_length):
     return tokens
 
 
-def first_true_indices(bools, dtype=torch.long):
-    """Index of the first True in each row of a (B, T) bool tensor; T where a row has none."""
-    row_len = bools.size(-1)
-    zero_or_index = row_len * (~bools).type(dtype) + torch.arange(row_len, dtype=dtype, device=bools.device)
-    return torch.min(zero_or_index, dim=-1).values
-
-
-def truncate_response(stop_token_id, pad_token_id, responses):
-    """Everything after the first EOS becomes pad; the EOS itself is kept [D23.2]."""
-    trunc_idxs = first_true_indices(responses == stop_token_id).unsqueeze(-1)  # (B, 1)
-    idxs = torch.arange(responses.size(1), device=responses.device).view(1, -1)  # (1, T)
-    return torch.masked_fill(responses, idxs > trunc_idxs, pad_token_id)
-
-
 def forward(model, query_responses, pad_token_id, logits_to_keep=0):
     """Causal-LM forward on left/right-padded ids, position ids from the attention mask (deviation: the reference
     passed none; with absolute positions that is a bug, with rotary a numerical difference). `logits_to_keep` = k > 0
@@ -544,14 +530,11 @@ def main(args):
             queries = torch.tensor([[pad_token_id] * (args.query_length - len(p["query"])) + p["query"] for p in batch])
             with autocast:
                 query_responses, _ = generate(policy, queries.to(device), pad_token_id, args.eval_response_length, 0.01)
-            responses = query_responses[:, args.query_length:]  # (b, R)
-            has_eos = (responses == eos_token_id).any(1)
-            response_tokens = torch.where(has_eos, first_true_indices(responses == eos_token_id) + 1, responses.size(1))
-            texts = tokenizer.batch_decode(truncate_response(eos_token_id, pad_token_id, responses),
-                                           skip_special_tokens=True)
-            rows += [dict(id=p["id"], query=tokenizer.decode(p["query"]), response=text, reference=p["reference"],
-                          has_eos=ended, response_tokens=n)
-                     for p, text, ended, n in zip(batch, texts, has_eos.tolist(), response_tokens.tolist()) if keep]
+            for p, response in zip(batch, query_responses[:, args.query_length:].tolist()) if keep else []:
+                n = response.index(eos_token_id) + 1 if eos_token_id in response else len(response)  # cut after the EOS
+                rows.append(dict(id=p["id"], query=tokenizer.decode(p["query"]),
+                                 response=tokenizer.decode(response[:n], skip_special_tokens=True),
+                                 reference=p["reference"], has_eos=eos_token_id in response, response_tokens=n))
         rows = gather_rows(rows, world_size)
         if rank == 0 and rows:
             logger.log({f"eval/generations/{key}": sum(r[key] for r in rows) / len(rows)
