@@ -98,10 +98,9 @@ class Args:
     beta: float = 0.05
     """DPO inverse temperature beta (dimensionless): strength of the implicit KL penalty to the reference"""
     loss_type: Literal["sigmoid", "ipo", "label_smoothing"] = "sigmoid"
-    """sigmoid: DPO (Rafailov et al. 2023, eq. 7); ipo: IPO (Azar et al. 2023, eq. 17); label_smoothing:
-    conservative DPO (Mitchell 2023) with --label-smoothing as the assumed label-flip probability"""
+    """sigmoid: DPO (Rafailov et al. 2023, eq. 7); ipo: IPO (Azar et al. 2023, eq. 17); label_smoothing: cDPO"""
     label_smoothing: float = 0.0
-    """label-flip probability in (0, 0.5); read only by --loss-type label_smoothing (non-zero otherwise: an error)"""
+    """label-flip probability in (0, 0.5) of cDPO (conservative DPO, Mitchell 2023); must be 0 with the other losses"""
     precompute_ref_logprobs: bool = False
     """compute the reference's sequence log-probs once before training, then free it; False: computed on the fly"""
     fsdp: bool = False
@@ -164,28 +163,6 @@ def tokenize_query(tokenizer, info, query_length):
     return tokens
 
 
-def left_pad(tokens, length, pad_token_id):
-    return [pad_token_id] * (length - len(tokens)) + tokens
-
-
-def right_pad(tokens, length, pad_token_id):
-    return tokens + [pad_token_id] * (length - len(tokens))
-
-
-def first_true_indices(bools, dtype=torch.long):
-    """Index of the first True in each row of a (B, T) bool tensor; T where a row has none."""
-    row_len = bools.size(-1)
-    zero_or_index = row_len * (~bools).type(dtype) + torch.arange(row_len, dtype=dtype, device=bools.device)
-    return torch.min(zero_or_index, dim=-1).values
-
-
-def truncate_response(stop_token_id, pad_token_id, responses):
-    """Everything after the first EOS becomes pad; the EOS itself is kept [D23.2]."""
-    trunc_idxs = first_true_indices(responses == stop_token_id).unsqueeze(-1)  # (B, 1)
-    idxs = torch.arange(responses.size(1), device=responses.device).view(1, -1)  # (1, T)
-    return torch.masked_fill(responses, idxs > trunc_idxs, pad_token_id)
-
-
 def forward(model, query_responses, pad_token_id, logits_to_keep=0):
     """Causal-LM forward on left/right-padded ids, position ids from the attention mask (deviation: the reference
     passed none; with absolute positions that is a bug, with rotary a numerical difference). `logits_to_keep` = k > 0
@@ -235,7 +212,6 @@ def generate(model, queries, pad_token_id, response_length, temperature):
 # -------------------------------------------------------- DPO helpers --------------------------------------------
 OPENAI_COLUMNS = ["info", "summaries", "choice", "batch", "split", "extra"]
 STANDARD_COLUMNS = ["prompt", "chosen", "rejected"]
-SFT_COLUMNS = ["id", "subreddit", "title", "post", "summary"]
 # logged per update as train/rm/{name}, means over the pairs: the reference DPO's names (its "preferred" is "chosen")
 TRAIN_METRICS = ["loss", "accuracy", "chosen_rewards", "rejected_rewards", "reward_margin", "logps_chosen",
                  "logps_rejected"]
@@ -293,26 +269,23 @@ def tokenize_article(tokenizer, article, query_length):
 
 
 def tokenize_pair(tokenizer, row, query_length, data_format, fallback_id, cnndm_query_length):
-    """Token ids and texts of one preference pair. A response is its text's tokens + EOS [D5] (OpenAI texts begin with
-    a space); the query is the TL;DR format cut to query_length [D2.2], a CNN/DM row's the article format cut to
-    cnndm_query_length, a standard row's prompt as is (the caller drops it if too long). `fallback_id`: the id of a
-    standard row without an id column."""
+    """Token ids and texts of one pair: the query in the TL;DR format [D2.2] (CNN/DM rows: the article format; standard
+    rows: the prompt as is, `fallback_id` if they have no id), each response its text's tokens + EOS [D5] (the OpenAI
+    texts begin with a space)."""
     if data_format == "openai":
-        info = row["info"]
+        info, choice = row["info"], row["choice"]
         if info.get("post") is None and info.get("article") is not None:
             query_token = tokenize_article(tokenizer, info["article"], cnndm_query_length)
         else:
             query_token = tokenize_query(tokenizer, info, query_length)  # [D2.2]
-        chosen, rejected = row["summaries"][row["choice"]]["text"], row["summaries"][1 - row["choice"]]["text"]
+        chosen, rejected = row["summaries"][choice]["text"], row["summaries"][1 - choice]["text"]
         extra = row["extra"] or {}
-        meta = dict(id=row["info"]["id"], split=row["split"], batch=row["batch"], confidence=extra.get("confidence"))
+        meta = dict(id=info["id"], split=row["split"], batch=row["batch"], confidence=extra.get("confidence"))
     else:
-        query_token = tokenizer.encode(row["prompt"])
-        chosen, rejected = row["chosen"], row["rejected"]
+        query_token, chosen, rejected = tokenizer.encode(row["prompt"]), row["chosen"], row["rejected"]
         meta = dict(id=str(row["id"]) if "id" in row else fallback_id, split=None, batch=None, confidence=None)
     eos = [tokenizer.eos_token_id]
-    return dict(query_token=query_token,
-                chosen_token=tokenizer.encode(chosen, add_special_tokens=False) + eos,
+    return dict(query_token=query_token, chosen_token=tokenizer.encode(chosen, add_special_tokens=False) + eos,
                 rejected_token=tokenizer.encode(rejected, add_special_tokens=False) + eos,
                 query=tokenizer.decode(query_token), chosen=chosen, rejected=rejected, **meta)
 
@@ -320,31 +293,23 @@ def tokenize_pair(tokenizer, row, query_length, data_format, fallback_id, cnndm_
 def collate_pairs(pairs, pad_token_id):
     """chosen, rejected (B, T): query + response right-padded to the batch's longest, at most query + --response-length
     [D5] (trailing all-pad columns change nothing under causal attention), and the query lengths (B,)."""
-    queries, chosen, rejected = pairs["query_token"], pairs["chosen_token"], pairs["rejected_token"]
-    length = max(len(q) + max(len(c), len(r)) for q, c, r in zip(queries, chosen, rejected))
-    chosen, rejected = (torch.tensor([right_pad(q + r, length, pad_token_id) for q, r in zip(queries, responses)])
-                        for responses in [chosen, rejected])
+    queries = pairs["query_token"]
+    sequences = [[q + r for q, r in zip(queries, pairs[f"{side}_token"])] for side in ["chosen", "rejected"]]
+    length = max(len(s) for side in sequences for s in side)
+    chosen, rejected = (torch.tensor([s + [pad_token_id] * (length - len(s)) for s in side]) for side in sequences)
     return chosen, rejected, torch.tensor([len(q) for q in queries])
 
 
-def response_mask(query_responses, query_lengths, pad_token_id):
-    """(B, T) bool: True on response tokens including the EOS, False on the query and on the right padding."""
-    positions = torch.arange(query_responses.size(1), device=query_responses.device).unsqueeze(0)  # (1, T)
-    return (positions >= query_lengths.unsqueeze(1)) & (query_responses != pad_token_id)
-
-
-def sequence_logprobs(logits, query_responses, mask):
-    """Sum over the masked tokens of log pi(token | prefix) (B,): the logits at t predict the token at t + 1."""
-    logprobs = F.log_softmax(logits[:, :-1].float(), dim=-1)  # (B, T-1, V)
-    token_logprobs = torch.gather(logprobs, 2, query_responses[:, 1:].unsqueeze(-1)).squeeze(-1)  # (B, T-1)
-    return (token_logprobs * mask[:, 1:]).sum(1)  # (B,)
-
-
 def concatenated_logprobs(model, chosen, rejected, query_lengths, pad_token_id):
-    """Sequence log-probs of chosen and rejected (B,), (B,) from one forward pass over the 2B sequences."""
+    """Sequence log-probs of chosen and rejected (B,), (B,) from one forward over the 2B sequences: the sum of
+    log pi(token | prefix) over the response tokens including the EOS, the query and the right padding masked."""
     query_responses = torch.cat([chosen, rejected])  # (2B, T)
-    mask = response_mask(query_responses, query_lengths.repeat(2), pad_token_id)  # (2B, T)
-    logps = sequence_logprobs(forward(model, query_responses, pad_token_id).logits, query_responses, mask)  # (2B,)
+    positions = torch.arange(query_responses.size(1), device=query_responses.device).unsqueeze(0)  # (1, T)
+    mask = (positions >= query_lengths.repeat(2).unsqueeze(1)) & (query_responses != pad_token_id)  # (2B, T)
+    logits = forward(model, query_responses, pad_token_id).logits  # (2B, T, V): the logits at t predict token t + 1
+    logprobs = F.log_softmax(logits[:, :-1].float(), dim=-1)  # (2B, T-1, V)
+    token_logprobs = torch.gather(logprobs, 2, query_responses[:, 1:].unsqueeze(-1)).squeeze(-1)  # (2B, T-1)
+    logps = (token_logprobs * mask[:, 1:]).sum(1)  # (2B,)
     return logps[: chosen.size(0)], logps[chosen.size(0):]
 
 
@@ -359,14 +324,11 @@ def dpo_loss(pi_chosen, pi_rejected, ref_chosen, ref_rejected, beta, loss_type, 
         losses = -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
     else:
         raise ValueError(f"--loss-type must be sigmoid, ipo or label_smoothing, got {loss_type!r}")
-    chosen_rewards = beta * (pi_chosen - ref_chosen).detach()  # (B,)
-    rejected_rewards = beta * (pi_rejected - ref_rejected).detach()  # (B,)
-    return losses.mean(), chosen_rewards, rejected_rewards
+    return losses.mean(), beta * (pi_chosen - ref_chosen).detach(), beta * (pi_rejected - ref_rejected).detach()
 
 
 def preference_accuracy(chosen_rewards, rejected_rewards):
-    """Per pair 1 if the chosen response has the strictly higher implicit reward, else 0: a tie counts 0, as in the
-    reference's dpo.py and reward.py (so a policy equal to its reference reads 0)."""
+    """1 per pair whose chosen response has the strictly higher implicit reward; a tie counts 0, as in the reference."""
     return (chosen_rewards > rejected_rewards).float()
 
 
@@ -400,7 +362,7 @@ def main(args):
     eval_splits = [split for split in label_datasets if split != "train"] if args.run_eval else []
     if args.run_eval:
         query_dataset = load_data(args.query_dataset, "--query-dataset", "validation", args.query_dataset_revision)
-        check_columns(query_dataset, SFT_COLUMNS, "--query-dataset")
+        check_columns(query_dataset, ["id", "subreddit", "title", "post", "summary"], "--query-dataset")
         if rank == 0 and (args.num_eval_samples or 0) > len(query_dataset):
             print(f"--num-eval-samples {args.num_eval_samples}: the validation split has only {len(query_dataset)} "
                   f"posts; generating for all of them", flush=True)
@@ -411,9 +373,7 @@ def main(args):
     pad_token_id, eos_token_id = tokenizer.pad_token_id, tokenizer.eos_token_id
     data = {}
     for split in ["train"] + eval_splits:
-        dataset = label_datasets[split]
-        if len(dataset) == 0:
-            raise ValueError(f"--label-dataset {args.label_dataset}: the {split!r} split is empty")
+        dataset = label_datasets[split]  # not empty: load_data refuses an empty split
         data[split] = dataset.map(
             lambda row, i: tokenize_pair(tokenizer, row, args.query_length, data_format, f"{split}-{i}",
                                          args.cnndm_query_length),
@@ -429,8 +389,7 @@ def main(args):
         raise ValueError(f"--total-episodes {args.total_episodes}: training takes at least one --batch-size "
                          f"({args.batch_size}) and at most the {len(data['train'])} training pairs kept")
     num_updates = num_pairs // args.batch_size
-    # one shuffle shared by all processes (the reference's DataLoader shuffle, synchronised by accelerate), each batch
-    # cut into disjoint per-process slices: num_updates x (batch_size / world_size) pair indices
+    # the reference's DataLoader shuffle: one shuffle shared by all processes, each batch cut into per-process slices
     local_batches = [rank_batch_indices(len(data["train"]), args.batch_size, update, rank, world_size, args.seed)
                      for update in range(num_updates)]
     print(f"[rank {rank}] trains on {num_updates * len(local_batches[0])} pairs in {num_updates} updates "
@@ -440,8 +399,7 @@ def main(args):
     run_name = f"{args.exp_name}__{args.seed}__{int(time.time())}"
     output_dir = args.output_dir or os.path.join("runs", run_name)
     checkpoint = find_checkpoint(args, output_dir, world_size)
-    if checkpoint is not None:
-        run_name = checkpoint["run_name"]
+    run_name = checkpoint["run_name"] if checkpoint else run_name
     seed_everything(args.seed + rank * 100003)
     logger = Logger(args, run_name, output_dir, rank, checkpoint)  # the first write into output_dir
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16 and device.type == "cuda")
@@ -458,15 +416,13 @@ def main(args):
     model = DDP(policy, device_ids=[device.index] if device.type == "cuda" else None) if ddp else policy
     # weight decay 0.01 (torch default); fused kernel on CUDA (the same update up to rounding)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=args.lr, eps=args.eps, fused=device.type == "cuda")
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda update: 0.5 * (1.0 + math.cos(math.pi * update / num_updates)))
-    first_update = 0
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda u: 0.5 * (1 + math.cos(math.pi * u / num_updates)))
     full_state = StateDictOptions(full_state_dict=True, cpu_offload=True)  # whole tensors on CPU, sharded or not
-    if checkpoint is not None:  # resume: weights, AdamW moments, schedule, random streams; the data position is the
-        set_state_dict(policy, optimizer, model_state_dict=checkpoint["model"],  # update counter (rank_batch_indices
-                       optim_state_dict=checkpoint["optimizer"], options=full_state)  # is a function of it)
+    first_update = checkpoint["update"] if checkpoint else 0
+    if checkpoint is not None:  # resume: weights, AdamW moments, schedule, random streams (the data follow the update)
+        set_state_dict(policy, optimizer, model_state_dict=checkpoint["model"],
+                       optim_state_dict=checkpoint["optimizer"], options=full_state)
         scheduler.load_state_dict(checkpoint["scheduler"])
-        first_update = checkpoint["update"]
         set_rng_states(checkpoint["rng"], rank)
         print(f"resumed from update {first_update} of {output_dir}/checkpoints", flush=True)
         del checkpoint
@@ -480,9 +436,7 @@ def main(args):
     @torch.no_grad()
     def reference_logprobs(split, indices):
         """The frozen reference's sequence log-probs (b,), (b,): precomputed, or a forward now."""
-        if ref_model is None:
-            return tuple(torch.stack([precomputed[split, i][k] for i in indices]) for k in (0, 1))
-        return pair_logprobs(ref_model, split, indices)
+        return precomputed[split, tuple(indices)] if ref_model is None else pair_logprobs(ref_model, split, indices)
 
     def eval_batches(items):
         """This process's contiguous share of `items` in chunks, as many as on every process (eval_chunks)."""
@@ -490,19 +444,18 @@ def main(args):
         filler = items[0] if items else None
         return eval_chunks(items[rank * share: (rank + 1) * share], args.local_eval_batch_size, share, filler)
 
-    precomputed = {}  # (split, pair index) -> (ref_chosen, ref_rejected), with --precompute-ref-logprobs
+    precomputed = {}  # (split, micro-batch's pair indices) -> (ref_chosen, ref_rejected), --precompute-ref-logprobs
     if args.precompute_ref_logprobs:  # on the micro-batches of training and evaluation (the same numbers)
         jobs = [("train", micro) for batch in local_batches for micro in chunks(batch, args.local_micro_batch_size)]
         jobs += [(split, micro) for split in eval_splits for micro, _ in eval_batches(list(range(len(data[split]))))]
         start_time = time.time()
         for step, (split, micro) in enumerate(jobs, 1):
-            precomputed.update({(split, i): pair for i, pair in zip(micro, zip(*reference_logprobs(split, micro)))})
+            precomputed[split, tuple(micro)] = reference_logprobs(split, micro)
             if rank == 0 and (step % 50 == 0 or step == len(jobs)):
                 progress("dpo: reference log-probs", step, len(jobs), start_time)
         ref_model = None  # frees the reference
 
-    # 4. Train, one pass: per update the DPO loss of --batch-size pairs, in gradient_accumulation_steps micro-batches
-    #    per process; the gradients are reduced across processes on the last micro-batch only
+    # 4. Train, one pass: per update --batch-size pairs in micro-batches; gradients reduced on the last micro-batch only
     start_time = time.time()
     for update in range(first_update, num_updates):
         stats = torch.zeros(len(TRAIN_METRICS), device=device)
@@ -539,9 +492,8 @@ def main(args):
             model_state, optimizer_state = get_state_dict(policy, optimizer, options=full_state)  # gathers FSDP shards
             if rank == 0:
                 save_checkpoint(output_dir, update + 1, dict(
-                    model=model_state, optimizer=optimizer_state, scheduler=scheduler.state_dict(),
-                    update=update + 1, rng=states, args=asdict(args), run_name=run_name, **logger.state()),
-                    args.keep_checkpoints)
+                    model=model_state, optimizer=optimizer_state, scheduler=scheduler.state_dict(), update=update + 1,
+                    rng=states, args=asdict(args), run_name=run_name, **logger.state()), args.keep_checkpoints)
 
     # 6. Save the policy and tokenizer (rank 0)
     policy_state = get_model_state_dict(policy, options=full_state)  # whole tensors, also under FSDP (a collective)
@@ -575,22 +527,18 @@ def main(args):
                  for row in query_dataset.select(range(len(query_dataset))[: args.num_eval_samples])]
         rows = []
         for batch, keep in eval_batches(posts):
-            queries = torch.tensor([left_pad(p["query"], args.query_length, pad_token_id) for p in batch])
+            queries = torch.tensor([[pad_token_id] * (args.query_length - len(p["query"])) + p["query"] for p in batch])
             with autocast:
                 query_responses, _ = generate(policy, queries.to(device), pad_token_id, args.eval_response_length, 0.01)
-            responses = query_responses[:, args.query_length:]  # (b, R)
-            has_eos = (responses == eos_token_id).any(1)
-            response_tokens = torch.where(has_eos, first_true_indices(responses == eos_token_id) + 1, responses.size(1))
-            texts = tokenizer.batch_decode(truncate_response(eos_token_id, pad_token_id, responses),
-                                           skip_special_tokens=True)
-            rows += [dict(id=p["id"], query=tokenizer.decode(p["query"]), response=text, reference=p["reference"],
-                          has_eos=ended, response_tokens=n)
-                     for p, text, ended, n in zip(batch, texts, has_eos.tolist(), response_tokens.tolist()) if keep]
+            for p, response in zip(batch, query_responses[:, args.query_length:].tolist()) if keep else []:
+                n = response.index(eos_token_id) + 1 if eos_token_id in response else len(response)  # cut after the EOS
+                rows.append(dict(id=p["id"], query=tokenizer.decode(p["query"]),
+                                 response=tokenizer.decode(response[:n], skip_special_tokens=True),
+                                 reference=p["reference"], has_eos=eos_token_id in response, response_tokens=n))
         rows = gather_rows(rows, world_size)
         if rank == 0 and rows:
-            logger.log({"eval/generations/has_eos": sum(r["has_eos"] for r in rows) / len(rows),
-                        "eval/generations/response_tokens": sum(r["response_tokens"] for r in rows) / len(rows)},
-                       step=num_updates)
+            logger.log({f"eval/generations/{key}": sum(r[key] for r in rows) / len(rows)
+                        for key in ["has_eos", "response_tokens"]}, step=num_updates)
             logger.table("eval_generations", rows, output_dir)
             print(f"eval_generations: {len(rows)} posts, {sum(r['has_eos'] for r in rows)} ended with EOS", flush=True)
 

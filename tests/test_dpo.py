@@ -4,6 +4,7 @@ import ast
 import math
 import os
 import re
+from types import SimpleNamespace
 
 import datasets
 import pytest
@@ -26,18 +27,34 @@ def tiny_args(world, output_dir, *extra):
 
 
 # ---------------------------------------------------------------- masks and sequence log-probs --------------------
-def test_response_mask_excludes_query_and_pad_and_includes_eos():
-    query_responses = torch.tensor([
-        [5, 6, 7, 3, 4, EOS, PAD, PAD],  # query of 3 tokens, response "3 4 EOS", then pad
-        [5, 6, 3, EOS, PAD, PAD, PAD, PAD],  # query of 2 tokens
-        [5, 6, 7, 8, 3, 4, 4, EOS],  # no pad at all
-    ])
-    mask = dpo.response_mask(query_responses, torch.tensor([3, 2, 4]), PAD)
-    assert mask.int().tolist() == [
-        [0, 0, 0, 1, 1, 1, 0, 0],
-        [0, 0, 1, 1, 0, 0, 0, 0],
-        [0, 0, 0, 0, 1, 1, 1, 1],
-    ]
+class FixedLogits:
+    """A stand-in causal LM: returns the given logits (N, T, V) whatever its input."""
+
+    def __init__(self, logits):
+        self.logits = logits
+
+    def __call__(self, **inputs):
+        return SimpleNamespace(logits=self.logits)
+
+
+def test_sequence_logprobs_sum_the_response_tokens_with_eos_and_mask_query_and_pad():
+    # the logits at t - 1 give the token at t the probability 1 / primes[t] (logit 0; the other 9 tokens share the
+    # rest), so a sum -log(product of primes) names exactly the positions counted
+    primes = [2, 3, 5, 7, 11, 13, 17, 19]
+    chosen = torch.tensor([[5, 6, 7, 3, 4, EOS, PAD, PAD],  # query of 3 tokens, response "3 4 EOS", then pad
+                           [5, 6, 3, EOS, PAD, PAD, PAD, PAD]])  # query of 2 tokens
+    rejected = torch.tensor([[5, 6, 7, 8, 3, 4, 4, EOS],  # no pad at all
+                             [5, 6, 4, 4, 4, EOS, PAD, PAD]])
+    sequences = torch.cat([chosen, rejected])
+    logits = torch.zeros(4, 8, 10)
+    for row in range(4):
+        for t in range(1, 8):
+            logits[row, t - 1] = math.log((primes[t] - 1) / 9)
+            logits[row, t - 1, sequences[row, t]] = 0.0
+    pi_chosen, pi_rejected = dpo.concatenated_logprobs(FixedLogits(logits), chosen, rejected, torch.tensor([3, 2]), PAD)
+    assert pi_chosen.tolist() == pytest.approx([-math.log(7 * 11 * 13), -math.log(5 * 7)], abs=1e-5)
+    assert pi_rejected.tolist() == pytest.approx([-math.log(7 * 11 * 13 * 17 * 19), -math.log(5 * 7 * 11 * 13)],
+                                                 abs=1e-5)
 
 
 def test_collate_pairs_right_pads_to_the_longest_and_keeps_query_lengths():
@@ -46,18 +63,6 @@ def test_collate_pairs_right_pads_to_the_longest_and_keeps_query_lengths():
     assert chosen.tolist() == [[5, 6, 3, EOS, PAD, PAD], [5, 6, 7, EOS, PAD, PAD]]  # 6 = the longest, 2 + 4
     assert rejected.tolist() == [[5, 6, 4, 4, 4, EOS], [5, 6, 7, EOS, PAD, PAD]]
     assert query_lengths.tolist() == [2, 3]
-
-
-def test_sequence_logprobs_sums_the_response_tokens_only():
-    # vocab of 3; the logits at position t predict the token at t + 1
-    logits = torch.tensor([[[0.0, 0.0, 0.0],  # predicts token 1 (query): masked
-                            [1.0, 2.0, 3.0],  # predicts token 2 (response "1")
-                            [0.0, math.log(3.0), 0.0],  # predicts token 3 (EOS = 0)
-                            [5.0, 5.0, 5.0]]])  # predicts nothing (last position)
-    query_responses = torch.tensor([[2, 2, 1, 0]])
-    mask = torch.tensor([[False, False, True, True]])
-    expected = math.log(math.exp(2) / (math.exp(1) + math.exp(2) + math.exp(3))) + math.log(1 / 5)
-    assert dpo.sequence_logprobs(logits, query_responses, mask).item() == pytest.approx(expected, abs=1e-6)
 
 
 # ---------------------------------------------------------------- losses and accuracy ----------------------------
