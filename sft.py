@@ -1,12 +1,9 @@
 # See README.md "sft.py" for what this script implements, its tests and its benchmark numbers.
 """Supervised fine-tuning on TL;DR: next-token cross-entropy on query + reference summary [D9].
 
-Single GPU (hub defaults: Pythia-1B on vwxyzjn/summarize_from_feedback_tldr_3_filtered, batch 128, one epoch):
-    python sft.py --output-dir models/sft_pythia-1b
-Multi-GPU (batch 128 stays global: 8 GPUs x micro-batch 16 x 1 accumulation step):
-    torchrun --nproc-per-node 8 sft.py --local-micro-batch-size 16 --output-dir models/sft_pythia-1b --track
-Offline tiny world (CPU, a random-init model, so a high learning rate and several epochs):
-    python benchmark/offline_world.py --out-dir /tmp/world --size tiny
+    python sft.py --output-dir models/sft_pythia-1b  # one GPU: Pythia-1B, the TL;DR SFT data, batch 128, one epoch
+    torchrun --nproc-per-node 8 sft.py --local-micro-batch-size 16 --output-dir models/sft_pythia-1b  # 8 x 16 = 128
+    python benchmark/offline_world.py --out-dir /tmp/world --size tiny  # CPU; random init: a high lr, several epochs
     HF_HUB_OFFLINE=1 python sft.py --base-model /tmp/world/base_model --query-dataset /tmp/world/tldr_sft \
         --query-length 128 --batch-size 32 --local-micro-batch-size 16 --lr 3e-3 --num-train-epochs 4 \
         --num-eval-samples 32 --output-dir /tmp/world/sft
@@ -69,8 +66,7 @@ class Args:
     base_model_revision: Optional[str] = None
     """hub branch, tag or commit of --base-model (e.g. a run of the paper's release); None: main; not for a folder"""
     query_dataset: str = "vwxyzjn/summarize_from_feedback_tldr_3_filtered"
-    """SFT data (hub id or local folder): TL;DR columns id, subreddit, title, post, summary, or prompt/completion;
-    splits train (trained on) and validation / test (evaluated)"""
+    """SFT data (hub id or folder): id, subreddit, title, post, summary or prompt, completion; train/validation/test"""
     query_dataset_revision: Optional[str] = None
     """hub branch, tag or commit of --query-dataset; None: the main branch; not for a local folder"""
     query_length: int = 512
@@ -92,8 +88,7 @@ class Args:
     eps: float = 1e-5
     """AdamW epsilon"""
     fsdp: bool = False
-    """shard parameters, gradients and AdamW states over the processes (FSDP2 `fully_shard`) instead of replicating
-    them (DDP): for the 6.9B run (README.md "Multi-GPU and memory"); needs torchrun"""
+    """shard parameters, gradients and AdamW states over the processes (FSDP2), not replicate them (DDP); torchrun"""
     num_eval_samples: Optional[int] = None
     """evaluate on the first N rows (sequences) of validation and of test; None = the whole splits"""
 
@@ -240,14 +235,14 @@ def check_args(args, world_size):
 def tokenize_example(tokenizer, row, query_length, prompt_completion):
     """(query tokens, response tokens) of one row. TL;DR: the formatted, newline-truncated query [D2.2] and
     " " + summary + EOS [D3]. prompt/completion: both as given (the prompt never clipped), completion + EOS."""
+    eos = [tokenizer.eos_token_id]
     if not prompt_completion:
-        return (tokenize_query(tokenizer, row, query_length),
-                tokenizer.encode(" " + row["summary"]) + [tokenizer.eos_token_id])  # [D3]
+        return tokenize_query(tokenizer, row, query_length), tokenizer.encode(" " + row["summary"]) + eos  # [D3]
     query = tokenizer.encode(row["prompt"])
     if len(query) > query_length:
         raise ValueError(f"--query-length {query_length}: a prompt has {len(query)} tokens (prompts are used as "
                          f"given, never clipped): {row['prompt'][:80]!r}...")
-    return query, tokenizer.encode(row["completion"]) + [tokenizer.eos_token_id]
+    return query, tokenizer.encode(row["completion"]) + eos
 
 
 def sft_loss(logits, query_responses, pad_token_id):
@@ -277,66 +272,55 @@ def accumulate_gradients(model, examples, micro_size, pad_token_id, autocast):
             with autocast:
                 loss_sums, num_tokens = sft_loss(forward(model, query_responses, pad_token_id).logits, query_responses,
                                                  pad_token_id)
-                loss = (loss_sums / num_tokens).sum() / len(examples)
+            loss = (loss_sums / num_tokens).sum() / len(examples)
             assert loss.dim() == 0
             loss.backward()
         loss_avg += loss.detach()
     return loss_avg
 
 
-def lcs_length(a, b):
-    """Length of the longest common subsequence of two token lists (dynamic programme, one row at a time)."""
-    previous = [0] * (len(b) + 1)
-    for x in a:
-        current = [0]
-        for j, y in enumerate(b):
-            current.append(previous[j] + 1 if x == y else max(previous[j + 1], current[j]))
-        previous = current
-    return previous[-1]
-
-
 def rouge(prediction, reference):
     """ROUGE-1, -2 and -L F-measures 2PR / (P + R) = 2 matches / (prediction + reference units) on lowercased whitespace
     tokens (deviation: the reference uses the `rouge_score` package, which also strips punctuation)."""
     p, r = prediction.lower().split(), reference.lower().split()
-    scores = {}
-    for n in (1, 2):
-        p_ngrams, r_ngrams = Counter(zip(*[p[i:] for i in range(n)])), Counter(zip(*[r[i:] for i in range(n)]))
-        matches = sum((p_ngrams & r_ngrams).values())  # each n-gram counted at most as often as in the reference
-        scores[f"rouge{n}"] = 2 * matches / (p_ngrams.total() + r_ngrams.total()) if matches else 0.0
-    lcs = lcs_length(p, r)
-    scores["rougeL"] = 2 * lcs / (len(p) + len(r)) if lcs else 0.0
-    return scores
+    lcs = [0] * (len(r) + 1)  # longest common subsequence of p[:i] and r[:j] for every j, one i (row) at a time
+    for x in p:
+        row = [0]
+        for j, y in enumerate(r):
+            row.append(lcs[j] + 1 if x == y else max(lcs[j + 1], row[j]))
+        lcs = row
+    ngrams = [(Counter(zip(*[p[i:] for i in range(n)])), Counter(zip(*[r[i:] for i in range(n)]))) for n in (1, 2)]
+    matches = [sum((a & b).values()) for a, b in ngrams] + [lcs[-1]]  # an n-gram at most as often as in the reference
+    units = [a.total() + b.total() for a, b in ngrams] + [len(p) + len(r)]
+    return {name: 2 * m / u if m else 0.0 for name, m, u in zip(["rouge1", "rouge2", "rougeL"], matches, units)}
 
 
 @torch.no_grad()
 def evaluate(model, examples, split, tokenizer, args, device, rank, world_size):
-    """Loss over every non-pad token and ROUGE of generations at temperature 0.01 [D9] cut after the first EOS [D23.2],
-    each rank on one contiguous share. Returns (the split's metrics, its rows in dataset order)."""
-    pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
-    share = math.ceil(len(examples) / world_size)
-    loss_stats, rows = torch.zeros(2, device=device), []  # sums of token losses and of tokens (deviation: the
-    # reference averages each evaluation batch's token mean)
+    """Loss over every non-pad token of the split (deviation: the reference averages the batches' token means) and ROUGE
+    of generations at temperature 0.01 [D9] cut after the first EOS [D23.2], each rank on one contiguous share.
+    Returns (the split's metrics, its rows in dataset order)."""
+    pad, eos, share = tokenizer.pad_token_id, tokenizer.eos_token_id, math.ceil(len(examples) / world_size)
+    loss_stats, rows = torch.zeros(2, device=device), []  # sums of token losses and of tokens
     for batch, keep in eval_chunks(examples[rank * share : (rank + 1) * share], args.local_eval_batch_size, share,
                                    examples[0]):
         query_responses = torch.tensor([right_pad(e["query"] + e["response"], args.query_length + args.response_length,
-                                                  pad) for e in batch], device=device)  # (B, Q + R)
+                                        pad) for e in batch], device=device)  # (B, Q + R)
         queries = torch.tensor([left_pad(e["query"], args.query_length, pad) for e in batch], device=device)  # (B, Q)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16 and device.type == "cuda"):
             loss_sum, num_tokens = sft_loss(forward(model, query_responses, pad).logits, query_responses, pad)
             responses = generate(model, queries, pad, args.response_length, temperature=0.01)[0][:, args.query_length:]
-        if not keep:
-            continue
-        loss_stats += torch.stack([loss_sum.sum(), num_tokens.sum().float()])
-        ends = first_true_indices(responses == eos).tolist()  # the EOS positions; response_length where there is none
-        texts = tokenizer.batch_decode(truncate_response(eos, pad, responses), skip_special_tokens=True)
-        rows += [dict(id=e["id"], query=tokenizer.decode(e["query"], skip_special_tokens=True), response=text,
-                      reference=e["reference"], has_eos=end < args.response_length,
-                      response_tokens=min(end + 1, args.response_length)) for e, text, end in zip(batch, texts, ends)]
+        if keep:
+            loss_stats += torch.stack([loss_sum.sum(), num_tokens.sum().float()])
+            ends = first_true_indices(responses == eos).tolist()  # the EOS positions; response_length where none
+            texts = tokenizer.batch_decode(truncate_response(eos, pad, responses), skip_special_tokens=True)
+            rows += [dict(id=e["id"], query=tokenizer.decode(e["query"], skip_special_tokens=True), response=text,
+                          reference=e["reference"], has_eos=end < args.response_length,
+                          response_tokens=min(end + 1, args.response_length))
+                     for e, text, end in zip(batch, texts, ends)]
     loss_stats, rows = gather_mean(loss_stats, world_size), gather_rows(rows, world_size)  # means: the same ratio
     loss_name, prefix = EVAL_SPLITS[split]
-    scores = [dict(rouge(r["response"], r["reference"]), has_eos=r["has_eos"], response_tokens=r["response_tokens"])
-              for r in rows]
+    scores = [rouge(r["response"], r["reference"]) | {k: r[k] for k in ("has_eos", "response_tokens")} for r in rows]
     return {loss_name: (loss_stats[0] / loss_stats[1]).item(),
             **{prefix + key: sum(s[key] for s in scores) / len(rows) for key in scores[0]}}, rows
 

@@ -151,10 +151,11 @@ def test_update_weighs_each_sequence_equally_whatever_the_micro_batch_size(world
 
 
 # ------------------------------------------------------------ ROUGE --------------------------------------------
-def test_lcs_length():
-    assert sft.lcs_length("a b c d".split(), "a c d".split()) == 3
-    assert sft.lcs_length("a b c d".split(), "d c b a".split()) == 1
-    assert sft.lcs_length([], ["a"]) == 0
+def test_rouge_l_counts_the_longest_common_subsequence():
+    assert sft.rouge("a b c d", "a c d")["rougeL"] == pytest.approx(2 * 3 / 7)  # LCS 3 of 4 + 3 tokens
+    assert sft.rouge("a b c d", "d c b a")["rougeL"] == pytest.approx(2 * 1 / 8)  # LCS 1
+    assert sft.rouge("a b a b", "b a b")["rougeL"] == pytest.approx(2 * 3 / 7)  # LCS 3 (b a b), not a prefix match
+    assert sft.rouge("", "a")["rougeL"] == 0.0
 
 
 def test_rouge_hand_worked():
