@@ -151,20 +151,6 @@ def right_pad(tokens, length, pad_token_id):
     return tokens + [pad_token_id] * (length - len(tokens))
 
 
-def first_true_indices(bools, dtype=torch.long):
-    """Index of the first True in each row of a (B, T) bool tensor; T where a row has none."""
-    row_len = bools.size(-1)
-    zero_or_index = row_len * (~bools).type(dtype) + torch.arange(row_len, dtype=dtype, device=bools.device)
-    return torch.min(zero_or_index, dim=-1).values
-
-
-def truncate_response(stop_token_id, pad_token_id, responses):
-    """Everything after the first EOS becomes pad; the EOS itself is kept [D23.2]."""
-    trunc_idxs = first_true_indices(responses == stop_token_id).unsqueeze(-1)  # (B, 1)
-    idxs = torch.arange(responses.size(1), device=responses.device).view(1, -1)  # (1, T)
-    return torch.masked_fill(responses, idxs > trunc_idxs, pad_token_id)
-
-
 def forward(model, query_responses, pad_token_id, logits_to_keep=0):
     """Causal-LM forward on left/right-padded ids, position ids from the attention mask (deviation: the reference
     passed none; with absolute positions that is a bug, with rotary a numerical difference). `logits_to_keep` = k > 0
@@ -233,21 +219,20 @@ def check_args(args, world_size):
 
 
 def tokenize_example(tokenizer, row, query_length, prompt_completion):
-    """(query tokens, response tokens) of one row. TL;DR: the formatted, newline-truncated query [D2.2] and
-    " " + summary + EOS [D3]. prompt/completion: both as given (the prompt never clipped), completion + EOS."""
+    """Query, response ids and reference text: TL;DR query [D2.2], " " + summary + EOS [D3]; or prompt, completion."""
     eos = [tokenizer.eos_token_id]
     if not prompt_completion:
-        return tokenize_query(tokenizer, row, query_length), tokenizer.encode(" " + row["summary"]) + eos  # [D3]
+        return dict(query=tokenize_query(tokenizer, row, query_length), reference=row["summary"],
+                    response=tokenizer.encode(" " + row["summary"]) + eos)  # [D3]
     query = tokenizer.encode(row["prompt"])
     if len(query) > query_length:
         raise ValueError(f"--query-length {query_length}: a prompt has {len(query)} tokens (prompts are used as "
                          f"given, never clipped): {row['prompt'][:80]!r}...")
-    return query, tokenizer.encode(row["completion"]) + eos
+    return dict(query=query, reference=row["completion"], response=tokenizer.encode(row["completion"]) + eos)
 
 
 def sft_loss(logits, query_responses, pad_token_id):
-    """Next-token cross-entropy over every non-pad target of query + response (not completion-only) [D9], per
-    sequence. Returns (the sum of each sequence's losses (B,), each sequence's number of targets (B,))."""
+    """Next-token cross-entropy over every non-pad target, query included [D9]: (B,) loss sums, (B,) target counts."""
     labels = query_responses.masked_fill(query_responses == pad_token_id, -100)  # (B, T); pad ignored [D9]
     shift_logits, shift_labels = logits[:, :-1, :].float(), labels[:, 1:]  # predict token t+1 from tokens <= t
     losses = F.cross_entropy(shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1),
@@ -256,9 +241,8 @@ def sft_loss(logits, query_responses, pad_token_id):
 
 
 def accumulate_gradients(model, examples, micro_size, pad_token_id, autocast):
-    """Backward of one update's loss over this process's `examples` (dicts of query and response ids), in micro-batches
-    of `micro_size`: the mean over the examples of each sequence's token-mean loss, so each sequence weighs the same
-    whatever the micro-batch size, as in the reference's 1 x 16 accumulation steps [D9]. Returns it, detached."""
+    """Backward, in micro-batches, of the mean over `examples` (query and response ids) of each one's token-mean loss:
+    each sequence weighs the same whatever the micro-batch size, as in the reference's 1 x 16 accumulation [D9]."""
     loss_avg = torch.zeros((), device=next(model.parameters()).device)
     for start in range(0, len(examples), micro_size):
         batch = examples[start : start + micro_size]
@@ -297,9 +281,8 @@ def rouge(prediction, reference):
 
 @torch.no_grad()
 def evaluate(model, examples, split, tokenizer, args, device, rank, world_size):
-    """Loss over every non-pad token of the split (deviation: the reference averages the batches' token means) and ROUGE
-    of generations at temperature 0.01 [D9] cut after the first EOS [D23.2], each rank on one contiguous share.
-    Returns (the split's metrics, its rows in dataset order)."""
+    """(metrics, rows in dataset order): loss over all non-pad tokens (deviation: the reference averages batch means),
+    ROUGE of generations at temperature 0.01 [D9] cut after the first EOS [D23.2]; each rank on a contiguous share."""
     pad, eos, share = tokenizer.pad_token_id, tokenizer.eos_token_id, math.ceil(len(examples) / world_size)
     loss_stats, rows = torch.zeros(2, device=device), []  # sums of token losses and of tokens
     for batch, keep in eval_chunks(examples[rank * share : (rank + 1) * share], args.local_eval_batch_size, share,
@@ -312,12 +295,12 @@ def evaluate(model, examples, split, tokenizer, args, device, rank, world_size):
             responses = generate(model, queries, pad, args.response_length, temperature=0.01)[0][:, args.query_length:]
         if keep:
             loss_stats += torch.stack([loss_sum.sum(), num_tokens.sum().float()])
-            ends = first_true_indices(responses == eos).tolist()  # the EOS positions; response_length where none
-            texts = tokenizer.batch_decode(truncate_response(eos, pad, responses), skip_special_tokens=True)
-            rows += [dict(id=e["id"], query=tokenizer.decode(e["query"], skip_special_tokens=True), response=text,
-                          reference=e["reference"], has_eos=end < args.response_length,
-                          response_tokens=min(end + 1, args.response_length))
-                     for e, text, end in zip(batch, texts, ends)]
+            for e, response in zip(batch, responses.tolist()):
+                end = response.index(eos) if eos in response else args.response_length  # the first EOS
+                rows.append(dict(id=e["id"], query=tokenizer.decode(e["query"], skip_special_tokens=True),
+                                 response=tokenizer.decode(response[: end + 1], skip_special_tokens=True),  # [D23.2]
+                                 reference=e["reference"], has_eos=end < args.response_length,
+                                 response_tokens=min(end + 1, args.response_length)))
     loss_stats, rows = gather_mean(loss_stats, world_size), gather_rows(rows, world_size)  # means: the same ratio
     loss_name, prefix = EVAL_SPLITS[split]
     scores = [rouge(r["response"], r["reference"]) | {k: r[k] for k in ("has_eos", "response_tokens")} for r in rows]
@@ -342,20 +325,15 @@ def main(args):
                       f"--query-dataset ({split} split; TL;DR columns {TLDR_COLUMNS} or {PROMPT_COMPLETION_COLUMNS})")
     if args.run_eval and not eval_splits:
         raise ValueError(f"--run-eval: --query-dataset has neither a validation nor a test split ({list(dataset)})")
-    if rank == 0 and args.run_eval and len(eval_splits) < len(EVAL_SPLITS):
-        print(f"--query-dataset lacks {[s for s in EVAL_SPLITS if s not in eval_splits]}: evaluating {eval_splits}")
 
     # 2. Tokenize: query [D2.2] + " " + summary + EOS [D3]; drop longer responses (deviation: the reference cuts them)
     tokenizer = load_tokenizer(args.base_model, "--base-model", args.base_model_revision)
     data = {}
     for split in ["train"] + eval_splits:
         rows = dataset[split] if split == "train" else dataset[split].take(args.num_eval_samples or len(dataset[split]))
-        data[split] = []
-        for i, row in enumerate(rows):
-            query, response = tokenize_example(tokenizer, row, args.query_length, prompt_completion)
-            if len(response) <= args.response_length:
-                data[split].append(dict(id=row.get("id", str(i)), query=query, response=response,
-                                        reference=row["completion"] if prompt_completion else row["summary"]))
+        examples = [dict(id=row.get("id", str(i)), **tokenize_example(tokenizer, row, args.query_length,
+                                                                      prompt_completion)) for i, row in enumerate(rows)]
+        data[split] = [e for e in examples if len(e["response"]) <= args.response_length]
         if not data[split]:
             raise ValueError(f"--query-dataset {args.query_dataset}: of the {len(rows)} rows of the {split!r} split "
                              f"(the split is empty if 0), none has a response within --response-length")
@@ -366,9 +344,8 @@ def main(args):
     max_updates = args.num_train_epochs * (len(train) // args.batch_size)
     num_updates = max_updates if args.total_episodes is None else args.total_episodes // args.batch_size
     if not 1 <= num_updates <= max_updates:
-        raise ValueError(f"--total-episodes {args.total_episodes} gives {num_updates} updates of --batch-size "
-                         f"{args.batch_size}; {len(train)} sequences x --num-train-epochs {args.num_train_epochs} "
-                         f"allow 1 to {max_updates}")
+        raise ValueError(f"--total-episodes {args.total_episodes} gives {num_updates} updates of {args.batch_size}; "
+                         f"{len(train)} sequences x {args.num_train_epochs} epochs allow 1 to {max_updates}")
 
     # 3. Model, AdamW, cosine schedule to 0 without warm-up [D9]; a resumed run restores them and its random streams
     run_name = f"{args.exp_name}__{args.seed}__{int(time.time())}"
@@ -382,11 +359,9 @@ def main(args):
         shard_model(policy, args.bf16 and device.type == "cuda")
         print(f"rank {rank}: FSDP holds {sum(p.to_local().numel() for p in policy.parameters())} of the "
               f"{sum(p.numel() for p in policy.parameters())} parameters", flush=True)
-    ddp = world_size > 1 and not args.fsdp
-    model = DDP(policy, device_ids=[device.index] if device.type == "cuda" else None) if ddp else policy
+    model = DDP(policy) if world_size > 1 and not args.fsdp else policy  # DDP: on the device the policy is on
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, eps=args.eps, fused=device.type == "cuda")
-    scheduler = torch.optim.lr_scheduler.LambdaLR(  # lr factor 1 at the first update, 0 after the last [D9]
-        optimizer, lambda u: 0.5 * (1.0 + math.cos(math.pi * u / num_updates)))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda u: 0.5 * (1 + math.cos(math.pi * u / num_updates)))
     full_state = StateDictOptions(full_state_dict=True, cpu_offload=True)  # whole tensors on CPU, sharded or not
     first_update = 0 if checkpoint is None else checkpoint["update"]
     if checkpoint is not None:  # the data position is the update counter (rank_batch_indices is a function of it)
@@ -420,12 +395,11 @@ def main(args):
         if rank == 0:
             progress("sft", update, num_updates, start_time, first_update, loss=loss.item(), lr=lr, episode=episode)
         if update == num_updates or (args.checkpoint_every and update % args.checkpoint_every == 0):
-            states = rng_states(world_size)  # every process takes part; rank 0 writes
             model_state, optimizer_state = get_state_dict(policy, optimizer, options=full_state)  # gathers FSDP shards
-            if rank == 0:
-                save_checkpoint(output_dir, update, dict(
-                    model=model_state, optimizer=optimizer_state, scheduler=scheduler.state_dict(), update=update,
-                    rng=states, args=asdict(args), run_name=run_name, **logger.state()), args.keep_checkpoints)
+            state = dict(model=model_state, optimizer=optimizer_state, scheduler=scheduler.state_dict(), update=update,
+                         rng=rng_states(world_size), args=asdict(args), run_name=run_name, **logger.state())
+            if rank == 0:  # every process took part in the gathers; rank 0 writes
+                save_checkpoint(output_dir, update, state, args.keep_checkpoints)
 
     # 5. Save (rank 0), then evaluate: val/test loss, generations at temperature 0.01, ROUGE [D9]
     policy_state = get_model_state_dict(policy, options=full_state)  # whole tensors, also under FSDP (a collective)

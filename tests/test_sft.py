@@ -67,7 +67,9 @@ def test_query_too_short_for_the_format():
 def test_response_format_and_sequence(world):
     tokenizer = sft.load_tokenizer(str(world / "base_model"), "--base-model")
     row = info("my dad hid my wallet.\ni feel sad.")
-    query, response = sft.tokenize_example(tokenizer, row, 128, prompt_completion=False)
+    example = sft.tokenize_example(tokenizer, row, 128, prompt_completion=False)
+    query, response = example["query"], example["response"]
+    assert example["reference"] == "s"  # the text ROUGE compares with
     assert query == tokenizer.encode(sft.format_query(row))
     assert response == tokenizer.encode(" s") + [tokenizer.eos_token_id]  # " " + summary + EOS [D3]
     assert tokenizer.decode(response) == " s<|endoftext|>"
@@ -80,8 +82,9 @@ def test_response_format_and_sequence(world):
 def test_prompt_completion_used_as_given():
     tok = CharTokenizer()
     row = dict(prompt="Q: x\nA:", completion=" yes")
-    query, response = sft.tokenize_example(tok, row, 7, prompt_completion=True)
-    assert tok.decode(query) == "Q: x\nA:" and response == tok.encode(" yes") + [0]
+    example = sft.tokenize_example(tok, row, 7, prompt_completion=True)
+    assert tok.decode(example["query"]) == "Q: x\nA:" and example["response"] == tok.encode(" yes") + [0]
+    assert example["reference"] == " yes"
     with pytest.raises(ValueError, match="--query-length 6: a prompt has 7 tokens"):
         sft.tokenize_example(tok, row, 6, prompt_completion=True)
 
