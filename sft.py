@@ -143,10 +143,6 @@ def tokenize_query(tokenizer, info, query_length):
     return tokens
 
 
-def left_pad(tokens, length, pad_token_id):
-    return [pad_token_id] * (length - len(tokens)) + tokens
-
-
 def right_pad(tokens, length, pad_token_id):
     return tokens + [pad_token_id] * (length - len(tokens))
 
@@ -220,42 +216,38 @@ def check_args(args, world_size):
 
 def tokenize_example(tokenizer, row, query_length, prompt_completion):
     """Query, response ids and reference text: TL;DR query [D2.2], " " + summary + EOS [D3]; or prompt, completion."""
-    eos = [tokenizer.eos_token_id]
-    if not prompt_completion:
-        return dict(query=tokenize_query(tokenizer, row, query_length), reference=row["summary"],
-                    response=tokenizer.encode(" " + row["summary"]) + eos)  # [D3]
-    query = tokenizer.encode(row["prompt"])
-    if len(query) > query_length:
+    if prompt_completion:
+        query, reference, response = tokenizer.encode(row["prompt"]), row["completion"], row["completion"]
+    else:  # [D3]
+        query, reference, response = tokenize_query(tokenizer, row, query_length), row["summary"], " " + row["summary"]
+    if len(query) > query_length:  # only a prompt can be: tokenize_query cuts a post to fit
         raise ValueError(f"--query-length {query_length}: a prompt has {len(query)} tokens (prompts are used as "
                          f"given, never clipped): {row['prompt'][:80]!r}...")
-    return dict(query=query, reference=row["completion"], response=tokenizer.encode(row["completion"]) + eos)
+    return dict(query=query, reference=reference, response=tokenizer.encode(response) + [tokenizer.eos_token_id])
 
 
 def sft_loss(logits, query_responses, pad_token_id):
     """Next-token cross-entropy over every non-pad target, query included [D9]: (B,) loss sums, (B,) target counts."""
     labels = query_responses.masked_fill(query_responses == pad_token_id, -100)  # (B, T); pad ignored [D9]
     shift_logits, shift_labels = logits[:, :-1, :].float(), labels[:, 1:]  # predict token t+1 from tokens <= t
-    losses = F.cross_entropy(shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1),
-                             ignore_index=-100, reduction="none").view(shift_labels.shape)  # 0 where ignored
-    return losses.sum(1), (shift_labels != -100).sum(1)
+    losses = F.cross_entropy(shift_logits.flatten(0, 1), shift_labels.flatten(), reduction="none")  # 0 at -100 targets
+    return losses.view(shift_labels.shape).sum(1), (shift_labels != -100).sum(1)
 
 
-def accumulate_gradients(model, examples, micro_size, pad_token_id, autocast):
-    """Backward, in micro-batches, of the mean over `examples` (query and response ids) of each one's token-mean loss:
-    each sequence weighs the same whatever the micro-batch size, as in the reference's 1 x 16 accumulation [D9]."""
+def accumulate_gradients(model, examples, micro_size, pad, autocast):
+    """Backward of the mean of the examples' token-mean losses, in micro-batches: each sequence weighs the same [D9]."""
     loss_avg = torch.zeros((), device=next(model.parameters()).device)
     for start in range(0, len(examples), micro_size):
         batch = examples[start : start + micro_size]
         longest = max(len(e["query"]) + len(e["response"]) for e in batch)  # trailing pad columns change no output
-        query_responses = torch.tensor([right_pad(e["query"] + e["response"], longest, pad_token_id) for e in batch],
+        query_responses = torch.tensor([right_pad(e["query"] + e["response"], longest, pad) for e in batch],
                                        device=loss_avg.device)  # (B, <= Q + R), right-padded [D4, D5]
         sync = start + micro_size >= len(examples)
         if isinstance(model, FSDPModule):  # FSDP: the reduce-scatter switched off before the last micro-batch
             model.set_requires_gradient_sync(sync)
         with nullcontext() if sync or not isinstance(model, DDP) else model.no_sync():  # DDP: all-reduce on the last
             with autocast:
-                loss_sums, num_tokens = sft_loss(forward(model, query_responses, pad_token_id).logits, query_responses,
-                                                 pad_token_id)
+                loss_sums, num_tokens = sft_loss(forward(model, query_responses, pad).logits, query_responses, pad)
             loss = (loss_sums / num_tokens).sum() / len(examples)
             assert loss.dim() == 0
             loss.backward()
@@ -267,12 +259,11 @@ def rouge(prediction, reference):
     """ROUGE-1, -2 and -L F-measures 2PR / (P + R) = 2 matches / (prediction + reference units) on lowercased whitespace
     tokens (deviation: the reference uses the `rouge_score` package, which also strips punctuation)."""
     p, r = prediction.lower().split(), reference.lower().split()
-    lcs = [0] * (len(r) + 1)  # longest common subsequence of p[:i] and r[:j] for every j, one i (row) at a time
+    lcs = [0] * (len(r) + 1)  # lcs[j]: longest common subsequence of the prediction so far and r[:j]
     for x in p:
-        row = [0]
+        previous = lcs[:]  # the row before x
         for j, y in enumerate(r):
-            row.append(lcs[j] + 1 if x == y else max(lcs[j + 1], row[j]))
-        lcs = row
+            lcs[j + 1] = previous[j] + 1 if x == y else max(previous[j + 1], lcs[j])
     ngrams = [(Counter(zip(*[p[i:] for i in range(n)])), Counter(zip(*[r[i:] for i in range(n)]))) for n in (1, 2)]
     matches = [sum((a & b).values()) for a, b in ngrams] + [lcs[-1]]  # an n-gram at most as often as in the reference
     units = [a.total() + b.total() for a, b in ngrams] + [len(p) + len(r)]
@@ -289,18 +280,18 @@ def evaluate(model, examples, split, tokenizer, args, device, rank, world_size):
                                    examples[0]):
         query_responses = torch.tensor([right_pad(e["query"] + e["response"], args.query_length + args.response_length,
                                         pad) for e in batch], device=device)  # (B, Q + R)
-        queries = torch.tensor([left_pad(e["query"], args.query_length, pad) for e in batch], device=device)  # (B, Q)
+        queries = torch.tensor([[pad] * (args.query_length - len(e["query"])) + e["query"] for e in batch],
+                               device=device)  # (B, Q), left-padded
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16 and device.type == "cuda"):
             loss_sum, num_tokens = sft_loss(forward(model, query_responses, pad).logits, query_responses, pad)
             responses = generate(model, queries, pad, args.response_length, temperature=0.01)[0][:, args.query_length:]
         if keep:
             loss_stats += torch.stack([loss_sum.sum(), num_tokens.sum().float()])
             for e, response in zip(batch, responses.tolist()):
-                end = response.index(eos) if eos in response else args.response_length  # the first EOS
+                cut = response[: response.index(eos) + 1] if eos in response else response  # to the first EOS [D23.2]
                 rows.append(dict(id=e["id"], query=tokenizer.decode(e["query"], skip_special_tokens=True),
-                                 response=tokenizer.decode(response[: end + 1], skip_special_tokens=True),  # [D23.2]
-                                 reference=e["reference"], has_eos=end < args.response_length,
-                                 response_tokens=min(end + 1, args.response_length)))
+                                 response=tokenizer.decode(cut, skip_special_tokens=True), reference=e["reference"],
+                                 has_eos=eos in cut, response_tokens=len(cut)))
     loss_stats, rows = gather_mean(loss_stats, world_size), gather_rows(rows, world_size)  # means: the same ratio
     loss_name, prefix = EVAL_SPLITS[split]
     scores = [rouge(r["response"], r["reference"]) | {k: r[k] for k in ("has_eos", "response_tokens")} for r in rows]
@@ -382,12 +373,11 @@ def main(args):
     for update in range(first_update + 1, num_updates + 1):
         indices = rank_batch_indices(len(train), args.batch_size, update - 1, rank, world_size, args.seed)
         lr = scheduler.get_last_lr()[0]
-        loss = accumulate_gradients(model, [train[i] for i in indices], args.local_micro_batch_size,
-                                    tokenizer.pad_token_id, autocast)
+        loss = gather_mean(accumulate_gradients(model, [train[i] for i in indices], args.local_micro_batch_size,
+                                                tokenizer.pad_token_id, autocast), world_size)  # over the processes
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
-        loss = gather_mean(loss, world_size)
         check_finite("train/sft/loss", loss, f"update {update}", dict(indices=torch.tensor(indices)), output_dir, rank,
                      world_size)
         episode = update * args.batch_size
