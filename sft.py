@@ -248,7 +248,7 @@ def accumulate_gradients(model, examples, micro_size, pad, autocast):
         with nullcontext() if sync or not isinstance(model, DDP) else model.no_sync():  # DDP: all-reduce on the last
             with autocast:
                 loss_sums, num_tokens = sft_loss(forward(model, query_responses, pad).logits, query_responses, pad)
-            loss = (loss_sums / num_tokens).sum() / len(examples)
+                loss = (loss_sums / num_tokens).sum() / len(examples)
             assert loss.dim() == 0
             loss.backward()
         loss_avg += loss.detach()
