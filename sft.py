@@ -1,12 +1,9 @@
 # See README.md "sft.py" for what this script implements, its tests and its benchmark numbers.
 """Supervised fine-tuning on TL;DR: next-token cross-entropy on query + reference summary [D9].
 
-Single GPU (hub defaults: Pythia-1B on vwxyzjn/summarize_from_feedback_tldr_3_filtered, batch 128, one epoch):
-    python sft.py --output-dir models/sft_pythia-1b
-Multi-GPU (batch 128 stays global: 8 GPUs x micro-batch 16 x 1 accumulation step):
-    torchrun --nproc-per-node 8 sft.py --local-micro-batch-size 16 --output-dir models/sft_pythia-1b --track
-Offline tiny world (CPU, a random-init model, so a high learning rate and several epochs):
-    python benchmark/offline_world.py --out-dir /tmp/world --size tiny
+    python sft.py --output-dir models/sft_pythia-1b  # one GPU: Pythia-1B, the TL;DR SFT data, batch 128, one epoch
+    torchrun --nproc-per-node 8 sft.py --local-micro-batch-size 16 --output-dir models/sft_pythia-1b  # 8 x 16 = 128
+    python benchmark/offline_world.py --out-dir /tmp/world --size tiny  # CPU; random init: a high lr, several epochs
     HF_HUB_OFFLINE=1 python sft.py --base-model /tmp/world/base_model --query-dataset /tmp/world/tldr_sft \
         --query-length 128 --batch-size 32 --local-micro-batch-size 16 --lr 3e-3 --num-train-epochs 4 \
         --num-eval-samples 32 --output-dir /tmp/world/sft
@@ -69,8 +66,7 @@ class Args:
     base_model_revision: Optional[str] = None
     """hub branch, tag or commit of --base-model (e.g. a run of the paper's release); None: main; not for a folder"""
     query_dataset: str = "vwxyzjn/summarize_from_feedback_tldr_3_filtered"
-    """SFT data (hub id or local folder): TL;DR columns id, subreddit, title, post, summary, or prompt/completion;
-    splits train (trained on) and validation / test (evaluated)"""
+    """SFT data (hub id or folder): id, subreddit, title, post, summary or prompt, completion; train/validation/test"""
     query_dataset_revision: Optional[str] = None
     """hub branch, tag or commit of --query-dataset; None: the main branch; not for a local folder"""
     query_length: int = 512
@@ -92,8 +88,7 @@ class Args:
     eps: float = 1e-5
     """AdamW epsilon"""
     fsdp: bool = False
-    """shard parameters, gradients and AdamW states over the processes (FSDP2 `fully_shard`) instead of replicating
-    them (DDP): for the 6.9B run (README.md "Multi-GPU and memory"); needs torchrun"""
+    """shard parameters, gradients and AdamW states over the processes (FSDP2), not replicate them (DDP); torchrun"""
     num_eval_samples: Optional[int] = None
     """evaluate on the first N rows (sequences) of validation and of test; None = the whole splits"""
 
@@ -148,26 +143,8 @@ def tokenize_query(tokenizer, info, query_length):
     return tokens
 
 
-def left_pad(tokens, length, pad_token_id):
-    return [pad_token_id] * (length - len(tokens)) + tokens
-
-
 def right_pad(tokens, length, pad_token_id):
     return tokens + [pad_token_id] * (length - len(tokens))
-
-
-def first_true_indices(bools, dtype=torch.long):
-    """Index of the first True in each row of a (B, T) bool tensor; T where a row has none."""
-    row_len = bools.size(-1)
-    zero_or_index = row_len * (~bools).type(dtype) + torch.arange(row_len, dtype=dtype, device=bools.device)
-    return torch.min(zero_or_index, dim=-1).values
-
-
-def truncate_response(stop_token_id, pad_token_id, responses):
-    """Everything after the first EOS becomes pad; the EOS itself is kept [D23.2]."""
-    trunc_idxs = first_true_indices(responses == stop_token_id).unsqueeze(-1)  # (B, 1)
-    idxs = torch.arange(responses.size(1), device=responses.device).view(1, -1)  # (1, T)
-    return torch.masked_fill(responses, idxs > trunc_idxs, pad_token_id)
 
 
 def forward(model, query_responses, pad_token_id, logits_to_keep=0):
@@ -238,45 +215,39 @@ def check_args(args, world_size):
 
 
 def tokenize_example(tokenizer, row, query_length, prompt_completion):
-    """(query tokens, response tokens) of one row. TL;DR: the formatted, newline-truncated query [D2.2] and
-    " " + summary + EOS [D3]. prompt/completion: both as given (the prompt never clipped), completion + EOS."""
-    if not prompt_completion:
-        return (tokenize_query(tokenizer, row, query_length),
-                tokenizer.encode(" " + row["summary"]) + [tokenizer.eos_token_id])  # [D3]
-    query = tokenizer.encode(row["prompt"])
-    if len(query) > query_length:
+    """Query, response ids and reference text: TL;DR query [D2.2], " " + summary + EOS [D3]; or prompt, completion."""
+    if prompt_completion:
+        query, reference, response = tokenizer.encode(row["prompt"]), row["completion"], row["completion"]
+    else:  # [D3]
+        query, reference, response = tokenize_query(tokenizer, row, query_length), row["summary"], " " + row["summary"]
+    if len(query) > query_length:  # only a prompt can be: tokenize_query cuts a post to fit
         raise ValueError(f"--query-length {query_length}: a prompt has {len(query)} tokens (prompts are used as "
                          f"given, never clipped): {row['prompt'][:80]!r}...")
-    return query, tokenizer.encode(row["completion"]) + [tokenizer.eos_token_id]
+    return dict(query=query, reference=reference, response=tokenizer.encode(response) + [tokenizer.eos_token_id])
 
 
 def sft_loss(logits, query_responses, pad_token_id):
-    """Next-token cross-entropy over every non-pad target of query + response (not completion-only) [D9], per
-    sequence. Returns (the sum of each sequence's losses (B,), each sequence's number of targets (B,))."""
+    """Next-token cross-entropy over every non-pad target, query included [D9]: (B,) loss sums, (B,) target counts."""
     labels = query_responses.masked_fill(query_responses == pad_token_id, -100)  # (B, T); pad ignored [D9]
     shift_logits, shift_labels = logits[:, :-1, :].float(), labels[:, 1:]  # predict token t+1 from tokens <= t
-    losses = F.cross_entropy(shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1),
-                             ignore_index=-100, reduction="none").view(shift_labels.shape)  # 0 where ignored
-    return losses.sum(1), (shift_labels != -100).sum(1)
+    losses = F.cross_entropy(shift_logits.flatten(0, 1), shift_labels.flatten(), reduction="none")  # 0 at -100 targets
+    return losses.view(shift_labels.shape).sum(1), (shift_labels != -100).sum(1)
 
 
-def accumulate_gradients(model, examples, micro_size, pad_token_id, autocast):
-    """Backward of one update's loss over this process's `examples` (dicts of query and response ids), in micro-batches
-    of `micro_size`: the mean over the examples of each sequence's token-mean loss, so each sequence weighs the same
-    whatever the micro-batch size, as in the reference's 1 x 16 accumulation steps [D9]. Returns it, detached."""
+def accumulate_gradients(model, examples, micro_size, pad, autocast):
+    """Backward of the mean of the examples' token-mean losses, in micro-batches: each sequence weighs the same [D9]."""
     loss_avg = torch.zeros((), device=next(model.parameters()).device)
     for start in range(0, len(examples), micro_size):
         batch = examples[start : start + micro_size]
         longest = max(len(e["query"]) + len(e["response"]) for e in batch)  # trailing pad columns change no output
-        query_responses = torch.tensor([right_pad(e["query"] + e["response"], longest, pad_token_id) for e in batch],
+        query_responses = torch.tensor([right_pad(e["query"] + e["response"], longest, pad) for e in batch],
                                        device=loss_avg.device)  # (B, <= Q + R), right-padded [D4, D5]
         sync = start + micro_size >= len(examples)
         if isinstance(model, FSDPModule):  # FSDP: the reduce-scatter switched off before the last micro-batch
             model.set_requires_gradient_sync(sync)
         with nullcontext() if sync or not isinstance(model, DDP) else model.no_sync():  # DDP: all-reduce on the last
             with autocast:
-                loss_sums, num_tokens = sft_loss(forward(model, query_responses, pad_token_id).logits, query_responses,
-                                                 pad_token_id)
+                loss_sums, num_tokens = sft_loss(forward(model, query_responses, pad).logits, query_responses, pad)
                 loss = (loss_sums / num_tokens).sum() / len(examples)
             assert loss.dim() == 0
             loss.backward()
@@ -284,59 +255,46 @@ def accumulate_gradients(model, examples, micro_size, pad_token_id, autocast):
     return loss_avg
 
 
-def lcs_length(a, b):
-    """Length of the longest common subsequence of two token lists (dynamic programme, one row at a time)."""
-    previous = [0] * (len(b) + 1)
-    for x in a:
-        current = [0]
-        for j, y in enumerate(b):
-            current.append(previous[j] + 1 if x == y else max(previous[j + 1], current[j]))
-        previous = current
-    return previous[-1]
-
-
 def rouge(prediction, reference):
     """ROUGE-1, -2 and -L F-measures 2PR / (P + R) = 2 matches / (prediction + reference units) on lowercased whitespace
     tokens (deviation: the reference uses the `rouge_score` package, which also strips punctuation)."""
     p, r = prediction.lower().split(), reference.lower().split()
-    scores = {}
-    for n in (1, 2):
-        p_ngrams, r_ngrams = Counter(zip(*[p[i:] for i in range(n)])), Counter(zip(*[r[i:] for i in range(n)]))
-        matches = sum((p_ngrams & r_ngrams).values())  # each n-gram counted at most as often as in the reference
-        scores[f"rouge{n}"] = 2 * matches / (p_ngrams.total() + r_ngrams.total()) if matches else 0.0
-    lcs = lcs_length(p, r)
-    scores["rougeL"] = 2 * lcs / (len(p) + len(r)) if lcs else 0.0
-    return scores
+    lcs = [0] * (len(r) + 1)  # lcs[j]: longest common subsequence of the prediction so far and r[:j]
+    for x in p:
+        previous = lcs[:]  # the row before x
+        for j, y in enumerate(r):
+            lcs[j + 1] = previous[j] + 1 if x == y else max(previous[j + 1], lcs[j])
+    ngrams = [(Counter(zip(*[p[i:] for i in range(n)])), Counter(zip(*[r[i:] for i in range(n)]))) for n in (1, 2)]
+    matches = [sum((a & b).values()) for a, b in ngrams] + [lcs[-1]]  # an n-gram at most as often as in the reference
+    units = [a.total() + b.total() for a, b in ngrams] + [len(p) + len(r)]
+    return {name: 2 * m / u if m else 0.0 for name, m, u in zip(["rouge1", "rouge2", "rougeL"], matches, units)}
 
 
 @torch.no_grad()
 def evaluate(model, examples, split, tokenizer, args, device, rank, world_size):
-    """Loss over every non-pad token and ROUGE of generations at temperature 0.01 [D9] cut after the first EOS [D23.2],
-    each rank on one contiguous share. Returns (the split's metrics, its rows in dataset order)."""
-    pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
-    share = math.ceil(len(examples) / world_size)
-    loss_stats, rows = torch.zeros(2, device=device), []  # sums of token losses and of tokens (deviation: the
-    # reference averages each evaluation batch's token mean)
+    """(metrics, rows in dataset order): loss over all non-pad tokens (deviation: the reference averages batch means),
+    ROUGE of generations at temperature 0.01 [D9] cut after the first EOS [D23.2]; each rank on a contiguous share."""
+    pad, eos, share = tokenizer.pad_token_id, tokenizer.eos_token_id, math.ceil(len(examples) / world_size)
+    loss_stats, rows = torch.zeros(2, device=device), []  # sums of token losses and of tokens
     for batch, keep in eval_chunks(examples[rank * share : (rank + 1) * share], args.local_eval_batch_size, share,
                                    examples[0]):
         query_responses = torch.tensor([right_pad(e["query"] + e["response"], args.query_length + args.response_length,
-                                                  pad) for e in batch], device=device)  # (B, Q + R)
-        queries = torch.tensor([left_pad(e["query"], args.query_length, pad) for e in batch], device=device)  # (B, Q)
+                                        pad) for e in batch], device=device)  # (B, Q + R)
+        queries = torch.tensor([[pad] * (args.query_length - len(e["query"])) + e["query"] for e in batch],
+                               device=device)  # (B, Q), left-padded
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16 and device.type == "cuda"):
             loss_sum, num_tokens = sft_loss(forward(model, query_responses, pad).logits, query_responses, pad)
             responses = generate(model, queries, pad, args.response_length, temperature=0.01)[0][:, args.query_length:]
-        if not keep:
-            continue
-        loss_stats += torch.stack([loss_sum.sum(), num_tokens.sum().float()])
-        ends = first_true_indices(responses == eos).tolist()  # the EOS positions; response_length where there is none
-        texts = tokenizer.batch_decode(truncate_response(eos, pad, responses), skip_special_tokens=True)
-        rows += [dict(id=e["id"], query=tokenizer.decode(e["query"], skip_special_tokens=True), response=text,
-                      reference=e["reference"], has_eos=end < args.response_length,
-                      response_tokens=min(end + 1, args.response_length)) for e, text, end in zip(batch, texts, ends)]
+        if keep:
+            loss_stats += torch.stack([loss_sum.sum(), num_tokens.sum().float()])
+            for e, response in zip(batch, responses.tolist()):
+                cut = response[: response.index(eos) + 1] if eos in response else response  # to the first EOS [D23.2]
+                rows.append(dict(id=e["id"], query=tokenizer.decode(e["query"], skip_special_tokens=True),
+                                 response=tokenizer.decode(cut, skip_special_tokens=True), reference=e["reference"],
+                                 has_eos=eos in cut, response_tokens=len(cut)))
     loss_stats, rows = gather_mean(loss_stats, world_size), gather_rows(rows, world_size)  # means: the same ratio
     loss_name, prefix = EVAL_SPLITS[split]
-    scores = [dict(rouge(r["response"], r["reference"]), has_eos=r["has_eos"], response_tokens=r["response_tokens"])
-              for r in rows]
+    scores = [rouge(r["response"], r["reference"]) | {k: r[k] for k in ("has_eos", "response_tokens")} for r in rows]
     return {loss_name: (loss_stats[0] / loss_stats[1]).item(),
             **{prefix + key: sum(s[key] for s in scores) / len(rows) for key in scores[0]}}, rows
 
@@ -358,20 +316,15 @@ def main(args):
                       f"--query-dataset ({split} split; TL;DR columns {TLDR_COLUMNS} or {PROMPT_COMPLETION_COLUMNS})")
     if args.run_eval and not eval_splits:
         raise ValueError(f"--run-eval: --query-dataset has neither a validation nor a test split ({list(dataset)})")
-    if rank == 0 and args.run_eval and len(eval_splits) < len(EVAL_SPLITS):
-        print(f"--query-dataset lacks {[s for s in EVAL_SPLITS if s not in eval_splits]}: evaluating {eval_splits}")
 
     # 2. Tokenize: query [D2.2] + " " + summary + EOS [D3]; drop longer responses (deviation: the reference cuts them)
     tokenizer = load_tokenizer(args.base_model, "--base-model", args.base_model_revision)
     data = {}
     for split in ["train"] + eval_splits:
         rows = dataset[split] if split == "train" else dataset[split].take(args.num_eval_samples or len(dataset[split]))
-        data[split] = []
-        for i, row in enumerate(rows):
-            query, response = tokenize_example(tokenizer, row, args.query_length, prompt_completion)
-            if len(response) <= args.response_length:
-                data[split].append(dict(id=row.get("id", str(i)), query=query, response=response,
-                                        reference=row["completion"] if prompt_completion else row["summary"]))
+        examples = [dict(id=row.get("id", str(i)), **tokenize_example(tokenizer, row, args.query_length,
+                                                                      prompt_completion)) for i, row in enumerate(rows)]
+        data[split] = [e for e in examples if len(e["response"]) <= args.response_length]
         if not data[split]:
             raise ValueError(f"--query-dataset {args.query_dataset}: of the {len(rows)} rows of the {split!r} split "
                              f"(the split is empty if 0), none has a response within --response-length")
@@ -382,9 +335,8 @@ def main(args):
     max_updates = args.num_train_epochs * (len(train) // args.batch_size)
     num_updates = max_updates if args.total_episodes is None else args.total_episodes // args.batch_size
     if not 1 <= num_updates <= max_updates:
-        raise ValueError(f"--total-episodes {args.total_episodes} gives {num_updates} updates of --batch-size "
-                         f"{args.batch_size}; {len(train)} sequences x --num-train-epochs {args.num_train_epochs} "
-                         f"allow 1 to {max_updates}")
+        raise ValueError(f"--total-episodes {args.total_episodes} gives {num_updates} updates of {args.batch_size}; "
+                         f"{len(train)} sequences x {args.num_train_epochs} epochs allow 1 to {max_updates}")
 
     # 3. Model, AdamW, cosine schedule to 0 without warm-up [D9]; a resumed run restores them and its random streams
     run_name = f"{args.exp_name}__{args.seed}__{int(time.time())}"
@@ -398,11 +350,9 @@ def main(args):
         shard_model(policy, args.bf16 and device.type == "cuda")
         print(f"rank {rank}: FSDP holds {sum(p.to_local().numel() for p in policy.parameters())} of the "
               f"{sum(p.numel() for p in policy.parameters())} parameters", flush=True)
-    ddp = world_size > 1 and not args.fsdp
-    model = DDP(policy, device_ids=[device.index] if device.type == "cuda" else None) if ddp else policy
+    model = DDP(policy) if world_size > 1 and not args.fsdp else policy  # DDP: on the device the policy is on
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, eps=args.eps, fused=device.type == "cuda")
-    scheduler = torch.optim.lr_scheduler.LambdaLR(  # lr factor 1 at the first update, 0 after the last [D9]
-        optimizer, lambda u: 0.5 * (1.0 + math.cos(math.pi * u / num_updates)))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda u: 0.5 * (1 + math.cos(math.pi * u / num_updates)))
     full_state = StateDictOptions(full_state_dict=True, cpu_offload=True)  # whole tensors on CPU, sharded or not
     first_update = 0 if checkpoint is None else checkpoint["update"]
     if checkpoint is not None:  # the data position is the update counter (rank_batch_indices is a function of it)
@@ -423,12 +373,11 @@ def main(args):
     for update in range(first_update + 1, num_updates + 1):
         indices = rank_batch_indices(len(train), args.batch_size, update - 1, rank, world_size, args.seed)
         lr = scheduler.get_last_lr()[0]
-        loss = accumulate_gradients(model, [train[i] for i in indices], args.local_micro_batch_size,
-                                    tokenizer.pad_token_id, autocast)
+        loss = gather_mean(accumulate_gradients(model, [train[i] for i in indices], args.local_micro_batch_size,
+                                                tokenizer.pad_token_id, autocast), world_size)  # over the processes
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
-        loss = gather_mean(loss, world_size)
         check_finite("train/sft/loss", loss, f"update {update}", dict(indices=torch.tensor(indices)), output_dir, rank,
                      world_size)
         episode = update * args.batch_size
@@ -436,12 +385,11 @@ def main(args):
         if rank == 0:
             progress("sft", update, num_updates, start_time, first_update, loss=loss.item(), lr=lr, episode=episode)
         if update == num_updates or (args.checkpoint_every and update % args.checkpoint_every == 0):
-            states = rng_states(world_size)  # every process takes part; rank 0 writes
             model_state, optimizer_state = get_state_dict(policy, optimizer, options=full_state)  # gathers FSDP shards
-            if rank == 0:
-                save_checkpoint(output_dir, update, dict(
-                    model=model_state, optimizer=optimizer_state, scheduler=scheduler.state_dict(), update=update,
-                    rng=states, args=asdict(args), run_name=run_name, **logger.state()), args.keep_checkpoints)
+            state = dict(model=model_state, optimizer=optimizer_state, scheduler=scheduler.state_dict(), update=update,
+                         rng=rng_states(world_size), args=asdict(args), run_name=run_name, **logger.state())
+            if rank == 0:  # every process took part in the gathers; rank 0 writes
+                save_checkpoint(output_dir, update, state, args.keep_checkpoints)
 
     # 5. Save (rank 0), then evaluate: val/test loss, generations at temperature 0.01, ROUGE [D9]
     policy_state = get_model_state_dict(policy, options=full_state)  # whole tensors, also under FSDP (a collective)

@@ -67,7 +67,9 @@ def test_query_too_short_for_the_format():
 def test_response_format_and_sequence(world):
     tokenizer = sft.load_tokenizer(str(world / "base_model"), "--base-model")
     row = info("my dad hid my wallet.\ni feel sad.")
-    query, response = sft.tokenize_example(tokenizer, row, 128, prompt_completion=False)
+    example = sft.tokenize_example(tokenizer, row, 128, prompt_completion=False)
+    query, response = example["query"], example["response"]
+    assert example["reference"] == "s"  # the text ROUGE compares with
     assert query == tokenizer.encode(sft.format_query(row))
     assert response == tokenizer.encode(" s") + [tokenizer.eos_token_id]  # " " + summary + EOS [D3]
     assert tokenizer.decode(response) == " s<|endoftext|>"
@@ -80,8 +82,9 @@ def test_response_format_and_sequence(world):
 def test_prompt_completion_used_as_given():
     tok = CharTokenizer()
     row = dict(prompt="Q: x\nA:", completion=" yes")
-    query, response = sft.tokenize_example(tok, row, 7, prompt_completion=True)
-    assert tok.decode(query) == "Q: x\nA:" and response == tok.encode(" yes") + [0]
+    example = sft.tokenize_example(tok, row, 7, prompt_completion=True)
+    assert tok.decode(example["query"]) == "Q: x\nA:" and example["response"] == tok.encode(" yes") + [0]
+    assert example["reference"] == " yes"
     with pytest.raises(ValueError, match="--query-length 6: a prompt has 7 tokens"):
         sft.tokenize_example(tok, row, 6, prompt_completion=True)
 
@@ -150,11 +153,40 @@ def test_update_weighs_each_sequence_equally_whatever_the_micro_batch_size(world
     assert (token_mean_gradients - gradients_1).abs().max() > 1e-3 * gradients_1.abs().max()
 
 
+def test_micro_batches_padded_to_their_longest_sequence_train_as_at_the_full_width(world):
+    """accumulate_gradients right-pads each micro-batch to its longest sequence, not to query_length + response_length
+    (the reference's width): the pad-only columns it drops change the loss and gradients only by float rounding."""
+    from contextlib import nullcontext
+
+    from transformers import AutoModelForCausalLM
+
+    path, pad, full_width = str(world / "base_model"), 9999, 128 + 53
+    generator = torch.Generator().manual_seed(1)
+    examples = [dict(query=torch.randint(1, 500, (20 + 7 * i,), generator=generator).tolist(),
+                     response=torch.randint(1, 500, (3 + 5 * i,), generator=generator).tolist()) for i in range(4)]
+    assert max(len(e["query"]) + len(e["response"]) for e in examples) < full_width / 2  # most columns are pad
+
+    def gradients(model):
+        return torch.cat([p.grad.flatten() for p in model.parameters()])
+
+    trimmed = AutoModelForCausalLM.from_pretrained(path, config=sft.config_without_dropout(path))
+    loss = sft.accumulate_gradients(trimmed, examples, 2, pad, nullcontext())
+    full = AutoModelForCausalLM.from_pretrained(path, config=sft.config_without_dropout(path))
+    ids = torch.tensor([sft.right_pad(e["query"] + e["response"], full_width, pad) for e in examples])  # (4, 181)
+    loss_sums, num_tokens = sft.sft_loss(sft.forward(full, ids, pad).logits, ids, pad)
+    assert num_tokens.tolist() == [len(e["query"]) + len(e["response"]) - 1 for e in examples]
+    full_loss = (loss_sums / num_tokens).mean()
+    full_loss.backward()
+    assert loss.item() == pytest.approx(full_loss.item(), rel=1e-6)
+    torch.testing.assert_close(gradients(trimmed), gradients(full), rtol=1e-4, atol=1e-6)
+
+
 # ------------------------------------------------------------ ROUGE --------------------------------------------
-def test_lcs_length():
-    assert sft.lcs_length("a b c d".split(), "a c d".split()) == 3
-    assert sft.lcs_length("a b c d".split(), "d c b a".split()) == 1
-    assert sft.lcs_length([], ["a"]) == 0
+def test_rouge_l_counts_the_longest_common_subsequence():
+    assert sft.rouge("a b c d", "a c d")["rougeL"] == pytest.approx(2 * 3 / 7)  # LCS 3 of 4 + 3 tokens
+    assert sft.rouge("a b c d", "d c b a")["rougeL"] == pytest.approx(2 * 1 / 8)  # LCS 1
+    assert sft.rouge("a b a b", "b a b")["rougeL"] == pytest.approx(2 * 3 / 7)  # LCS 3 (b a b), not a prefix match
+    assert sft.rouge("", "a")["rougeL"] == 0.0
 
 
 def test_rouge_hand_worked():
