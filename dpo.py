@@ -15,6 +15,7 @@ Offline tiny world (CPU, seconds; build it first with benchmark/offline_world.py
 """
 
 import contextlib
+import gc
 import json
 import math
 import os
@@ -542,7 +543,9 @@ def main(args):
             logger.table("eval_generations", rows, output_dir)
             print(f"eval_generations: {len(rows)} posts, {sum(r['has_eos'] for r in rows)} ended with EOS", flush=True)
 
-    if world_size > 1:
+    if world_size > 1:  # DDP's reducer holds the group: freed first, else the group dies in it at exit (gloo can hang)
+        del model
+        gc.collect()
         dist.barrier()  # every process done with its collectives before any tears the group down (gloo can abort)
         dist.destroy_process_group()
 

@@ -13,6 +13,7 @@ benchmark/README.md "The tiny offline TL;DR world"); its random base model stand
 """
 
 import contextlib
+import gc
 import json
 import math
 import os
@@ -779,7 +780,9 @@ def main(args):
         tokenizer.save_pretrained(output_dir)
         value_model.save_pretrained(os.path.join(output_dir, "value_model"), state_dict=value_state)
         print(f"[ppo] saved the policy to {output_dir} and the value model to {output_dir}/value_model", flush=True)
-    if world_size > 1:
+    if world_size > 1:  # DDP's reducer holds the group: freed first, else the group dies in it at exit (gloo can hang)
+        del model
+        gc.collect()
         dist.barrier()  # every process done with its collectives before any tears the group down (gloo can abort)
         dist.destroy_process_group()
 

@@ -11,6 +11,7 @@ Offline tiny world (python benchmark/offline_world.py --out-dir world --size tin
 """
 
 import contextlib
+import gc
 import json
 import math
 import os
@@ -444,7 +445,9 @@ def main(args):
         if rank == 0:
             print(f"eval {split}: accuracy {metrics[f'eval/{split}/accuracy']:.4f} over {len(rows)} pairs")
 
-    if world_size > 1:
+    if world_size > 1:  # DDP's reducer holds the group: freed first, else the group dies in it at exit (gloo can hang)
+        del ddp_model
+        gc.collect()
         dist.barrier()  # every process done with its collectives before any tears the group down (gloo can abort)
         dist.destroy_process_group()
 

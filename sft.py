@@ -9,6 +9,7 @@
         --num-eval-samples 32 --output-dir /tmp/world/sft
 """
 
+import gc
 import json
 import math
 import os
@@ -403,7 +404,9 @@ def main(args):
         logger.table(f"eval_{split}", rows, output_dir)
         if rank == 0:
             print(f"{split}: " + " | ".join(f"{k} {v:.4f}" for k, v in metrics.items()), flush=True)
-    if world_size > 1:
+    if world_size > 1:  # DDP's reducer holds the group: freed first, else the group dies in it at exit (gloo can hang)
+        del model
+        gc.collect()
         dist.barrier()  # every process done with its collectives before any tears the group down (gloo can abort)
         dist.destroy_process_group()
 

@@ -82,16 +82,6 @@ def test_sft_collectives_on_the_device(world, tmp_path):
     assert_no_cpu_tensor_in_a_collective(records)
 
 
-@pytest.mark.slow
-def test_dpo_collectives_on_the_device(world, tmp_path):
-    out = tmp_path / "dpo"
-    records, _ = run_audited("dpo.py", [
-        *world_args(world, "dpo.py"), "--query-length", "128", "--lr", "3e-4", "--beta", "0.1",
-        "--batch-size", "32", "--local-micro-batch-size", "8", "--local-eval-batch-size", "32",
-        "--total-episodes", "64", "--num-eval-samples", "4", "--output-dir", str(out)], out)
-    assert_no_cpu_tensor_in_a_collective(records)
-
-
 # ------------------------------------------------------------ generation ---------------------------------------
 def generate_before(model, queries, pad_token_id, response_length, temperature):
     """The sampler as it was: full-width prefill logits, the KV cache passed as `past_key_values`, a forward after the

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import dpo
-from conftest import raises_in_process, read_jsonl, run_ok, world_args
+from conftest import audited_run, raises_in_process, read_jsonl, run_ok, world_args
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "dpo.py")
@@ -298,16 +298,17 @@ def test_torchrun_two_processes_disjoint_shards(world, tmp_path):
 def test_fsdp_shards_and_matches_ddp_and_resumes(world, tmp_path):
     """--fsdp on two gloo processes: each holds about half of the policy; training (reference on the fly), the
     preference evaluation and the generations for 5 posts (2 chunks of 2 on one process, 1 on the other) match a DDP run with
-    precomputed reference log-probs; rolled back to its update-2 checkpoint and resumed, it ends with the same bytes."""
+    precomputed reference log-probs; rolled back to its update-2 checkpoint and resumed, it ends with the same bytes.
+    Every run's collectives are audited (tests/device_audit)."""
     import shutil
 
     from safetensors.torch import load_file
 
-    def torchrun(out, *extra):
-        return run_ok(*tiny_args(
+    def torchrun(out, *extra):  # every tensor entering a collective on the compute device, as NCCL requires
+        return audited_run(*tiny_args(
             world, out, "--local-micro-batch-size", "8", "--local-eval-batch-size", "2", "--total-episodes", "96",
             "--num-eval-samples", "5", "--eval-response-length", "16", "--checkpoint-every", "2",
-            "--keep-checkpoints", "2", *extra), torchrun=True)
+            "--keep-checkpoints", "2", *extra), audit_dir=out.parent / f"{out.name}_audit")[1]
 
     ddp, fsdp, resumed = tmp_path / "ddp", tmp_path / "fsdp", tmp_path / "resumed"
     torchrun(ddp, "--precompute-ref-logprobs")
