@@ -1,44 +1,14 @@
-"""What only CUDA would show, checked on CPU: every tensor entering a collective is on the compute device (NCCL
-refuses CPU tensors, gloo takes them), FSDP gathers the policy once per sampling chunk, generation keeps its
-numbers with the last-position prefill, no deprecation warnings from our calls, the fast attention path."""
+"""What only CUDA would show, checked on CPU: the device audit itself (NCCL refuses CPU tensors in collectives, gloo
+takes them; each script's FSDP test runs under the audit, conftest.audited_run), generation keeps its numbers with
+the last-position prefill, the fast attention path."""
 
 import json
-import os
 import warnings
 
 import pytest
 import torch
 
-from conftest import run_ok, world_args
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-AUDIT = os.path.join(ROOT, "tests", "device_audit")
-
-
-def audited_env(out_dir):
-    """What a run's environment adds so that its processes check every collective's tensors
-    (tests/device_audit/sitecustomize.py)."""
-    path = os.pathsep.join([AUDIT] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
-    return {"PYTHONPATH": path, "TLDR_DEVICE_AUDIT": str(out_dir)}
-
-
-def read_audits(out_dir):
-    records = [json.loads(p.read_text()) for p in sorted(out_dir.glob("audit_*.json"))]
-    assert len(records) == 2, f"expected the audits of 2 processes, found {len(records)} in {out_dir}"
-    return records
-
-
-def run_audited(script, cli, out_dir):
-    audit_dir = out_dir.parent / f"{out_dir.name}_audit"
-    result = run_ok(script, *cli, torchrun=True, env=audited_env(audit_dir), timeout=900)
-    return read_audits(audit_dir), result
-
-
-def assert_no_cpu_tensor_in_a_collective(records):
-    violations = [v for r in records for v in r["violations"]]
-    assert not violations, "CPU tensors (created without a device) entered collectives:\n" + "\n".join(
-        f"  {v['collective']} at {v['where']} ({v['function']}), shape {v['shape']}" for v in violations)
-    assert all(sum(r["checked"].values()) > 0 for r in records)  # the audit saw the collectives
+from conftest import audited_env, run_ok
 
 
 # ------------------------------------------------------------ the audit itself ---------------------------------
@@ -69,17 +39,6 @@ def test_the_audit_flags_tensors_created_without_a_device(tmp_path):
     assert [v["collective"] for v in record["violations"]] == ["all_reduce"] * 4
     assert [v["where"].split(":")[1] for v in record["violations"]] == ["7", "8", "13", "14"]
     assert record["checked"] == {"all_reduce": 6, "broadcast": 1}
-
-
-# ------------------------------------------------------------ the four scripts, two processes -----------------
-@pytest.mark.slow
-def test_sft_collectives_on_the_device(world, tmp_path):
-    out = tmp_path / "sft"
-    records, _ = run_audited("sft.py", [
-        *world_args(world, "sft.py"), "--query-length", "128",
-        "--batch-size", "32", "--local-micro-batch-size", "8", "--lr", "3e-3", "--total-episodes", "64",
-        "--num-eval-samples", "4", "--local-eval-batch-size", "2", "--output-dir", str(out)], out)
-    assert_no_cpu_tensor_in_a_collective(records)
 
 
 # ------------------------------------------------------------ generation ---------------------------------------

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import sft
-from conftest import raises_in_process, read_jsonl, run_ok, world_args
+from conftest import audited_run, raises_in_process, read_jsonl, run_ok, world_args
 
 # Tiny-world settings that learn quickly from random init: 20 updates of 32, crossing into a second epoch; micro-batches
 # of 8, so that the 2-process run accumulates too (2 per rank, under no_sync) and still matches 4 in one process.
@@ -321,8 +321,9 @@ def test_torchrun_two_processes_match_one(world, smoke_run, tmp_path):
 @pytest.mark.slow
 def test_fsdp_shards_and_matches_ddp_and_resumes(world, tmp_path):
     """--fsdp on two gloo processes: each holds about half of the parameters; training (with accumulation) and the
-    evaluation with uneven shares of 5 rows (2 chunks of 2 on one process, 1 on the other) match the DDP run; rolled back to its update-2 checkpoint and resumed, it
-    ends with the same bytes."""
+    evaluation with uneven shares of 5 rows (2 chunks of 2 on one process, 1 on the other) match the DDP run; rolled
+    back to its update-2 checkpoint and resumed, it ends with the same bytes. The DDP and FSDP runs' collectives are
+    audited: every tensor entering one is on the compute device, as NCCL requires."""
     import re
     import shutil
 
@@ -332,8 +333,8 @@ def test_fsdp_shards_and_matches_ddp_and_resumes(world, tmp_path):
               "128", "--batch-size", "32", "--local-micro-batch-size", "8", "--lr", "3e-3", "--total-episodes", "96",
               "--num-eval-samples", "5", "--local-eval-batch-size", "2", "--checkpoint-every", "2", "--keep-checkpoints", "2"]
     ddp, fsdp, resumed = tmp_path / "ddp", tmp_path / "fsdp", tmp_path / "resumed"
-    result = run_ok("sft.py", *common, "--output-dir", str(ddp), torchrun=True)
-    result = run_ok("sft.py", *common, "--output-dir", str(fsdp), "--fsdp", torchrun=True)
+    audited_run("sft.py", *common, "--output-dir", str(ddp), audit_dir=tmp_path / "audit_ddp")
+    _, result = audited_run("sft.py", *common, "--output-dir", str(fsdp), "--fsdp", audit_dir=tmp_path / "audit_fsdp")
     held = [tuple(map(int, m)) for m in re.findall(r"FSDP holds (\d+) of the (\d+)", result.stdout)]
     assert len(held) == 2 and sum(h for h, _ in held) == held[0][1] and all(h < total for h, total in held)
 
