@@ -50,8 +50,8 @@ SETTINGS = {
              "--local-eval-batch-size", "32", "--total-episodes", "9216"],  # 288 of the 625 updates of one epoch
     ),
     # The test model's size on the quick world (4 heads, full rotary: SFT learns to copy the post's main fact). SFT
-    # runs 2,400 updates of 32: with fewer, whether it also copies the post's feeling depends on the seed, and PPO and
-    # DPO gain less. Results per seed: benchmark/README.md "Quick setting".
+    # runs 2,400 updates of 32: with fewer, PPO and DPO gain less on some seeds. Results per seed: benchmark/README.md
+    # "Quick setting".
     "quick": dict(
         size="quick", query_length=96, response_length=40, eval_posts=64, judge_posts=1000,
         sft=["--lr", "3e-3", "--batch-size", "32", "--local-micro-batch-size", "32", "--num-train-epochs", "3",
