@@ -317,6 +317,8 @@ def main(args):
                       f"--query-dataset ({split} split; TL;DR columns {TLDR_COLUMNS} or {PROMPT_COMPLETION_COLUMNS})")
     if args.run_eval and not eval_splits:
         raise ValueError(f"--run-eval: --query-dataset has neither a validation nor a test split ({list(dataset)})")
+    if rank == 0 and args.run_eval and len(eval_splits) < len(EVAL_SPLITS):  # said, not silently skipped
+        print(f"--query-dataset lacks {[s for s in EVAL_SPLITS if s not in eval_splits]}: evaluating {eval_splits}")
 
     # 2. Tokenize: query [D2.2] + " " + summary + EOS [D3]; drop longer responses (deviation: the reference cuts them)
     tokenizer = load_tokenizer(args.base_model, "--base-model", args.base_model_revision)
