@@ -532,7 +532,7 @@ def main(args):
             with autocast:
                 query_responses, _ = generate(policy, queries.to(device), pad_token_id, args.eval_response_length, 0.01)
             for p, response in zip(batch, query_responses[:, args.query_length:].tolist()) if keep else []:
-                n = response.index(eos_token_id) + 1 if eos_token_id in response else len(response)  # cut after the EOS
+                n = response.index(eos_token_id) + 1 if eos_token_id in response else len(response)  # [D23.2]
                 rows.append(dict(id=p["id"], query=tokenizer.decode(p["query"]),
                                  response=tokenizer.decode(response[:n], skip_special_tokens=True),
                                  reference=p["reference"], has_eos=eos_token_id in response, response_tokens=n))

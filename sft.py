@@ -355,7 +355,8 @@ def main(args):
               f"{sum(p.numel() for p in policy.parameters())} parameters", flush=True)
     model = DDP(policy) if world_size > 1 and not args.fsdp else policy  # DDP: on the device the policy is on
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, eps=args.eps, fused=device.type == "cuda")
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda u: 0.5 * (1 + math.cos(math.pi * u / num_updates)))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(  # lr factor 1 at the first update, 0 after the last [D9]
+        optimizer, lambda u: 0.5 * (1 + math.cos(math.pi * u / num_updates)))
     full_state = StateDictOptions(full_state_dict=True, cpu_offload=True)  # whole tensors on CPU, sharded or not
     first_update = 0 if checkpoint is None else checkpoint["update"]
     if checkpoint is not None:  # the data position is the update counter (rank_batch_indices is a function of it)
