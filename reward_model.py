@@ -142,6 +142,13 @@ def tokenize_query(tokenizer, info, query_length):
     return tokens
 
 
+def tokenize_queries(tokenizer, infos, query_length):
+    """tokenize_query of each info, the queries that fit tokenised in one batch (fast; the same ids)."""
+    infos = list(infos)  # (a dataset's rows as dicts)
+    tokens = tokenizer([format_query(info) for info in infos])["input_ids"] if infos else []
+    return [t if len(t) <= query_length else tokenize_query(tokenizer, i, query_length) for t, i in zip(tokens, infos)]
+
+
 def left_pad(tokens, length, pad_token_id):
     return [pad_token_id] * (length - len(tokens)) + tokens
 
@@ -199,24 +206,28 @@ def tokenize_pairs(tokenizer, dataset, fmt, query_length, response_length, cnndm
     """(pairs, dropped): per pair the token ids of query + chosen and of query + rejected, each response + EOS [D12]; a
     pair with a response over `response_length` tokens is dropped and counted (deviation: the reference truncates it,
     cutting off the EOS the reward is read at)."""
+    rows, eos = dataset.to_list(), [tokenizer.eos_token_id]
+    if fmt == "openai":  # validation_cnndm rows have an article and no post
+        cnndm = [row["info"].get("post") is None and row["info"].get("article") is not None for row in rows]
+        posts = iter(tokenize_queries(tokenizer, [r["info"] for r, c in zip(rows, cnndm) if not c], query_length))
+        queries = [tokenize_article(tokenizer, r["info"]["article"], cnndm_query_length) if c else next(posts)
+                   for r, c in zip(rows, cnndm)]  # [D2.2]
+        texts = [[row["summaries"][c]["text"] for c in (row["choice"], 1 - row["choice"])] for row in rows]  # " text"
+    else:
+        queries = tokenizer([row["prompt"] for row in rows])["input_ids"]
+        texts = [[row["chosen"], row["rejected"]] for row in rows]
+    responses = iter(tokenizer([text for pair in texts for text in pair])["input_ids"])  # chosen, rejected, chosen, ...
     pairs = []
-    for index, row in enumerate(dataset):
+    for index, (row, query_tokens, (chosen, rejected)) in enumerate(zip(rows, queries, texts)):
         if fmt == "openai":
-            info = row["info"]
-            cnndm = info.get("post") is None and info.get("article") is not None  # validation_cnndm
-            query_tokens = (tokenize_article(tokenizer, info["article"], cnndm_query_length) if cnndm
-                            else tokenize_query(tokenizer, info, query_length))  # [D2.2]
-            chosen, rejected = (row["summaries"][c]["text"] for c in (row["choice"], 1 - row["choice"]))  # " text"
-            meta = dict(id=info["id"], split=row["split"], batch=row["batch"],
+            meta = dict(id=row["info"]["id"], split=row["split"], batch=row["batch"],
                         confidence=(row["extra"] or {}).get("confidence"))
         else:
-            query_tokens = tokenizer.encode(row["prompt"])
             if len(query_tokens) > query_length:
                 raise ValueError(f"--query-length {query_length}: prompt {index} of the label dataset has "
                                  f"{len(query_tokens)} tokens (prompts of the prompt/chosen/rejected format are not cut)")
-            chosen, rejected = row["chosen"], row["rejected"]
             meta = dict(id=row.get("id", index), split=None, batch=None, confidence=None)
-        chosen_tokens, rejected_tokens = (tokenizer.encode(t) + [tokenizer.eos_token_id] for t in (chosen, rejected))
+        chosen_tokens, rejected_tokens = next(responses) + eos, next(responses) + eos
         if max(len(chosen_tokens), len(rejected_tokens)) <= response_length:  # else dropped
             pairs.append(dict(index=index, query=tokenizer.decode(query_tokens), chosen=chosen, rejected=rejected,
                               query_chosen=query_tokens + chosen_tokens, query_rejected=query_tokens + rejected_tokens,
@@ -275,15 +286,11 @@ def normalization_stats(scores):
 def reference_summaries(rows, tokenizer, query_length, response_length):
     """(queries, responses, dropped): the TL;DR queries [D2.2] and reference summaries " {summary}" + EOS [D3] that
     set the normalisation bias [D15]; a summary over `response_length` tokens (EOS included) is dropped and counted."""
-    queries, responses, dropped = [], [], 0
-    for row in rows:
-        response = tokenizer.encode(" " + row["summary"]) + [tokenizer.eos_token_id]  # leading space, EOS [D3]
-        if len(response) > response_length:
-            dropped += 1
-            continue
-        queries.append(tokenize_query(tokenizer, row, query_length))  # [D2.2]
-        responses.append(response)
-    return queries, responses, dropped
+    rows = list(rows)  # (a dataset's rows as dicts)
+    responses = [r + [tokenizer.eos_token_id] for r in tokenizer([" " + row["summary"] for row in rows])["input_ids"]]
+    kept = [i for i, response in enumerate(responses) if len(response) <= response_length]  # leading space, EOS [D3]
+    queries = tokenize_queries(tokenizer, [rows[i] for i in kept], query_length)  # [D2.2]
+    return queries, [responses[i] for i in kept], len(rows) - len(kept)
 
 
 def main(args):

@@ -28,6 +28,9 @@ class CharTokenizer:
     def decode(self, tokens):
         return "".join(chr(t) for t in tokens)
 
+    def __call__(self, texts):  # batch encoding, as a Hugging Face tokenizer
+        return {"input_ids": [self.encode(text) for text in texts]}
+
 
 def info(post):
     return dict(subreddit="tifu", title="t", post=post, summary="s")
@@ -59,6 +62,19 @@ def test_query_without_newline_loses_last_characters():
     assert sft.tokenize_query(tok, info("abc"), 1000) == tok.encode(sft.format_query(info("abc")))  # untouched
 
 
+def test_batched_tokenisation_gives_the_ids_of_one_by_one(world):
+    """The batch path (queries that fit) and the cutting path [D2.2] both give tokenize_query's ids."""
+    tokenizer = sft.load_tokenizer(str(world / "base_model"), "--base-model")
+    rows = sft.load_data(str(world / "tldr_sft"), "--query-dataset")["train"].to_list()
+    one_by_one = [sft.tokenize_query(tokenizer, row, 96) for row in rows]
+    assert sft.tokenize_queries(tokenizer, rows, 96) == one_by_one
+    assert 0 < sum(len(tokenizer.encode(sft.format_query(row))) > 96 for row in rows) < len(rows)  # both paths ran
+    examples = sft.tokenize_examples(tokenizer, rows, 96, prompt_completion=False)
+    assert [e["query"] for e in examples] == one_by_one
+    assert [e["response"] for e in examples] == [tokenizer.encode(" " + r["summary"]) + [tokenizer.eos_token_id]
+                                                 for r in rows]
+
+
 def test_query_too_short_for_the_format():
     with pytest.raises(ValueError, match="--query-length 10"):
         sft.tokenize_query(CharTokenizer(), info("abc"), 10)
@@ -67,7 +83,7 @@ def test_query_too_short_for_the_format():
 def test_response_format_and_sequence(world):
     tokenizer = sft.load_tokenizer(str(world / "base_model"), "--base-model")
     row = info("my dad hid my wallet.\ni feel sad.")
-    example = sft.tokenize_example(tokenizer, row, 128, prompt_completion=False)
+    [example] = sft.tokenize_examples(tokenizer, [row], 128, prompt_completion=False)
     query, response = example["query"], example["response"]
     assert example["reference"] == "s"  # the text ROUGE compares with
     assert query == tokenizer.encode(sft.format_query(row))
@@ -82,11 +98,11 @@ def test_response_format_and_sequence(world):
 def test_prompt_completion_used_as_given():
     tok = CharTokenizer()
     row = dict(prompt="Q: x\nA:", completion=" yes")
-    example = sft.tokenize_example(tok, row, 7, prompt_completion=True)
+    [example] = sft.tokenize_examples(tok, [row], 7, prompt_completion=True)
     assert tok.decode(example["query"]) == "Q: x\nA:" and example["response"] == tok.encode(" yes") + [0]
     assert example["reference"] == " yes"
     with pytest.raises(ValueError, match="--query-length 6: a prompt has 7 tokens"):
-        sft.tokenize_example(tok, row, 6, prompt_completion=True)
+        sft.tokenize_examples(tok, [row], 6, prompt_completion=True)
 
 
 # ------------------------------------------------------------ loss ---------------------------------------------
