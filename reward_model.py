@@ -144,8 +144,8 @@ def tokenize_query(tokenizer, info, query_length):
 
 def tokenize_queries(tokenizer, infos, query_length):
     """tokenize_query of each info, the queries that fit tokenised in one batch (fast; the same ids)."""
-    infos = list(infos)  # (a dataset's rows as dicts)
-    tokens = tokenizer([format_query(info) for info in infos])["input_ids"] if infos else []
+    infos = list(infos)  # iterated twice below
+    tokens = tokenizer([format_query(info) for info in infos])["input_ids"] if infos else []  # (no empty batches)
     return [t if len(t) <= query_length else tokenize_query(tokenizer, i, query_length) for t, i in zip(tokens, infos)]
 
 
@@ -287,8 +287,9 @@ def reference_summaries(rows, tokenizer, query_length, response_length):
     """(queries, responses, dropped): the TL;DR queries [D2.2] and reference summaries " {summary}" + EOS [D3] that
     set the normalisation bias [D15]; a summary over `response_length` tokens (EOS included) is dropped and counted."""
     rows = list(rows)  # (a dataset's rows as dicts)
-    responses = [r + [tokenizer.eos_token_id] for r in tokenizer([" " + row["summary"] for row in rows])["input_ids"]]
-    kept = [i for i, response in enumerate(responses) if len(response) <= response_length]  # leading space, EOS [D3]
+    summaries = tokenizer([" " + row["summary"] for row in rows])["input_ids"]  # leading space [D3]
+    responses = [summary + [tokenizer.eos_token_id] for summary in summaries]  # + EOS [D3]
+    kept = [i for i, response in enumerate(responses) if len(response) <= response_length]
     queries = tokenize_queries(tokenizer, [rows[i] for i in kept], query_length)  # [D2.2]
     return queries, [responses[i] for i in kept], len(rows) - len(kept)
 

@@ -146,8 +146,8 @@ def tokenize_query(tokenizer, info, query_length):
 
 def tokenize_queries(tokenizer, infos, query_length):
     """tokenize_query of each info, the queries that fit tokenised in one batch (fast; the same ids)."""
-    infos = list(infos)  # (a dataset's rows as dicts)
-    tokens = tokenizer([format_query(info) for info in infos])["input_ids"] if infos else []
+    infos = list(infos)  # iterated twice below
+    tokens = tokenizer([format_query(info) for info in infos])["input_ids"] if infos else []  # (no empty batches)
     return [t if len(t) <= query_length else tokenize_query(tokenizer, i, query_length) for t, i in zip(tokens, infos)]
 
 

@@ -50,8 +50,9 @@ SETTINGS = {
              "--local-eval-batch-size", "32", "--total-episodes", "9216"],  # 288 of the 625 updates of one epoch
     ),
     # The test model's size on the quick world (4 heads, full rotary: SFT learns to copy the post's main fact). SFT
-    # runs 2,400 updates of 32: with fewer, PPO and DPO gain less on some seeds. PPO's validation score levels off
-    # within about 700 episodes, DPO's training accuracy within 50 updates. The scripts' own evaluations are off (the
+    # runs 2,400 updates of 32: with fewer, PPO and DPO gain less on some seeds. PPO's validation score (16 prompts
+    # per update for the gold curve; the reference samples 2) levels off within about 700 episodes, DPO's training
+    # accuracy within 50 updates. The scripts' own evaluations are off (the
     # pipeline judges every policy itself; the reward model's is kept: its accuracies come from it). Results per
     # seed: benchmark/README.md "Quick setting".
     "quick": dict(
