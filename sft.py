@@ -242,8 +242,9 @@ def tokenize_examples(tokenizer, rows, query_length, prompt_completion):
 def sft_loss(logits, query_responses, pad_token_id):
     """Next-token cross-entropy over every non-pad target, query included [D9]: (B,) loss sums, (B,) target counts."""
     labels = query_responses.masked_fill(query_responses == pad_token_id, -100)  # (B, T); pad ignored [D9]
-    shift_logits, shift_labels = logits[:, :-1, :].float(), labels[:, 1:]  # predict token t+1 from tokens <= t
-    losses = F.cross_entropy(shift_logits.flatten(0, 1), shift_labels.flatten(), reduction="none")  # 0 at -100 targets
+    # predict token t+1 from tokens <= t: the labels shift, not the logits (a slice of these would be copied)
+    shift_labels = F.pad(labels[:, 1:], (0, 1), value=-100)  # (B, T); the last position has no target
+    losses = F.cross_entropy(logits.float().flatten(0, 1), shift_labels.flatten(), reduction="none")  # 0 at -100
     return losses.view(shift_labels.shape).sum(1), (shift_labels != -100).sum(1)
 
 
