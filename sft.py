@@ -129,26 +129,24 @@ def format_query(info):
     return f"SUBREDDIT: r/{info['subreddit']}\n\nTITLE: {info['title']}\n\nPOST: {info['post']}\n\nTL;DR:"
 
 
-def tokenize_query(tokenizer, info, query_length):
-    """Token ids of the formatted query; while too long, cut the post at its last newline (or drop its last
-    character if it has none) and re-tokenise [D2.2]. Not padded."""
-    info = dict(info)
-    tokens = tokenizer.encode(format_query(info))
-    while len(tokens) > query_length:
-        if not info["post"]:
-            raise ValueError(f"--query-length {query_length} is too short to hold the query format even with an "
-                             f"empty post (title {info['title']!r} needs {len(tokens)} tokens)")
-        cut = info["post"].rfind("\n")
-        info["post"] = info["post"][:cut] if cut != -1 else info["post"][:-1]
-        tokens = tokenizer.encode(format_query(info))
-    return tokens
-
-
 def tokenize_queries(tokenizer, infos, query_length):
-    """tokenize_query of each info, the queries that fit tokenised in one batch (fast; the same ids)."""
-    infos = list(infos)  # iterated twice below
-    tokens = tokenizer([format_query(info) for info in infos])["input_ids"] if infos else []  # (no empty batches)
-    return [t if len(t) <= query_length else tokenize_query(tokenizer, i, query_length) for t, i in zip(tokens, infos)]
+    """Token ids of each info's formatted query, not padded; while one is too long, cut its post at the last newline
+    (or drop its last character if it has none) and re-tokenise it [D2.2]. In batches: each round re-tokenises only
+    the queries still too long (the ids of one query at a time, much faster)."""
+    infos = [dict(info) for info in infos]
+    queries, todo = [None] * len(infos), range(len(infos))
+    while todo:  # (a Hugging Face tokenizer refuses an empty batch)
+        for i, tokens in zip(todo, tokenizer([format_query(infos[i]) for i in todo])["input_ids"]):
+            queries[i] = tokens
+        todo = [i for i in todo if len(queries[i]) > query_length]
+        for i in todo:
+            post = infos[i]["post"]
+            if not post:
+                raise ValueError(f"--query-length {query_length} is too short to hold the query format even with an "
+                                 f"empty post (title {infos[i]['title']!r} needs {len(queries[i])} tokens)")
+            cut = post.rfind("\n")
+            infos[i]["post"] = post[:cut] if cut != -1 else post[:-1]
+    return queries
 
 
 def right_pad(tokens, length, pad_token_id):
@@ -232,7 +230,7 @@ def tokenize_examples(tokenizer, rows, query_length, prompt_completion):
         queries, references = tokenize_queries(tokenizer, rows, query_length), [r["summary"] for r in rows]
         responses = [" " + summary for summary in references]
     for row, query in zip(rows, queries):
-        if len(query) > query_length:  # only a prompt can be: tokenize_query cuts a post to fit
+        if len(query) > query_length:  # only a prompt can be: tokenize_queries cuts a post to fit
             raise ValueError(f"--query-length {query_length}: a prompt has {len(query)} tokens (prompts are used as "
                              f"given, never clipped): {row['prompt'][:80]!r}...")
     return [dict(query=query, reference=reference, response=response + [tokenizer.eos_token_id])

@@ -139,8 +139,7 @@ def evaluate_policy(policy_path, rows, query_length, response_length, temperatur
     torch.manual_seed(seed)
     tokenizer = p.load_tokenizer(policy_path, "policy")
     policy = p.load_policy(policy_path, tokenizer, torch.device("cpu")).eval()
-    queries = torch.tensor([p.left_pad(p.tokenize_query(tokenizer, r, query_length), query_length, tokenizer.pad_token_id)
-                            for r in rows])
+    queries = p.left_padded_queries(tokenizer, rows, query_length)  # (N, Q)
     responses = []
     for i in range(0, len(rows), 64):
         query_response, _ = p.generate(policy, queries[i : i + 64], tokenizer.pad_token_id, response_length, temperature)

@@ -219,8 +219,7 @@ def prepare_queries(w, query_length, path):
 
         tokenizer = ppo_tldr.load_tokenizer(w["base_model"], "--sft-model-path")
         rows = load_dataset(w["query_dataset"])["train"]
-        queries = [ppo_tldr.left_pad(ppo_tldr.tokenize_query(tokenizer, r, query_length), query_length,
-                                     tokenizer.pad_token_id) for r in rows]
+        queries = ppo_tldr.left_padded_queries(tokenizer, rows.to_list(), query_length).tolist()
         with open(path, "w") as f:
             json.dump(dict(pad_token_id=tokenizer.pad_token_id, queries=queries), f)
     with open(path) as f:

@@ -253,7 +253,7 @@ def test_torchrun_two_processes(world, reward_model, tmp_path):
     policy of the update-1 checkpoint); `objective/validation_score` is the mean of its table's 4 scores."""
     import datasets
 
-    from ppo_tldr import generate, left_pad, load_policy, load_tokenizer, set_rng_states, tokenize_query
+    from ppo_tldr import generate, left_padded_queries, load_policy, load_tokenizer, set_rng_states
     from value_head import ScalarModel, get_reward
 
     out = tmp_path / "run"
@@ -287,8 +287,7 @@ def test_torchrun_two_processes(world, reward_model, tmp_path):
     torch.set_num_threads(1)  # the run's thread count: the same floats
     try:
         for rank in (0, 1):
-            queries = torch.tensor([left_pad(tokenize_query(tokenizer, validation[i], 128), 128, pad)
-                                    for i in (2 * rank, 2 * rank + 1)])
+            queries = left_padded_queries(tokenizer, [validation[i] for i in (2 * rank, 2 * rank + 1)], 128)
             for policy, same in [(trained, True), (sft, False)]:
                 set_rng_states(checkpoint["rng"], rank)
                 with torch.no_grad():

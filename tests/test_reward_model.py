@@ -108,7 +108,7 @@ def test_tokenize_pairs_raw_format(tokenizer):
     pairs, dropped = rm.tokenize_pairs(tokenizer, rows, "openai", 128, 20, 1919)
     assert dropped == 1 and len(pairs) == 1  # the 80-word response is over 20 tokens
     p, eos = pairs[0], tokenizer.eos_token_id
-    query = rm.tokenize_query(tokenizer, rows[0]["info"], 128)
+    query = rm.tokenize_queries(tokenizer, [rows[0]["info"]], 128)[0]
     assert p["chosen"] == " my mom hid my keys." and p["rejected"] == " a bad one."  # summaries[choice] is chosen
     assert p["query_chosen"] == query + tokenizer.encode(" my mom hid my keys.") + [eos]
     assert p["query_rejected"] == query + tokenizer.encode(" a bad one.") + [eos]
@@ -201,8 +201,8 @@ def test_smoke_run_trains_normalises_and_saves(world, tmp_path):
     assert model.bias == pytest.approx(final["normalization/bias"])
     tokenizer = rm.load_tokenizer(str(out), "--sft-model-path")
     refs = datasets.load_dataset(str(world / "tldr_sft"), split="train").select(range(256))
-    sequences = [rm.right_pad(rm.tokenize_query(tokenizer, r, 128) + tokenizer.encode(" " + r["summary"])
-                              + [tokenizer.eos_token_id], 192, tokenizer.pad_token_id) for r in refs]
+    sequences = [rm.right_pad(q + tokenizer.encode(" " + r["summary"]) + [tokenizer.eos_token_id], 192,
+                              tokenizer.pad_token_id) for q, r in zip(rm.tokenize_queries(tokenizer, refs, 128), refs)]
     with torch.no_grad():
         _, scores, _ = get_reward(model, torch.tensor(sequences), tokenizer.pad_token_id, context_length=0)
     assert abs(scores.mean().item()) < 1e-4

@@ -41,34 +41,39 @@ def test_query_format():
     assert sft.format_query(info("hello")) == "SUBREDDIT: r/tifu\n\nTITLE: t\n\nPOST: hello\n\nTL;DR:"
 
 
+def cut_query(post, limit):
+    """The query of a post under `limit` tokens [D2.2], decoded (one character per token)."""
+    return CharTokenizer().decode(sft.tokenize_queries(CharTokenizer(), [info(post)], limit)[0])
+
+
 def test_query_truncated_at_last_newline_first():
-    tok = CharTokenizer()
     post = "line one\nline two\nline three"
     limit = len(sft.format_query(info("line one\nline two")))  # fits once "\nline three" is cut
-    assert len(tok.encode(sft.format_query(info(post)))) > limit
-    query = sft.tokenize_query(tok, info(post), limit)
-    assert tok.decode(query) == sft.format_query(info("line one\nline two"))  # [D2.2]
+    assert len(sft.format_query(info(post))) > limit
+    assert cut_query(post, limit) == sft.format_query(info("line one\nline two"))  # [D2.2]
     # one token less: cut at the next newline, not a character at a time
-    assert tok.decode(sft.tokenize_query(tok, info(post), limit - 1)) == sft.format_query(info("line one"))
+    assert cut_query(post, limit - 1) == sft.format_query(info("line one"))
 
 
 def test_query_without_newline_loses_last_characters():
-    tok = CharTokenizer()
-    limit = len(sft.format_query(info("abcd")))
-    assert tok.decode(sft.tokenize_query(tok, info("abcdef"), limit)) == sft.format_query(info("abcd"))
+    assert cut_query("abcdef", len(sft.format_query(info("abcd")))) == sft.format_query(info("abcd"))
     # newline cut first ("ab\ncdef" -> "ab"), then characters ("ab" -> "a")
-    limit = len(sft.format_query(info("a")))
-    assert tok.decode(sft.tokenize_query(tok, info("ab\ncdef"), limit)) == sft.format_query(info("a"))
-    assert sft.tokenize_query(tok, info("abc"), 1000) == tok.encode(sft.format_query(info("abc")))  # untouched
+    assert cut_query("ab\ncdef", len(sft.format_query(info("a")))) == sft.format_query(info("a"))
+    assert cut_query("abc", 1000) == sft.format_query(info("abc"))  # untouched
 
 
 def test_batched_tokenisation_gives_the_ids_of_one_by_one(world):
-    """The batch path (queries that fit) and the cutting path [D2.2] both give tokenize_query's ids."""
+    """tokenize_queries, in rounds over the whole batch, gives the ids of dpo.py's one-query-at-a-time tokenize_query
+    (the same rule [D2.2]), for posts that fit and posts cut once or several times."""
+    import dpo
+
     tokenizer = sft.load_tokenizer(str(world / "base_model"), "--base-model")
     rows = sft.load_data(str(world / "tldr_sft"), "--query-dataset")["train"].to_list()
-    one_by_one = [sft.tokenize_query(tokenizer, row, 96) for row in rows]
+    one_by_one = [dpo.tokenize_query(tokenizer, row, 96) for row in rows]
     assert sft.tokenize_queries(tokenizer, rows, 96) == one_by_one
-    assert 0 < sum(len(tokenizer.encode(sft.format_query(row))) > 96 for row in rows) < len(rows)  # both paths ran
+    assert rows == sft.load_data(str(world / "tldr_sft"), "--query-dataset")["train"].to_list()  # rows not cut
+    over = [len(tokenizer.encode(sft.format_query(row))) - 96 for row in rows]
+    assert 0 < sum(o > 0 for o in over) < len(rows) and max(over) > 10  # some fit, some are cut, some several times
     examples = sft.tokenize_examples(tokenizer, rows, 96, prompt_completion=False)
     assert [e["query"] for e in examples] == one_by_one
     assert [e["response"] for e in examples] == [tokenizer.encode(" " + r["summary"]) + [tokenizer.eos_token_id]
@@ -76,8 +81,9 @@ def test_batched_tokenisation_gives_the_ids_of_one_by_one(world):
 
 
 def test_query_too_short_for_the_format():
-    with pytest.raises(ValueError, match="--query-length 10"):
-        sft.tokenize_query(CharTokenizer(), info("abc"), 10)
+    needs = len(sft.format_query(info("")))
+    with pytest.raises(ValueError, match=f"--query-length 10 is too short .* needs {needs} tokens"):
+        sft.tokenize_queries(CharTokenizer(), [info("abcdef"), info("")], 10)
 
 
 def test_response_format_and_sequence(world):
