@@ -62,6 +62,8 @@ class Size:
     sft_splits: tuple  # (train, validation, test) posts
     preference_splits: tuple  # (train, validation, validation_cnndm) pairs
     rotary_pct: float = 0.25  # share of each head's dimensions that rotary embeddings rotate (Pythia's 0.25)
+    long_post_prob: float = 0.15  # share of posts with 6-12 more fillers, over the query length
+    num_fillers: tuple = (1, 3)  # the fewest and most filler sentences of a post
 
 
 SIZES = {
@@ -69,10 +71,11 @@ SIZES = {
     "tiny": Size(64, 2, 2, (512, 64, 64), (512, 128, 32)),
     # ~1M parameters: the benchmark's world (sft.py -> reward_model.py -> ppo_tldr.py / dpo.py in ~41 min on 2 cores).
     "small": Size(128, 4, 4, (20_000, 1_000, 1_000), (20_000, 2_000, 200)),
-    # ~200k parameters on 30k posts: the quick pipeline (pipeline.py --quick, ~6 min on 2 cores). 4 heads of 16 dims
+    # ~200k parameters on 30k posts: the quick pipeline (pipeline.py --quick, ~5 min on 2 cores). 4 heads of 16 dims
     # with rotary on all of them, so that SFT learns to copy the post's main fact; 500 validation pairs for the
-    # accuracies of the reward model and DPO.
-    "quick": Size(64, 2, 4, (30_000, 1_000, 1_000), (10_000, 500, 100), rotary_pct=1.0),
+    # accuracies of the reward model and DPO. Shorter posts (1-2 fillers, 3% long ones) make every stage cheaper.
+    "quick": Size(64, 2, 4, (30_000, 1_000, 1_000), (10_000, 500, 100), rotary_pct=1.0, long_post_prob=0.03,
+                  num_fillers=(1, 2)),
 }
 
 
@@ -143,7 +146,7 @@ def random_fact(rng):
     return (rng.choice(PERSONS), rng.choice(ACTIONS), rng.choice(OBJECTS))
 
 
-def make_post(rng, long_post_prob=0.15):
+def make_post(rng, long_post_prob=0.15, num_fillers=(1, 3)):
     """One post: dict(subreddit, title, post) plus its hidden structure (facts, feeling, question)."""
     facts = []
     while len(facts) < rng.choice([2, 3]):
@@ -151,7 +154,7 @@ def make_post(rng, long_post_prob=0.15):
         if all(fact[0] != f[0] and fact[2] != f[2] for f in facts):
             facts.append(fact)
     feeling, question = rng.choice(FEELINGS), rng.choice(QUESTIONS)
-    fillers = rng.sample(FILLERS, rng.randint(1, 3))
+    fillers = rng.sample(FILLERS, rng.randint(*num_fillers))
     body = [fact_text(f) + "." for f in facts[1:]] + fillers
     rng.shuffle(body)
     sentences = [fact_text(facts[0]) + "."] + body
@@ -211,20 +214,20 @@ def post_id(rng):
     return "t3_" + "".join(rng.choice("abcdefghijklmnopqrstuvwxyz0123456789") for _ in range(6))
 
 
-def make_sft_split(rng, n):
+def make_sft_split(rng, n, **post_shape):
     rows = []
     for _ in range(n):
-        p = make_post(rng)
+        p = make_post(rng, **post_shape)
         rows.append(dict(id=post_id(rng), subreddit=p["subreddit"], title=p["title"], post=p["post"],
                          summary=write_summary(rng, p, "human")))
     return rows
 
 
-def make_preference_split(rng, n, split, batches, temperature):
+def make_preference_split(rng, n, split, batches, temperature, **post_shape):
     """Pairs of summaries of one post labelled through Bradley-Terry on the gold score (noisy, like labellers)."""
     rows = []
     for _ in range(n):
-        p = make_post(rng)
+        p = make_post(rng, **post_shape)
         texts, writers = [], []
         while len(texts) < 2:
             writer = rng.choices(["careful", "human", "sloppy", "perturbed"], [0.25, 0.35, 0.2, 0.2])[0]
@@ -304,13 +307,11 @@ def build(out_dir, size="tiny", seed=1, temperature=1.25, verbose=True):
     if size not in SIZES:
         raise ValueError(f"--size must be one of {sorted(SIZES)}, got {size!r}")
     s = SIZES[size]
-    rng = random.Random(seed)
-    sft = {name: make_sft_split(rng, n) for name, n in zip(["train", "validation", "test"], s.sft_splits)}
-    preference = {
-        "train": make_preference_split(rng, s.preference_splits[0], "train", [f"batch{i}" for i in range(3, 11)], temperature),
-        "validation": make_preference_split(rng, s.preference_splits[1], "valid1", [f"batch{i}" for i in range(11, 14)], temperature),
-        "validation_cnndm": make_preference_split(rng, s.preference_splits[2], "valid2", ["batch0_cnndm"], temperature),
-    }
+    rng, shape = random.Random(seed), dict(long_post_prob=s.long_post_prob, num_fillers=s.num_fillers)
+    sft = {name: make_sft_split(rng, n, **shape) for name, n in zip(["train", "validation", "test"], s.sft_splits)}
+    preference = {name: make_preference_split(rng, n, split, [f"batch{i}" for i in batches], temperature, **shape)
+                  for name, n, split, batches in zip(["train", "validation", "validation_cnndm"], s.preference_splits,
+                                                     ["train", "valid1", "valid2"], [range(3, 11), range(11, 14), ["0_cnndm"]])}
     write_parquet_splits(os.path.join(out_dir, "tldr_sft"), sft)
     write_parquet_splits(os.path.join(out_dir, "tldr_preference"), preference)
 
