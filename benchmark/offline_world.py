@@ -71,7 +71,7 @@ SIZES = {
     "tiny": Size(64, 2, 2, (512, 64, 64), (512, 128, 32)),
     # ~1M parameters: the benchmark's world (sft.py -> reward_model.py -> ppo_tldr.py / dpo.py in ~41 min on 2 cores).
     "small": Size(128, 4, 4, (20_000, 1_000, 1_000), (20_000, 2_000, 200)),
-    # ~200k parameters on 30k posts: the quick pipeline (pipeline.py --quick, ~5 min on 2 cores). 4 heads of 16 dims
+    # ~200k parameters on 30k posts: the quick pipeline (pipeline.py --quick, ~6 min on 2 cores). 4 heads of 16 dims
     # with rotary on all of them, so that SFT learns to copy the post's main fact; 500 validation pairs for the
     # accuracies of the reward model and DPO. Shorter posts (1-2 fillers, 3% long ones) make every stage cheaper.
     "quick": Size(64, 2, 4, (30_000, 1_000, 1_000), (10_000, 500, 100), rotary_pct=1.0, long_post_prob=0.03,
