@@ -303,14 +303,17 @@ def collate_pairs(pairs, pad_token_id):
 
 def concatenated_logprobs(model, chosen, rejected, query_lengths, pad_token_id):
     """Sequence log-probs of chosen and rejected (B,), (B,) from one forward over the 2B sequences: the sum of
-    log pi(token | prefix) over the response tokens including the EOS, the query and the right padding masked."""
+    log pi(token | prefix) over the response tokens including the EOS, the query and the right padding masked. The LM
+    head runs from the earliest response token on: the logits of the query tokens before it are never used."""
     query_responses = torch.cat([chosen, rejected])  # (2B, T)
-    positions = torch.arange(query_responses.size(1), device=query_responses.device).unsqueeze(0)  # (1, T)
-    mask = (positions >= query_lengths.repeat(2).unsqueeze(1)) & (query_responses != pad_token_id)  # (2B, T)
-    logits = forward(model, query_responses, pad_token_id).logits  # (2B, T, V): the logits at t predict token t + 1
-    logprobs = F.log_softmax(logits[:, :-1].float(), dim=-1)  # (2B, T-1, V)
-    token_logprobs = torch.gather(logprobs, 2, query_responses[:, 1:].unsqueeze(-1)).squeeze(-1)  # (2B, T-1)
-    logps = (token_logprobs * mask[:, 1:]).sum(1)  # (2B,)
+    start = int(query_lengths.min())  # no sequence has a response token before it
+    tokens = query_responses[:, start:]  # (2B, T - start): every response token, and some query and pad tokens
+    positions = torch.arange(start, query_responses.size(1), device=tokens.device).unsqueeze(0)  # (1, T - start)
+    mask = (positions >= query_lengths.repeat(2).unsqueeze(1)) & (tokens != pad_token_id)  # (2B, T - start)
+    logits = forward(model, query_responses, pad_token_id, logits_to_keep=tokens.size(1) + 1).logits  # from start - 1
+    logprobs = F.log_softmax(logits[:, :-1].float(), dim=-1)  # (2B, T - start, V): the logits at t predict token t + 1
+    token_logprobs = torch.gather(logprobs, 2, tokens.unsqueeze(-1)).squeeze(-1)  # (2B, T - start)
+    logps = (token_logprobs * mask).sum(1)  # (2B,)
     return logps[: chosen.size(0)], logps[chosen.size(0):]
 
 

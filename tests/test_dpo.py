@@ -28,13 +28,14 @@ def tiny_args(world, output_dir, *extra):
 
 # ---------------------------------------------------------------- masks and sequence log-probs --------------------
 class FixedLogits:
-    """A stand-in causal LM: returns the given logits (N, T, V) whatever its input."""
+    """A stand-in causal LM: returns the given logits (N, T, V) whatever its input, at the last `logits_to_keep`
+    positions (0: all), as a transformers causal LM does."""
 
     def __init__(self, logits):
         self.logits = logits
 
-    def __call__(self, **inputs):
-        return SimpleNamespace(logits=self.logits)
+    def __call__(self, logits_to_keep=0, **inputs):
+        return SimpleNamespace(logits=self.logits[:, -logits_to_keep:] if logits_to_keep else self.logits)
 
 
 def test_sequence_logprobs_sum_the_response_tokens_with_eos_and_mask_query_and_pad():
@@ -55,6 +56,25 @@ def test_sequence_logprobs_sum_the_response_tokens_with_eos_and_mask_query_and_p
     assert pi_chosen.tolist() == pytest.approx([-math.log(7 * 11 * 13), -math.log(5 * 7)], abs=1e-5)
     assert pi_rejected.tolist() == pytest.approx([-math.log(7 * 11 * 13 * 17 * 19), -math.log(5 * 7 * 11 * 13)],
                                                  abs=1e-5)
+
+
+def test_sequence_logprobs_equal_those_of_every_position_on_a_real_model(world):
+    """The LM head from the earliest response token on gives the log-probs of the LM head at every position."""
+    tokenizer = dpo.load_tokenizer(str(world / "base_model"), "--sft-model-path")
+    policy = dpo.load_policy(str(world / "base_model"), tokenizer, torch.device("cpu")).eval()
+    rows = datasets.load_dataset(str(world / "tldr_preference"), split="train").select(range(8))
+    pairs = [dpo.tokenize_pair(tokenizer, row, 128, "openai", "x", 1919) for row in rows]
+    pad = tokenizer.pad_token_id
+    chosen, rejected, query_lengths = dpo.collate_pairs({k: [p[k] for p in pairs] for k in pairs[0]}, pad)
+    assert len(set(query_lengths.tolist())) > 1 and query_lengths.min() > 0  # queries of different lengths
+    with torch.no_grad():
+        kept = torch.cat(dpo.concatenated_logprobs(policy, chosen, rejected, query_lengths, pad))
+        sequences = torch.cat([chosen, rejected])
+        logprobs = torch.log_softmax(dpo.forward(policy, sequences, pad).logits[:, :-1], -1)  # every position
+        token_logprobs = logprobs.gather(2, sequences[:, 1:, None])[..., 0]
+        positions = torch.arange(1, sequences.size(1))
+        mask = (positions >= query_lengths.repeat(2)[:, None]) & (sequences[:, 1:] != pad)
+    assert kept.tolist() == pytest.approx((token_logprobs * mask).sum(1).tolist(), abs=1e-4)
 
 
 def test_collate_pairs_right_pads_to_the_longest_and_keeps_query_lengths():
