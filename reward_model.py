@@ -130,7 +130,7 @@ def format_query(info):
 def tokenize_queries(tokenizer, infos, query_length):
     """Token ids of each info's formatted query, not padded; while one is too long, cut its post at the last newline
     (or drop its last character if it has none) and re-tokenise it [D2.2]. In batches: each round re-tokenises only
-    the queries still too long (the ids of one query at a time, much faster)."""
+    the queries still too long (the same ids as one query at a time, much faster)."""
     infos = [dict(info) for info in infos]
     queries, todo = [None] * len(infos), range(len(infos))
     while todo:  # (a Hugging Face tokenizer refuses an empty batch)
