@@ -2,7 +2,7 @@
 """The offline RLHF benchmark: world -> sft.py -> reward_model.py -> ppo_tldr.py and dpo.py, judged by the gold judge.
 
     python benchmark/pipeline.py                      # benchmark-sized world, ~41 min on 2 idle CPU cores
-    python benchmark/pipeline.py --quick              # quick world, about 6 min on 2 cores
+    python benchmark/pipeline.py --quick              # quick world, about 4.5 min on 2 cores
     python benchmark/pipeline.py --quick --seeds 1 2 3                # PPO and DPO with 3 seeds from one SFT and RM
     python benchmark/pipeline.py --quick --seeds 1 2 3 --full-seeds   # the whole pipeline with each seed
     python benchmark/pipeline.py --plot runs/quick    # draw the plots of an earlier run from its results.json
@@ -423,7 +423,7 @@ def run_pipeline(settings, seeds, full_seeds, work, command):
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="the quick world and short runs (about 6 minutes)")
+    parser.add_argument("--quick", action="store_true", help="the quick world and short runs (about 4.5 minutes)")
     parser.add_argument("--smoke", action="store_true",
                         help="the test suite's setting: a few updates per stage on the test world (plumbing only)")
     parser.add_argument("--work-dir", default=None, help="folder for the worlds, the models and the logs, one "
