@@ -34,20 +34,21 @@ sys.path.insert(0, os.path.join(ROOT, "benchmark"))
 import offline_world  # noqa: E402
 
 # Hyperparameters of the offline world (a ~1M-parameter model trained from scratch, not a pre-trained Pythia: the
-# paper's lr 3e-6 is for a pre-trained 1B model). Shared flags first, then each stage's own.
+# paper's lr 3e-6 is for a pre-trained 1B model). Shared flags first, then each stage's own. The scripts' own
+# evaluations are off but the reward model's (its accuracies come from it): the pipeline judges every policy itself.
 SETTINGS = {
     "small": dict(
         size="small", query_length=128, eval_posts=200, judge_posts=1000,  # judged: all validation posts
         # SFT 2,600 updates: copying the post's facts and feeling emerges late (benchmark/README.md "Offline benchmark")
         sft=["--lr", "1e-3", "--batch-size", "32", "--local-micro-batch-size", "32", "--num-train-epochs", "5",
-             "--total-episodes", "83200"],
+             "--total-episodes", "83200", "--no-run-eval"],
         reward_model=["--lr", "1e-4", "--batch-size", "32", "--local-micro-batch-size", "32",
                       "--num-normalization-samples", "2000", "--local-eval-batch-size", "32"],
         ppo=["--lr", "5e-5", "--total-episodes", "2560", "--batch-size", "64", "--local-micro-batch-size", "32",
              "--local-rollout-forward-batch-size", "64", "--sample-table-every", "5",
-             "--local-eval-batch-size", "64"],  # the gold curve's validation batch (the reference samples 2)
+             "--local-eval-batch-size", "64", "--no-run-eval"],  # the gold curve's validation batch (the reference samples 2)
         dpo=["--lr", "1e-4", "--beta", "0.1", "--batch-size", "32", "--local-micro-batch-size", "32",
-             "--local-eval-batch-size", "32", "--total-episodes", "9216"],  # 288 of the 625 updates of one epoch
+             "--local-eval-batch-size", "32", "--total-episodes", "9216", "--no-run-eval"],  # 288 of 625 updates of an epoch
     ),
     # The test model's size on the quick world (4 heads, full rotary: SFT learns to copy the post's main fact). SFT
     # runs 2,000 updates of 32 sequences, about half of the run. PPO's validation score (16 prompts

@@ -292,7 +292,9 @@ def thread_env(threads):
     return env
 
 
-def run_ours(c, w, run_dir):
+def run_ours(c, w, run_dir, compile=False):
+    """ppo_tldr.py through its command line; `compile` adds --compile (its compile time is in the first, warm-up
+    update, reported as first_update_seconds)."""
     shutil.rmtree(run_dir, ignore_errors=True)  # a fresh run refuses a folder with checkpoints: start afresh
     cmd = [sys.executable, "ppo_tldr.py", "--sft-model-path", w["base_model"], "--reward-model-path", w["reward_model"],
            "--query-dataset", w["query_dataset"], "--query-length", c["query_length"],
@@ -301,7 +303,7 @@ def run_ours(c, w, run_dir):
            "--local-micro-batch-size", c["local_micro_batch_size"],
            "--local-rollout-forward-batch-size", c["local_rollout_forward_batch_size"],
            "--lr", c["lr"], "--eps", c["eps"], "--no-run-eval", "--no-compute-missing-bias", "--output-dir", run_dir]  # as TRL: no normalisation pass
-    cmd = [str(x) for x in cmd]
+    cmd = [str(x) for x in cmd] + (["--compile"] if compile else [])
     rc, peak_mib, lines = run_measured(cmd, thread_env(c["threads"]), os.path.join(run_dir + ".log"))
     if rc != 0:
         raise SystemExit(f"ppo_tldr.py failed (exit {rc}); see {run_dir}.log\n{''.join(l for _, l in lines[-20:])}")
@@ -312,7 +314,9 @@ def run_ours(c, w, run_dir):
     steady = metrics[1:]
     wall = (update_times[-1] - update_times[0]) / len(steady)
     parts = {k: statistics.mean(m[f"time/{k}"] for m in steady) for k in ("generation", "scoring", "training")}
-    return dict(side="ours", command=shlex.join(cmd), eps=steady_eps(update_times, c["batch_size"]), peak_mib=peak_mib,
+    first = sum(metrics[0][f"time/{k}"] for k in ("generation", "scoring", "training"))
+    return dict(side="ours_compiled" if compile else "ours", command=shlex.join(cmd), compile=compile,
+                eps=steady_eps(update_times, c["batch_size"]), peak_mib=peak_mib, first_update_seconds=first,
                 seconds_per_update=wall, parts=parts, shares=shares(parts, wall),
                 optimizer_steps=metrics[-1]["ppo/optimizer_steps"], generated_tokens_per_episode=c["response_length"])
 
@@ -345,15 +349,23 @@ def fmt_shares(s):
     return " / ".join(f"{100 * s[k]:.0f}%" for k in ("generation", "scoring", "training", "other"))
 
 
+SIDE_NAMES = {"ours": "ours", "ours_compiled": "ours --compile", "trl": "TRL"}
+
+
 def flops_table(comp, peak):
     """Per phase: model FLOPs per update, and each side's achieved FLOP/s (median over repeats) against `peak`."""
-    rows = ["| phase | model GFLOP per update | ours GFLOP/s | ours % of peak | TRL GFLOP/s | TRL % of peak |",
-            "|---|---|---|---|---|---|"]
+    sides = [s for s in ("ours", "ours_compiled", "trl") if comp.get(s)]
+    rows = ["| phase | model GFLOP per update | " + " | ".join(f"{SIDE_NAMES[s]} GFLOP/s | {SIDE_NAMES[s]} % of peak"
+                                                      for s in sides) + " |", "|---|---|" + "---|---|" * len(sides)]
     for phase, flops in comp["flops"].items():
-        rates = [statistics.median(flops / r["parts"][phase] for r in comp[side]) for side in ("ours", "trl")]
-        rows.append(f"| {phase} | {flops / 1e9:.1f} | {rates[0] / 1e9:.2f} | {100 * rates[0] / peak:.1f}% | "
-                    f"{rates[1] / 1e9:.2f} | {100 * rates[1] / peak:.1f}% |")
+        rates = [statistics.median(flops / r["parts"][phase] for r in comp[side]) for side in sides]
+        rows.append(f"| {phase} | {flops / 1e9:.1f} | " + " | ".join(f"{r / 1e9:.2f} | {100 * r / peak:.1f}%"
+                                                                   for r in rates) + " |")
     return rows
+
+
+def verdict(eps_ratio, memory_ratio):
+    return "meets" if eps_ratio >= 1.5 and memory_ratio <= 1.0 else "misses"
 
 
 def report(header, comparisons, scaling, baselines, builds=None, peak=None):
@@ -389,10 +401,24 @@ def report(header, comparisons, scaling, baselines, builds=None, peak=None):
                        f"{b['peak_mib']:.0f} | {a['peak_mib'] / b['peak_mib']:.2f} | {a['peak_mib'] - baselines['ours']:.0f} | "
                        f"{b['peak_mib'] - baselines['trl']:.0f} | {a['seconds_per_update']:.2f} | "
                        f"{b['seconds_per_update']:.2f} | {fmt_shares(a['shares'])} | {fmt_shares(b['shares'])} |")
-        verdict = ("meets" if comp["eps_ratio"] >= 1.5 and comp["memory_ratio"] <= 1.0 else "misses")
         out += ["", f"**Median ratio ours/TRL: episodes per second {comp['eps_ratio']:.2f}x, peak memory "
-                    f"{comp['memory_ratio']:.2f}x** ({verdict} the goal of >= 1.5x the episodes per second at no more "
-                    f"peak memory).", ""]
+                    f"{comp['memory_ratio']:.2f}x** ({verdict(comp['eps_ratio'], comp['memory_ratio'])} the goal of "
+                    ">= 1.5x the episodes per second at no more peak memory).", ""]
+        if comp.get("ours_compiled"):
+            out += ["With `--compile` (torch.compile of the four models' forwards, dynamic shapes; warm: the eps "
+                    "exclude the first update, which compiles; compile time = its first update minus the first "
+                    "update of the run without --compile in the same repeat):", "",
+                    "| repeat | ours --compile eps | TRL eps | eps ours/TRL | peak MiB | memory ours/TRL | "
+                    "first update s | compile time s | s/update | gen/score/train/other |",
+                    "|---|---|---|---|---|---|---|---|---|---|"]
+            for i, (a, u, b) in enumerate(zip(comp["ours_compiled"], comp["ours"], comp["trl"]), 1):
+                out.append(f"| {i} | {a['eps']:.1f} | {b['eps']:.1f} | {a['eps'] / b['eps']:.2f} | {a['peak_mib']:.0f} | "
+                           f"{a['peak_mib'] / b['peak_mib']:.2f} | {a['first_update_seconds']:.1f} | "
+                           f"{a['first_update_seconds'] - u['first_update_seconds']:.1f} | "
+                           f"{a['seconds_per_update']:.2f} | {fmt_shares(a['shares'])} |")
+            out += ["", f"**Median ratio ours --compile/TRL: episodes per second {comp['compiled_eps_ratio']:.2f}x, peak "
+                        f"memory {comp['compiled_memory_ratio']:.2f}x** ({verdict(comp['compiled_eps_ratio'], comp['compiled_memory_ratio'])} "
+                        "the goal).", ""]
         if peak and "flops" in comp:
             out += [*flops_table(comp, peak), ""]
     if scaling:
@@ -440,6 +466,8 @@ def main():
     parser.add_argument("--scaling-batch-sizes", type=int, nargs="*", default=[32, 64, 128])
     parser.add_argument("--scaling-sizes", nargs="*", default=["tiny", "small", "medium"], help="model-size rows")
     parser.add_argument("--quick", action="store_true", help="tiny world, 1 repeat, 3 updates, two-point scaling")
+    parser.add_argument("--compile", action="store_true",
+                        help="also run ours with --compile in every repeat (ours, ours --compile, TRL); warm figures")
     parser.add_argument("--trl-python", default=os.path.join(REPO, ".venv-trl", "bin", "python"),
                         help=f"python of a virtual environment with trl=={TRL_VERSION} (benchmark/requirements.txt)")
     parser.add_argument("--allow-mismatched-builds", action="store_true",
@@ -485,11 +513,14 @@ def main():
         path = os.path.join(out_dir, f"queries_{c['size']}_{c['query_length']}.json")
         return prepare_queries(world(c["size"]), c["query_length"], path), path
 
-    def ours(c):
+    def ours(c, compile=False):
         counter[0] += 1
-        print(f"[speed] ours, {c['size']}, response {c['response_length']}, batch {c['batch_size']}", flush=True)
-        result = run_ours(c, world(c["size"]), os.path.join(out_dir, "runs", f"{counter[0]:02d}_ours_{c['size']}"))
-        ours_runs.setdefault(config_key(c), []).append(result)
+        name = "ours_compiled" if compile else "ours"
+        print(f"[speed] {SIDE_NAMES[name]}, {c['size']}, response {c['response_length']}, batch {c['batch_size']}", flush=True)
+        result = run_ours(c, world(c["size"]), os.path.join(out_dir, "runs", f"{counter[0]:02d}_{name}_{c['size']}"),
+                          compile)
+        if not compile:  # the scaling rows are of the default settings
+            ours_runs.setdefault(config_key(c), []).append(result)
         print(f"[speed]   {result['eps']:.1f} eps, {result['peak_mib']:.0f} MiB", flush=True)
         return result
 
@@ -513,14 +544,20 @@ def main():
         c = dict(base, size=size)
         queries_for(c)
         policy_parameters, scalar_parameters = matmul_parameters(world(size)["base_model"])
-        comp = dict(config=c, parameters=world(size)["parameters"], ours=[], trl=[],
+        comp = dict(config=c, parameters=world(size)["parameters"], ours=[], ours_compiled=[], trl=[],
                     matmul_parameters=dict(policy=policy_parameters, scalar=scalar_parameters),
                     flops=phase_flops(c, policy_parameters, scalar_parameters))
-        for _ in range(cli.repeats):  # A B A B: slow drifts of the machine hit both sides alike
+        for _ in range(cli.repeats):  # A B A B (A C B ...): slow drifts of the machine hit every side alike
             comp["ours"].append(ours(c))
+            if cli.compile:
+                comp["ours_compiled"].append(ours(c, compile=True))
             comp["trl"].append(trl(c))
         comp["eps_ratio"] = median_ratio([r["eps"] for r in comp["ours"]], [r["eps"] for r in comp["trl"]])
         comp["memory_ratio"] = median_ratio([r["peak_mib"] for r in comp["ours"]], [r["peak_mib"] for r in comp["trl"]])
+        if cli.compile:
+            comp["compiled_eps_ratio"] = median_ratio([r["eps"] for r in comp["ours_compiled"]], [r["eps"] for r in comp["trl"]])
+            comp["compiled_memory_ratio"] = median_ratio([r["peak_mib"] for r in comp["ours_compiled"]],
+                                                         [r["peak_mib"] for r in comp["trl"]])
         comparisons.append(comp)
 
     scaling = []

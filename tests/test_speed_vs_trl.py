@@ -53,6 +53,37 @@ def test_flops_table_rates_against_the_peak():
     assert rows[4] == "| training | 12.0 | 4.00 | 40.0% | 2.00 | 20.0% |"
 
 
+def test_flops_table_adds_the_compiled_side_between_ours_and_trl():
+    comp = dict(flops=dict(generation=4e9, scoring=2e9, training=12e9),
+                ours=[dict(parts=dict(generation=2.0, scoring=1.0, training=3.0))],
+                ours_compiled=[dict(parts=dict(generation=1.0, scoring=1.0, training=2.0)),
+                               dict(parts=dict(generation=4.0, scoring=1.0, training=4.0))],  # median of 4 and 1 GFLOP/s
+                trl=[dict(parts=dict(generation=4.0, scoring=1.0, training=6.0))])
+    rows = speed_vs_trl.flops_table(comp, peak=10e9)
+    assert rows[0].startswith("| phase | model GFLOP per update | ours GFLOP/s | ours % of peak | ours --compile GFLOP/s")
+    assert rows[2] == "| generation | 4.0 | 2.00 | 20.0% | 2.50 | 25.0% | 1.00 | 10.0% |"
+
+
+def run(eps, peak_mib, first, parts=(0.5, 0.25, 1.0)):
+    parts = dict(zip(("generation", "scoring", "training"), parts))
+    return dict(eps=eps, peak_mib=peak_mib, first_update_seconds=first, seconds_per_update=2.0, parts=parts,
+                shares=speed_vs_trl.shares(parts, 2.0))
+
+
+def test_report_gives_the_compiled_runs_their_ratio_and_compile_time():
+    c = dict(size="tiny", query_length=128, response_length=53, batch_size=64, local_micro_batch_size=16,
+             local_rollout_forward_batch_size=32, num_ppo_epochs=4, updates=5, threads=2)
+    comp = dict(config=c, parameters=1000, ours=[run(30.0, 600, 2.0)], ours_compiled=[run(45.0, 700, 62.5)],
+                trl=[run(20.0, 640, 3.0)], eps_ratio=1.5, memory_ratio=600 / 640, compiled_eps_ratio=2.25,
+                compiled_memory_ratio=700 / 640)
+    text = speed_vs_trl.report(["header"], [comp], [], dict(ours=400, trl=420))
+    assert "| 1 | 45.0 | 20.0 | 2.25 | 700 | 1.09 | 62.5 | 60.5 | 2.00 | 25% / 12% / 50% / 12% |" in text
+    assert "episodes per second 1.50x, peak memory 0.94x** (meets" in text
+    assert "ours --compile/TRL: episodes per second 2.25x, peak memory 1.09x** (misses" in text  # more memory
+    comp["ours_compiled"] = []
+    assert "--compile" not in speed_vs_trl.report(["header"], [comp], [], dict(ours=400, trl=420))
+
+
 def test_matmul_parameters_leave_out_the_input_embedding(world):
     from transformers import AutoModelForCausalLM
 
