@@ -220,6 +220,24 @@ def summarize(policies, base_of):
     return summary, gains
 
 
+def ppo_against_dpo(gain):
+    """Whether PPO's win-rate margin over DPO (`gain`: mean and sd over seeds of PPO - DPO) exceeds its spread."""
+    if gain["sd"] is None:
+        return "one seed: no spread to compare with"
+    better, margin = ("PPO", gain["mean"]) if gain["mean"] > 0 else ("DPO", -gain["mean"])
+    return (f"{better} beats {'DPO' if better == 'PPO' else 'PPO'} by {margin:.3f}, "
+            + ("more" if margin > gain["sd"] else "not more") + f" than the sd over seeds ({gain['sd']:.3f})")
+
+
+def seconds_per_seed(results):
+    """Per seed, the wall time of its whole pipeline: world, SFT and reward model of the seed it started from, and
+    its own PPO, DPO and evaluation."""
+    s = results["seconds"]
+    return {str(run["seed"]): sum(s[k][str(run["base"])] for k in ("world", "sft", "reward_model"))
+            + sum(s[k][str(run["seed"])] for k in ("ppo", "dpo", "evaluation"))
+            for run in plan(results["seeds"], results["full_seeds"])}
+
+
 def fmt_sd(stat, digits=3):
     return "-" if stat["sd"] is None else f"{stat['sd']:.{digits}f}"
 
@@ -260,6 +278,8 @@ def write_markdown(results, out_dir):
         for t, g in by_t.items():
             per_seed = ", ".join(f"{v:+.3f}" for v in g["per_seed"].values())
             lines.append(f"| {name.upper()} | {t} | {per_seed} | {g['mean']:+.3f} | {fmt_sd(g)} |")
+    lines += [""] + [f"PPO against DPO at temperature {t}: {ppo_against_dpo(g)}.  "
+                     for t, g in results["gains"]["ppo - dpo"].items()]
     lines += ["", "| reward model | accuracy against the labels | against the noiseless gold judge | labels agree |",
               "|---|---|---|---|"]
     for seed, rm in results["reward_model"].items():
@@ -270,7 +290,10 @@ def write_markdown(results, out_dir):
               "|---|" + "---|" * len(columns)]
     for stage, by_seed in results["seconds"].items():
         lines.append(f"| {stage} | " + " | ".join(f"{by_seed[s]:.0f}" if s in by_seed else "-" for s in columns) + " |")
-    lines += ["", f"Wall time of the whole command: {results['wall_seconds']:.0f} s."]
+    per_seed = seconds_per_seed(results)
+    lines += ["", f"Wall time of the whole command: {results['wall_seconds']:.0f} s. One seed's whole pipeline (world, "
+              "SFT and reward model of the seed it starts from, its PPO, DPO and evaluation): "
+              + ", ".join(f"seed {s} {v:.0f} s" for s, v in per_seed.items()) + "."]
     text = "\n".join(lines) + "\n"
     with open(os.path.join(out_dir, "results.md"), "w") as f:
         f.write(text)

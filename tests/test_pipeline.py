@@ -98,6 +98,23 @@ def test_summary_over_seeds_and_gains_against_the_sft_each_run_started_from():
     assert gains["ppo - sft"]["0.01"]["per_seed"] == pytest.approx({"1": 0.5, "2": 0.4})  # --full-seeds: its own SFT
 
 
+def test_ppo_against_dpo_compares_the_margin_with_the_spread():
+    assert pipeline.ppo_against_dpo(dict(mean=0.05, sd=0.02, n=3)) == \
+        "PPO beats DPO by 0.050, more than the sd over seeds (0.020)"
+    assert pipeline.ppo_against_dpo(dict(mean=-0.01, sd=0.04, n=3)) == \
+        "DPO beats PPO by 0.010, not more than the sd over seeds (0.040)"
+    assert pipeline.ppo_against_dpo(dict(mean=0.05, sd=None, n=1)).startswith("one seed")
+
+
+def test_seconds_per_seed_count_the_shared_stages_of_the_first_seed():
+    seconds = dict(world={"1": 10}, sft={"1": 500}, reward_model={"1": 300}, ppo={"1": 200, "2": 210},
+                   dpo={"1": 150, "2": 160}, evaluation={"1": 60, "2": 30})
+    results = dict(seconds=seconds, seeds=[1, 2], full_seeds=False)
+    assert pipeline.seconds_per_seed(results) == {"1": 10 + 500 + 300 + 200 + 150 + 60, "2": 810 + 210 + 160 + 30}
+    seconds = {k: dict(v, **{"2": 1}) for k, v in seconds.items()}
+    assert pipeline.seconds_per_seed(dict(results, seconds=seconds, full_seeds=True))["2"] == 6  # its own stages
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--seed", "1", "--seeds", "2", "3"], "not both"),
     (["--seeds", "1", "1"], "distinct"),
@@ -127,6 +144,7 @@ def test_smoke_pipeline_end_to_end_with_two_seeds_and_no_matplotlib(tmp_path, mo
     assert results["judge_posts"] == pipeline.SETTINGS["smoke"]["judge_posts"]
     md = (tmp_path / "results" / "results.md").read_text()
     assert "| PPO | 2 | 0.7 |" in md and "| DPO - SFT | 0.01 |" in md and "Over seeds" in md
+    assert "PPO against DPO at temperature 0.01: " in md and ", seed 2 " in md  # seed 2's whole pipeline
     assert not list((tmp_path / "results").glob("*.png"))
     assert "no plots: matplotlib is not installed" in out and "--plot" in out
     table = out.rstrip().split("\n")
