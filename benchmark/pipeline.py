@@ -1,7 +1,8 @@
 # See benchmark/README.md "Offline benchmark" for the results of this pipeline and how to read them.
 """The offline RLHF benchmark: world -> sft.py -> reward_model.py -> ppo_tldr.py and dpo.py, judged by the gold judge.
 
-    python benchmark/pipeline.py                      # benchmark-sized world, ~41 min on 2 idle CPU cores
+    python benchmark/pipeline.py                      # benchmark-sized world, ~22 min on 2 idle CPU cores
+    python benchmark/pipeline.py --seeds 1 2 3        # SFT and reward model once, PPO and DPO per seed: ~36 min
     python benchmark/pipeline.py --quick              # quick world, about 4.5 min on 2 cores
     python benchmark/pipeline.py --quick --seeds 1 2 3                # PPO and DPO with 3 seeds from one SFT and RM
     python benchmark/pipeline.py --quick --seeds 1 2 3 --full-seeds   # the whole pipeline with each seed
@@ -39,7 +40,7 @@ import offline_world  # noqa: E402
 SETTINGS = {
     "small": dict(
         size="small", query_length=128, eval_posts=200, judge_posts=1000,  # judged: all validation posts
-        # SFT 2,600 updates: copying the post's facts and feeling emerges late (benchmark/README.md "Offline benchmark")
+        # SFT 2,600 updates of 32 sequences, the longest stage (benchmark/README.md "Benchmark setting")
         sft=["--lr", "1e-3", "--batch-size", "32", "--local-micro-batch-size", "32", "--num-train-epochs", "5",
              "--total-episodes", "83200", "--no-run-eval"],
         reward_model=["--lr", "1e-4", "--batch-size", "32", "--local-micro-batch-size", "32",
