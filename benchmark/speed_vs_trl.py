@@ -227,19 +227,38 @@ def prepare_queries(w, query_length, path):
 
 
 # ------------------------------------------------------------ running and measuring ----------------------------
+# Runs a command and writes its max RSS (KiB) to argv[1]. Linux floors a process's max RSS at the RSS high-water mark
+# of the process that exec'd it (the memory it replaced), so a run started straight from this process (hundreds of
+# MiB: torch, worlds, models) would report at least this process's peak. Started from this small launcher, a run's
+# floor is the launcher's own few MiB, far below any run's.
+MEASURE = ("import os, subprocess, sys\n"
+           "proc = subprocess.Popen(sys.argv[2:])\n"
+           "_, status, rusage = os.wait4(proc.pid, 0)\n"
+           "open(sys.argv[1], 'w').write(str(rusage.ru_maxrss))\n"
+           "code = os.waitstatus_to_exitcode(status)\n"
+           "sys.exit(code if code >= 0 else 128 - code)")
+
+
 def run_measured(cmd, env, log_path):
     """Run `cmd`, stdout and stderr into `log_path`, and return (exit code, peak RSS in MiB, [(time, line)]).
-    The peak is the child's own max RSS from wait4, so runs do not see each other's peaks."""
+    The peak is the run's own max RSS (wait4 in the MEASURE launcher), so runs see neither each other's peaks nor
+    this process's."""
     lines = []
     os.makedirs(os.path.dirname(log_path), exist_ok=True)
+    maxrss_path = log_path + ".maxrss"
+    if os.path.exists(maxrss_path):
+        os.remove(maxrss_path)
     with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=REPO, text=True)
+        proc = subprocess.Popen([sys.executable, "-c", MEASURE, maxrss_path, *cmd], stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, env=env, cwd=REPO, text=True)
         for line in proc.stdout:
             lines.append((time.time(), line))
             log.write(line)
-        _, status, rusage = os.wait4(proc.pid, 0)
-        proc.returncode = os.waitstatus_to_exitcode(status)
-    return proc.returncode, rusage.ru_maxrss / 1024, lines  # ru_maxrss is in KiB on Linux
+        proc.wait()
+    if not os.path.exists(maxrss_path):
+        return proc.returncode, float("nan"), lines  # the launcher itself failed: the lines say why
+    with open(maxrss_path) as f:
+        return proc.returncode, int(f.read()) / 1024, lines  # ru_maxrss is in KiB on Linux
 
 
 def import_baseline_mib(python, statement, threads, log_path):
@@ -446,7 +465,7 @@ def machine_header(argv, threads):
             f"{platform.python_version()}; load average at start {' '.join(load)}; {threads} threads per run; "
             f"date {time.strftime('%Y-%m-%d %H:%M:%S')}.",
             "", "eps = episodes per second over the updates after the first (warm-up); peak = the process's max "
-            "RSS (wait4), whole process (Python, libraries, data, four models, optimizer)."]
+            "RSS (wait4 from a small launcher), whole process (Python, libraries, data, four models, optimizer)."]
 
 
 def main():

@@ -1,5 +1,7 @@
 """benchmark/speed_vs_trl.py: the pure helpers behind the report's numbers (no TRL, no runs)."""
 
+import sys
+
 import pytest
 
 import speed_vs_trl
@@ -93,3 +95,15 @@ def test_matmul_parameters_leave_out_the_input_embedding(world):
     policy, scalar = speed_vs_trl.matmul_parameters(str(world / "base_model"))
     assert policy == total - vocab * hidden  # untied: the LM head is a matrix product, the input table a lookup
     assert scalar == total - 2 * vocab * hidden + hidden
+
+
+def test_run_measured_reports_the_run_s_own_peak_not_this_process_s(tmp_path):
+    held = bytearray(600 * 2**20)  # this process: 600 MiB more resident (one write per page)
+    held[::4096] = b"x" * len(held[::4096])
+    grow = "b = bytearray(200 * 2**20); b[::4096] = b'x' * len(b[::4096]); print('grown', flush=True)"
+    rc, peak_mib, lines = speed_vs_trl.run_measured([sys.executable, "-c", grow], None, str(tmp_path / "run.log"))
+    assert rc == 0 and [line for _, line in lines] == ["grown\n"]
+    assert 200 < peak_mib < 400, peak_mib  # its 200 MiB and an interpreter; floored at 600+ if exec'd from here
+    rc, _, _ = speed_vs_trl.run_measured([sys.executable, "-c", "raise SystemExit(3)"], None, str(tmp_path / "x.log"))
+    assert rc == 3
+    del held
