@@ -3,7 +3,7 @@
 ppo_tldr.py's time per update scales with response length, batch size and model size.
 
     python -m venv .venv-trl && .venv-trl/bin/pip install torch==2.13.0 -r benchmark/requirements.txt
-    python benchmark/speed_vs_trl.py --out-dir benchmark/results/raw/speed  # ~10-15 min on 2 idle cores
+    python benchmark/speed_vs_trl.py --out-dir /tmp/speed --compile         # ~15 min on 2 idle cores
     python benchmark/speed_vs_trl.py --out-dir /tmp/speed --quick                  # tiny world, 1 repeat, minutes
 
 Both sides run as subprocesses with the same threads, world, prompts (tokenised once, here, by ppo_tldr.py's own
@@ -24,6 +24,9 @@ import sys
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# --malloc-trim: glibc malloc gives freed memory back at once (large blocks mmap'd, the heap trimmed on every free), so
+# that a peak RSS is nearer each side's working set than to how much freed heap its allocation pattern leaves behind.
+MALLOC_TRIM = dict(MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
 TRL_VERSION = "1.12.0"
 # A third model size for the scaling table only (offline_world.py holds tiny and small); few posts, built in seconds.
 EXTRA_SIZES = {"medium": dict(hidden_size=256, num_hidden_layers=6, num_attention_heads=8,
@@ -462,7 +465,8 @@ def machine_header(argv, threads):
     load = open("/proc/loadavg").read().split()[:3]
     return [f"Command: `{shlex.join(['python'] + argv)}`", "",
             f"Machine: {os.cpu_count()} CPUs ({cpu}), {platform.system()} {platform.release()}, Python "
-            f"{platform.python_version()}; load average at start {' '.join(load)}; {threads} threads per run; "
+            f"{platform.python_version()}; load average at start {' '.join(load)}; {threads} threads per run"
+            + "".join(f", {k}={os.environ[k]}" for k in MALLOC_TRIM if k in os.environ) + "; "
             f"date {time.strftime('%Y-%m-%d %H:%M:%S')}.",
             "", "eps = episodes per second over the updates after the first (warm-up); peak = the process's max "
             "RSS (wait4 from a small launcher), whole process (Python, libraries, data, four models, optimizer)."]
@@ -491,6 +495,9 @@ def main():
                         help=f"python of a virtual environment with trl=={TRL_VERSION} (benchmark/requirements.txt)")
     parser.add_argument("--allow-mismatched-builds", action="store_true",
                         help="compare even when the two sides' torch/transformers versions or builds differ")
+    parser.add_argument("--malloc-trim", action="store_true",
+                        help="every run with " + " ".join(f"{k}={v}" for k, v in MALLOC_TRIM.items()) +
+                        " (glibc returns freed memory at once: peaks nearer the working sets)")
     parser.add_argument("--trl-worker", metavar="CONFIG", help=argparse.SUPPRESS)  # internal: the TRL side
     cli = parser.parse_args()
     if cli.trl_worker:
@@ -513,6 +520,8 @@ def main():
         raise SystemExit("the two sides run different library builds, so their speed and memory are not comparable ("
                          + "; ".join(mismatch) + f"): install the same torch build into {cli.trl_python}'s environment "
                          "(e.g. the same version pin first), or pass --allow-mismatched-builds")
+    if cli.malloc_trim:
+        os.environ.update(MALLOC_TRIM)  # every run's environment comes from thread_env, a copy of os.environ
     out_dir = os.path.abspath(cli.out_dir)
     os.makedirs(out_dir, exist_ok=True)
     sys.path[:0] = [REPO, os.path.join(REPO, "benchmark")]
