@@ -39,7 +39,7 @@ import offline_world  # noqa: E402
 # evaluations are off but the reward model's (its accuracies come from it): the pipeline judges every policy itself.
 SETTINGS = {
     "small": dict(
-        size="small", query_length=128, eval_posts=200, judge_posts=1000,  # judged: all validation posts
+        size="small", query_length=128, judge_posts=1000,  # judged: all validation posts
         # SFT 2,600 updates of 32 sequences, the longest stage (benchmark/README.md "Benchmark setting")
         sft=["--lr", "1e-3", "--batch-size", "32", "--local-micro-batch-size", "32", "--num-train-epochs", "5",
              "--total-episodes", "83200", "--no-run-eval"],
@@ -58,7 +58,7 @@ SETTINGS = {
     # evaluations are off (the pipeline judges every policy itself; the reward model's is kept: its accuracies come
     # from it). Results per seed: benchmark/README.md "Quick setting".
     "quick": dict(
-        size="quick", query_length=96, response_length=40, eval_posts=64, judge_posts=500,
+        size="quick", query_length=96, response_length=40, judge_posts=500,
         sft=["--lr", "3e-3", "--batch-size", "32", "--local-micro-batch-size", "32", "--num-train-epochs", "3",
              "--total-episodes", "64000", "--no-run-eval"],
         reward_model=["--lr", "3e-4", "--batch-size", "32", "--local-micro-batch-size", "32", "--total-episodes", "6400",
@@ -103,7 +103,8 @@ def stage_command(stage, settings, seed_dir, base_dir, seed):
     if "response_length" in settings:  # else each script's default (53 SFT and PPO, 169 reward model and DPO)
         out += ["--response-length", str(settings["response_length"])]
         out += ["--eval-response-length", str(settings["response_length"])] if stage == "dpo" else []
-    evaluated = ["--num-eval-samples", str(settings["eval_posts"])]
+    # posts of the script's own evaluation, where it runs one (eval_posts: the smoke setting only)
+    evaluated = [] if "--no-run-eval" in settings[stage] else ["--num-eval-samples", str(settings["eval_posts"])]
     return {
         "sft": ["sft.py", "--base-model", f"{world}/base_model", "--query-dataset", f"{world}/tldr_sft", *evaluated],
         "reward_model": ["reward_model.py", "--sft-model-path", sft_dir, "--label-dataset", f"{world}/tldr_preference",

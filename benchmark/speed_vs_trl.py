@@ -337,7 +337,7 @@ def run_ours(c, w, run_dir, compile=False):
     wall = (update_times[-1] - update_times[0]) / len(steady)
     parts = {k: statistics.mean(m[f"time/{k}"] for m in steady) for k in ("generation", "scoring", "training")}
     first = sum(metrics[0][f"time/{k}"] for k in ("generation", "scoring", "training"))
-    return dict(side="ours_compiled" if compile else "ours", command=shlex.join(cmd), compile=compile,
+    return dict(side="ours_compiled" if compile else "ours", command=shlex.join(cmd),
                 eps=steady_eps(update_times, c["batch_size"]), peak_mib=peak_mib, first_update_seconds=first,
                 seconds_per_update=wall, parts=parts, shares=shares(parts, wall),
                 optimizer_steps=metrics[-1]["ppo/optimizer_steps"], generated_tokens_per_episode=c["response_length"])

@@ -73,6 +73,10 @@ def test_stage_commands_read_the_base_seed_and_write_their_own():
     for flag, value in [("--sft-model-path", "/w/seed1/sft"), ("--reward-model-path", "/w/seed1/reward_model"),
                         ("--query-dataset", "/w/seed1/world/tldr_sft"), ("--output-dir", "/w/seed2/ppo"), ("--seed", "2")]:
         assert command[command.index(flag) + 1] == value
+    assert command[command.index("--num-eval-samples") + 1] == str(settings["eval_posts"])  # smoke: evaluated
+    for setting in ("small", "quick"):  # the pipeline judges the policies; no evaluation flag left unused
+        command = pipeline.stage_command("sft", pipeline.SETTINGS[setting], "/w/seed1", "/w/seed1", 1)
+        assert "--no-run-eval" in command and "--num-eval-samples" not in command
 
 
 def metrics(win_rate):
